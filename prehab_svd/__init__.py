@@ -1,0 +1,31 @@
+"""prehab-svd: low-rank (SVD) compression of transformer models, with its own GPU kernels.
+
+Public API::
+
+    import prehab_svd
+    report = prehab_svd.compress(model, "svd-llm", keep_ratio=0.6, calibration=batches)
+    prehab_svd.save_compressed(model, "out/", report)
+    model = prehab_svd.load_compressed("out/")
+
+``keep_ratio`` is always the fraction of the targeted parameters that is KEPT.
+"""
+
+from . import linalg, ops
+from .compress import METHODS, CompressionReport, LayerReport, compress
+from .errors import NonFiniteActivationError, PrehabError
+from .layers import LowRankLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LowRankLinear",
+    "compress",
+    "CompressionReport",
+    "LayerReport",
+    "METHODS",
+    "PrehabError",
+    "NonFiniteActivationError",
+    "linalg",
+    "ops",
+    "__version__",
+]

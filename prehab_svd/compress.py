@@ -1,0 +1,575 @@
+"""``compress(model, method, keep_ratio, calibration)``: block-by-block low-rank compression.
+
+The driver walks the transformer blocks in order. For each block it holds the block's inputs for the
+calibration batches (captured once at the first block, then produced by running the previous block),
+streams the covariances of each *distinct* layer input (q/k/v share one, gate/up share one: layers fed
+the very same tensor form a group), factorizes the block's target layers, replaces them with
+:class:`~prehab_svd.layers.LowRankLinear`, and feeds the block's outputs on. Only one block's
+statistics are alive at a time.
+
+* ``svd``, ``asvd``, ``svd-llm`` use the original model's activations (as their papers do): one pass
+  per block gathers every group's statistics and the block's outputs.
+* ``aa-svd`` runs two streams on the same tokens: ``x`` through the original block and ``x'`` through
+  the block as compressed so far, starting from the compressed model's block input. Groups are
+  compressed in forward order, so ``o_proj`` sees the inputs produced by the already compressed
+  q/k/v, and ``down_proj`` those of the compressed gate/up.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from .errors import NonFiniteActivationError, PrehabError
+from .layers import LowRankLinear
+from .models import Plan, plan_targets, rank_for
+from . import methods as _methods
+
+__all__ = ["compress", "CompressionReport", "LayerReport", "METHODS"]
+
+METHODS = ("svd", "asvd", "svd-llm", "aa-svd")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    out_features: int
+    in_features: int
+    rank: int | None  # None: kept dense (rank would reach break-even)
+    params_dense: int
+    params_kept: int
+    rel_error_before: float | None  # relative output error on calibration with W (upstream shift only)
+    rel_error_after: float | None  # ... with the compressed W' (the compressed model's real error)
+    group: str = ""
+
+    @property
+    def dense(self) -> bool:
+        return self.rank is None
+
+
+@dataclass
+class CompressionReport:
+    method: str
+    keep_ratio: float
+    layers: list = field(default_factory=list)
+    calibration_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def params_dense(self) -> int:
+        return sum(layer.params_dense for layer in self.layers)
+
+    @property
+    def params_kept(self) -> int:
+        return sum(layer.params_kept for layer in self.layers)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.params_kept / max(self.params_dense, 1)
+
+    @property
+    def ranks(self) -> dict:
+        return {layer.name: layer.rank for layer in self.layers}
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "layers"}
+        d["layers"] = [asdict(layer) for layer in self.layers]
+        d.update(params_dense=self.params_dense, params_kept=self.params_kept,
+                 kept_fraction=self.kept_fraction)
+        return d
+
+    def table(self) -> str:
+        def fmt(x):
+            return "-" if x is None else f"{x:.4f}"
+
+        rows = [("layer", "shape", "rank", "kept", "err before", "err after")]
+        for layer in self.layers:
+            rows.append((
+                layer.name, f"{layer.out_features}x{layer.in_features}",
+                "dense" if layer.rank is None else str(layer.rank),
+                f"{layer.params_kept / layer.params_dense:.3f}",
+                fmt(layer.rel_error_before), fmt(layer.rel_error_after),
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append(
+            f"{self.method}: kept {self.params_kept:,} of {self.params_dense:,} targeted parameters "
+            f"(keep_ratio {self.kept_fraction:.3f}, asked {self.keep_ratio}), "
+            f"{self.calibration_tokens:,} calibration tokens, {self.seconds:.1f} s"
+        )
+        return "\n".join(lines)
+
+
+class _StopForward(Exception):
+    """Raised by a hook once it has what it needs, to skip the rest of a forward pass."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration inputs
+
+
+def _as_batch(item, device) -> dict:
+    if isinstance(item, torch.Tensor):
+        if item.dtype != torch.long:
+            raise PrehabError(
+                f"calibration tensors must be token ids (torch.long), got {item.dtype}; pass dicts "
+                "of model inputs for other inputs"
+            )
+        item = {"input_ids": item if item.dim() == 2 else item.unsqueeze(0)}
+    elif not isinstance(item, dict):
+        raise PrehabError(
+            "each calibration batch must be a dict of model inputs or a LongTensor of token ids "
+            f"[batch, tokens], got {type(item).__name__}"
+        )
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in item.items()}
+
+
+def _token_mask(batch: dict):
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask.bool()
+    return None
+
+
+def _select_tokens(x: torch.Tensor, mask) -> torch.Tensor:
+    """Flatten x [..., d] to [tokens, d], dropping padded positions when the mask lines up."""
+    d = x.shape[-1]
+    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+        return x[mask]
+    return x.reshape(-1, d)
+
+
+@dataclass
+class _StageInput:
+    hidden: torch.Tensor | None  # None: the stage is the whole model, called as module(**kwargs)
+    args: tuple
+    kwargs: dict
+    mask: torch.Tensor | None
+
+
+def _run(module: nn.Module, inp: _StageInput, hidden=None):
+    h = inp.hidden if hidden is None else hidden
+    if h is None:
+        return module(**inp.kwargs)
+    out = module(h, *inp.args, **inp.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _capture_block_inputs(model, first_block, batches, device, progress) -> list:
+    """Run the model up to its first block on every batch; keep the block's call arguments."""
+    captured = []
+    current = {}
+
+    def pre_hook(_module, args, kwargs):
+        current["args"], current["kwargs"] = args, kwargs
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for item in _progress(batches, progress, "capturing block inputs"):
+            batch = item
+            current.clear()
+            try:
+                model(**batch)
+            except _StopForward:
+                pass
+            if "args" not in current:
+                raise PrehabError("the model's forward never reached its first transformer block")
+            args, kwargs = current["args"], dict(current["kwargs"])
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            else:
+                key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+                hidden, rest = kwargs.pop(key), ()
+            captured.append(_StageInput(hidden.detach(), rest, kwargs, _token_mask(batch)))
+    finally:
+        handle.remove()
+    return captured
+
+
+def _blocks_chain(model, blocks, batch) -> bool:
+    """True when, on ``batch``, each block runs once, in order, on the previous block's output."""
+    seen_in, seen_out = [], []
+    handles = []
+    for i, block in enumerate(blocks):
+        def pre(_m, args, kwargs, i=i):
+            h = args[0] if args else kwargs.get("hidden_states")
+            seen_in.append((i, h))
+
+        def post(_m, _args, output, i=i):
+            seen_out.append((i, output[0] if isinstance(output, (tuple, list)) else output))
+
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(block.register_forward_hook(post))
+    try:
+        model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    n = len(blocks)
+    if [i for i, _ in seen_in] != list(range(n)) or [i for i, _ in seen_out] != list(range(n)):
+        return False
+    for (_, out), (_, nxt) in zip(seen_out[:-1], seen_in[1:]):
+        if not isinstance(out, torch.Tensor) or not isinstance(nxt, torch.Tensor):
+            return False
+        if out is not nxt and not (out.shape == nxt.shape and torch.equal(out, nxt)):
+            return False
+    return True
+
+
+def _progress(it, enabled, desc):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, leave=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics of the groups
+
+
+class _GroupStats:
+    """Streaming statistics of one group's input (x: original model, xp: compressed model)."""
+
+    def __init__(self, d: int, need_cross: bool, need_absmean: bool, dtype, device):
+        kw = {"dtype": dtype, "device": device}
+        self.d = d
+        self.gram_x = torch.zeros(d, d, **kw)
+        self.cross = torch.zeros(d, d, **kw) if need_cross else None
+        self.gram_xp = torch.zeros(d, d, **kw) if need_cross else None
+        self.abs_sum = torch.zeros(d, **kw) if need_absmean else None
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, xp: torch.Tensor | None = None):
+        if self.cross is not None:
+            ops.covariance_update(self.gram_x, x, self.cross, xp)
+            ops.covariance_update(self.gram_xp, xp)
+        else:
+            ops.covariance_update(self.gram_x, x)
+        if self.abs_sum is not None:
+            self.abs_sum += x.abs().sum(0, dtype=self.abs_sum.dtype)
+        self.tokens += x.shape[0]
+
+    def finalize(self) -> "_methods.LayerStats":
+        if self.tokens == 0:
+            raise PrehabError("calibration produced no tokens (every position masked?)")
+        n = float(self.tokens)
+        g = (self.gram_x / n).to(torch.float64)
+        if self.cross is None:
+            return _methods.LayerStats(gram_x=g, cross=g, gram_xp=g,
+                                       abs_mean=None if self.abs_sum is None else self.abs_sum / n,
+                                       tokens=self.tokens)
+        return _methods.LayerStats(gram_x=g, cross=(self.cross / n).to(torch.float64),
+                                   gram_xp=(self.gram_xp / n).to(torch.float64), abs_mean=None,
+                                   tokens=self.tokens)
+
+
+def _check_finite(name: str, x: torch.Tensor, stream: str = ""):
+    if not torch.isfinite(x).all():
+        where = f" ({stream} stream)" if stream else ""
+        raise NonFiniteActivationError(
+            f"NaN or Inf in the input of layer '{name}'{where} during calibration; check the model's "
+            "weights and dtype (fp16 overflow?) or the calibration data"
+        )
+
+
+def _find_groups(module: nn.Module, names: dict, inp: _StageInput) -> list:
+    """Group the stage's target layers by the input tensor they receive, in forward order."""
+    # Identity of the tensor object, not its data pointer: a freed activation's memory can be reused
+    # by a later tensor of the same shape (o_proj's input may land where q/k/v's input was).
+    seen = []  # list of (input tensor, [full names]); holding the tensor keeps it alive
+    by_rel = {rel: full for full, rel in names.items()}
+    handles = []
+
+    def make_hook(full):
+        def hook(_m, args):
+            x = args[0]
+            if any(full in members for _, members in seen):
+                return  # a layer called twice keeps the group of its first call
+            for t, members in seen:
+                if t is x:
+                    members.append(full)
+                    return
+            seen.append((x, [full]))
+        return hook
+
+    for rel, full in by_rel.items():
+        handles.append(module.get_submodule(rel).register_forward_pre_hook(make_hook(full)))
+    try:
+        with torch.no_grad():
+            _run(module, inp)
+    finally:
+        for h in handles:
+            h.remove()
+    groups = [members for _, members in seen]
+    missing = set(names) - {n for g in groups for n in g}
+    if missing:
+        raise PrehabError(f"target layers never ran during calibration: {sorted(missing)}")
+    return groups
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver
+
+
+def _replace(root: nn.Module, rel_name: str, new: nn.Module):
+    parent_name, _, child = rel_name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def compress(
+    model: nn.Module,
+    method: str,
+    keep_ratio: float,
+    calibration=None,
+    *,
+    targets=None,
+    exclude=None,
+    alpha: float = 0.5,
+    damping: float = 0.0,
+    stats_dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> CompressionReport:
+    """Replace the targeted ``nn.Linear`` layers of ``model`` in place by ``LowRankLinear``.
+
+    Args:
+        model: a Hugging Face model or any ``nn.Module``.
+        method: ``"svd"``, ``"asvd"``, ``"svd-llm"`` or ``"aa-svd"``.
+        keep_ratio: fraction of the targeted layers' parameters KEPT, in (0, 1]; a layer gets rank
+            ``floor(keep_ratio·m·n/(m+n))`` and stays dense when that reaches break-even.
+        calibration: iterable of batches, each a dict of model inputs (``model(**batch)``) or a
+            LongTensor of token ids [batch, tokens]. Positions with ``attention_mask`` 0 never enter a
+            covariance. Optional for ``"svd"`` only (then no error is reported).
+        targets / exclude: name patterns (see :func:`prehab_svd.models.match_name`); default: every
+            linear layer inside the transformer blocks.
+        alpha: ASVD's activation exponent. damping: relative diagonal damping of the Gram matrices
+            (0: exact optimum with a pseudo-inverse fallback).
+        stats_dtype: accumulator dtype of the covariances (float32 or float64).
+
+    Returns:
+        a :class:`CompressionReport` with, per layer, the rank, the parameters kept and the relative
+        calibration output error before and after.
+    """
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise PrehabError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not (
+        0 < keep_ratio <= 1
+    ) or math.isnan(keep_ratio):
+        raise PrehabError(
+            f"keep_ratio must be in (0, 1] (the fraction of parameters kept: 0.6 keeps 60%), got "
+            f"{keep_ratio!r}"
+        )
+    if stats_dtype not in (torch.float32, torch.float64):
+        raise PrehabError("stats_dtype must be torch.float32 or torch.float64")
+    plan = plan_targets(model, targets, exclude)
+    report = CompressionReport(method=method, keep_ratio=float(keep_ratio))
+
+    # Ranks first, so a bad keep_ratio fails before any work.
+    ranks = {}
+    for _, module, names in plan.stages:
+        for full, rel in names.items():
+            lin = module.get_submodule(rel)
+            r = rank_for(lin.out_features, lin.in_features, keep_ratio)
+            if r == 0:
+                raise PrehabError(
+                    f"keep_ratio {keep_ratio} gives rank 0 for layer '{full}' "
+                    f"({lin.out_features}x{lin.in_features}); use a larger keep_ratio"
+                )
+            ranks[full] = r
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    cfg = getattr(model, "config", None)
+    old_cache = getattr(cfg, "use_cache", None)
+    if cfg is not None and old_cache is not None:
+        cfg.use_cache = False
+    try:
+        with torch.no_grad():
+            if calibration is None:
+                if method != "svd":
+                    raise PrehabError(f"method {method!r} needs calibration data")
+                for _, module, names in plan.stages:
+                    for full, rel in names.items():
+                        report.layers.append(_compress_plain(module, full, rel, ranks[full]))
+            else:
+                _compress_calibrated(model, plan, method, ranks, calibration, report, device,
+                                     alpha=alpha, damping=damping, stats_dtype=stats_dtype,
+                                     progress=progress)
+    finally:
+        if cfg is not None and old_cache is not None:
+            cfg.use_cache = old_cache
+        model.train(was_training)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _compress_plain(module, full, rel, rank) -> LayerReport:
+    lin = module.get_submodule(rel)
+    m, n = lin.out_features, lin.in_features
+    dense_params = lin.weight.numel() + (0 if lin.bias is None else lin.bias.numel())
+    if rank is None:
+        return LayerReport(full, m, n, None, dense_params, dense_params, None, None)
+    new = LowRankLinear.from_linear(lin, rank)
+    _replace(module, rel, new)
+    return LayerReport(full, m, n, rank, dense_params, new.num_params, None, None)
+
+
+def _compress_calibrated(model, plan, method, ranks, calibration, report, device, *, alpha,
+                         damping, stats_dtype, progress):
+    batches = [_as_batch(item, device) for item in calibration]
+    if not batches:
+        raise PrehabError("the calibration data is empty; pass at least one batch")
+    if plan.blocks_name is not None and not _blocks_chain(model, [s[1] for s in plan.stages], batches[0]):
+        # e.g. a residual added outside the blocks: block i's output is not block i+1's input,
+        # so the blocks cannot be run one by one. Treat the whole model as one stage.
+        plan = Plan(blocks_name=None, stages=[("<model>", model, {n: n for n in plan.targets})])
+    whole = plan.blocks_name is None
+    if whole:
+        inputs = [_StageInput(None, (), batch, _token_mask(batch)) for batch in batches]
+    else:
+        first = plan.stages[0][1]
+        inputs = _capture_block_inputs(model, first, batches, device, progress)
+    report.calibration_tokens = int(sum(
+        (i.mask.sum().item() if i.mask is not None else
+         (i.hidden.shape[:-1].numel() if i.hidden is not None else 0)) for i in inputs))
+    anchored = method == "aa-svd"
+    shifted = [i.hidden for i in inputs] if anchored else None
+
+    # Non-target stages before the first target stage are never reached: plan stages cover every
+    # block; blocks with no targets just propagate.
+    for stage_name, module, names in _progress(plan.stages, progress, f"{method} blocks"):
+        if names:
+            groups = _find_groups(module, names, inputs[0])
+            if anchored:
+                shifted = _stage_anchored(module, names, groups, inputs, shifted, ranks, report,
+                                          damping, stats_dtype, whole)
+            else:
+                _stage_single(module, names, groups, inputs, ranks, report, method, alpha, damping,
+                              stats_dtype, whole)
+                continue  # _stage_single already advanced `inputs`
+        elif not whole:
+            for inp in inputs:
+                inp.hidden = _run(module, inp)
+            if anchored:
+                shifted = [_run(module, inp, h) for inp, h in zip(inputs, shifted)]
+        if whole:
+            break
+
+
+def _group_collect(module, names, group, inp, hidden, stream, stop=True):
+    """Run ``module`` on one input; return the (token-selected) input of ``group``'s layers."""
+    rel = names[group[0]]
+    got = {}
+
+    def hook(_m, args):
+        got["x"] = args[0]
+        if stop:
+            raise _StopForward
+
+    h = module.get_submodule(rel).register_forward_pre_hook(hook)
+    try:
+        _run(module, inp, hidden)
+    except _StopForward:
+        pass
+    finally:
+        h.remove()
+    x = got["x"]
+    _check_finite(group[0], x, stream)
+    return _select_tokens(x, inp.mask)
+
+
+def _stage_single(module, names, groups, inputs, ranks, report, method, alpha, damping,
+                  stats_dtype, whole):
+    """One pass: statistics of every group on the original activations, plus the stage outputs."""
+    params = next(module.parameters())
+    stats = []
+    for g in groups:
+        d = module.get_submodule(names[g[0]]).in_features
+        stats.append(_GroupStats(d, False, method == "asvd", stats_dtype, params.device))
+    handles = []
+    current = {}
+    for gi, g in enumerate(groups):
+        def hook(_m, args, gi=gi, lead=g[0]):
+            x = args[0]
+            _check_finite(lead, x)
+            stats[gi].add(_select_tokens(x, current["mask"]))
+        handles.append(module.get_submodule(names[g[0]]).register_forward_pre_hook(hook))
+    try:
+        for inp in inputs:
+            current["mask"] = inp.mask
+            out = _run(module, inp)
+            if not whole:
+                inp.hidden = out.detach()
+    finally:
+        for h in handles:
+            h.remove()
+    for g, st in zip(groups, stats):
+        layer_stats = st.finalize()
+        _factorize_group(module, names, g, layer_stats, ranks, report, method, alpha, damping)
+
+
+def _stage_anchored(module, names, groups, inputs, shifted, ranks, report, damping, stats_dtype,
+                    whole):
+    """AA-SVD: groups in forward order, each from the original and the partly compressed stream."""
+    original = copy.deepcopy(module)
+    params = next(module.parameters())
+    for g in groups:
+        d = module.get_submodule(names[g[0]]).in_features
+        st = _GroupStats(d, True, False, stats_dtype, params.device)
+        for inp, hp in zip(inputs, shifted):
+            x = _group_collect(original, names, g, inp, inp.hidden, "original")
+            xp = _group_collect(module, names, g, inp, hp, "compressed")
+            st.add(x, xp)
+        _factorize_group(module, names, g, st.finalize(), ranks, report, "aa-svd", 0.5, damping)
+    if whole:
+        return shifted
+    new_shifted = [_run(module, inp, hp).detach() for inp, hp in zip(inputs, shifted)]
+    for inp in inputs:
+        inp.hidden = _run(original, inp).detach()
+    del original
+    return new_shifted
+
+
+def _factorize_group(module, names, group, stats, ranks, report, method, alpha, damping):
+    factor = _methods.group_factor(method, stats, damping)
+    for full in group:
+        rel = names[full]
+        lin = module.get_submodule(rel)
+        m, n = lin.out_features, lin.in_features
+        W = lin.weight.detach()
+        dense_params = W.numel() + (0 if lin.bias is None else lin.bias.numel())
+        before = _methods.relative_error(W, W, stats)
+        rank = ranks[full]
+        if rank is None:
+            report.layers.append(LayerReport(full, m, n, None, dense_params, dense_params, before,
+                                             before, group=group[0]))
+            continue
+        U, V = _methods.factorize(method, W, stats, rank, alpha=alpha, damping=damping,
+                                  factor=factor)
+        after = _methods.relative_error(W, (U.to(torch.float64) @ V.to(torch.float64)), stats)
+        if not (math.isfinite(after) and torch.isfinite(U).all() and torch.isfinite(V).all()):
+            raise PrehabError(f"factorization of layer '{full}' produced non-finite values")
+        new = LowRankLinear.from_factors(U, V, lin.bias)
+        _replace(module, rel, new)
+        report.layers.append(LayerReport(full, m, n, rank, dense_params, new.num_params, before,
+                                         after, group=group[0]))
+    if stats.tokens < stats.gram_x.shape[0]:
+        warnings.warn(
+            f"only {stats.tokens} calibration tokens for layers {group[0]}... of input width "
+            f"{stats.gram_x.shape[0]}: the covariance is rank-deficient; the answer is the "
+            "minimum-norm optimum, but more calibration tokens give a better compression",
+            stacklevel=2,
+        )

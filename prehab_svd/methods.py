@@ -1,0 +1,77 @@
+"""The per-layer factorizations of each method, given a layer's calibration statistics.
+
+All methods return balanced factors ``(U [out, r], V [r, in])`` in W's dtype, computed in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import PrehabError
+from .linalg import (
+    WhiteningFactor, anchored_lowrank, balanced_factors, objective, truncated_svd, whitened_lowrank, whitening_factor,
+)
+
+__all__ = ["LayerStats", "factorize", "group_factor", "relative_error", "asvd_scale"]
+
+
+@dataclass
+class LayerStats:
+    """Normalized statistics of one layer input (float64).
+
+    ``gram_x = xᵀx/N`` (original model), ``cross = xᵀx'/N`` and ``gram_xp = x'ᵀx'/N`` (compressed
+    model's input x'); for single-stream methods x' = x and all three are the same tensor.
+    ``abs_mean`` is mean |x| per input channel (ASVD).
+    """
+
+    gram_x: torch.Tensor
+    cross: torch.Tensor
+    gram_xp: torch.Tensor
+    abs_mean: torch.Tensor | None
+    tokens: int
+
+
+def group_factor(method: str, stats: LayerStats, damping: float = 0.0) -> WhiteningFactor | None:
+    """The whitening factor shared by the layers of a group (same input), or None if unused."""
+    if method in ("svd-llm", "aa-svd"):
+        return whitening_factor(stats.gram_xp, damping)
+    return None
+
+
+def asvd_scale(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ASVD's per-input-channel scale (mean |x|)^alpha, floored so dead channels stay invertible."""
+    s = abs_mean.to(torch.float64).clamp_min(0) ** alpha
+    floor = s.max() * 1e-6 if s.max() > 0 else torch.tensor(1.0, dtype=s.dtype)
+    return s.clamp_min(floor)
+
+
+def factorize(method: str, W: torch.Tensor, stats: LayerStats | None, rank: int, *, alpha=0.5,
+              damping=0.0, factor=None):
+    """Rank-``rank`` factors of W by ``method``."""
+    W64 = W.detach().to(torch.float64)
+    if method == "svd":
+        U, S, Vh = truncated_svd(W64, rank)
+    elif method == "asvd":
+        if stats is None or stats.abs_mean is None:
+            raise PrehabError("asvd needs the mean |x| of each layer's input from calibration")
+        s = asvd_scale(stats.abs_mean, alpha)
+        U, S, Vh = truncated_svd(W64 * s, rank)
+        Vh = Vh / s
+    elif method == "svd-llm":
+        return whitened_lowrank(W, stats.gram_x, rank, damping=damping, factor=factor)
+    elif method == "aa-svd":
+        return anchored_lowrank(W, stats.cross, stats.gram_xp, rank, damping=damping, factor=factor)
+    else:
+        raise PrehabError(f"unknown method {method!r}")
+    return balanced_factors(U, S, Vh, rank, W.dtype, W.device)
+
+
+def relative_error(W: torch.Tensor, W_new: torch.Tensor, stats: LayerStats) -> float:
+    """``‖x Wᵀ − x' W_newᵀ‖_F / ‖x Wᵀ‖_F`` on the calibration tokens, from the statistics."""
+    num = objective(W, W_new, stats.gram_x, stats.cross, stats.gram_xp)
+    den = ((W.to(torch.float64) @ stats.gram_x) * W.to(torch.float64)).sum()
+    if den <= 0:
+        return 0.0
+    return float(num.clamp_min(0) / den) ** 0.5
