@@ -13,6 +13,7 @@ Public API::
 from . import linalg, ops
 from .compress import METHODS, CompressionReport, LayerReport, compress
 from .errors import NonFiniteActivationError, PrehabError
+from .io import load_compressed, save_compressed
 from .layers import LowRankLinear
 
 __version__ = "0.1.0"
@@ -20,6 +21,8 @@ __version__ = "0.1.0"
 __all__ = [
     "LowRankLinear",
     "compress",
+    "save_compressed",
+    "load_compressed",
     "CompressionReport",
     "LayerReport",
     "METHODS",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,19 @@ def is_causal_lm(config) -> bool:
     return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
 
 
+def _config_is_causal(path: Path) -> bool:
+    import transformers
+
+    return is_causal_lm(transformers.AutoConfig.from_pretrained(str(path), local_files_only=True))
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_model(path: Path, dtype: str = "auto"):
     """Load a plain HF folder, or a prehab-svd folder (which rebuilds its LowRankLinear layers)."""
     import torch
@@ -57,8 +69,7 @@ def load_model(path: Path, dtype: str = "auto"):
 
     from .io import META_FILE, load_compressed
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    config = transformers.AutoConfig.from_pretrained(str(path))
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     causal = is_causal_lm(config)
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     if (path / META_FILE).is_file():
@@ -67,7 +78,7 @@ def load_model(path: Path, dtype: str = "auto"):
         kw = {}
         if dtype != "auto":
             kw["dtype"] = getattr(torch, dtype)
-        model = cls.from_pretrained(str(path), **kw)
+        model = cls.from_pretrained(str(path), local_files_only=True, **kw)
     model.eval()
     return model, causal
 
@@ -79,7 +90,7 @@ def load_tokenizer(path: Path, fallback: Path | None = None):
         if p is None:
             continue
         try:
-            return transformers.AutoTokenizer.from_pretrained(str(p))
+            return transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         except (OSError, ValueError):
             continue
     raise PrehabError(f"no tokenizer files in '{path}'; pass --tokenizer PATH")
@@ -125,13 +136,15 @@ def cmd_compress(args) -> int:
         raise PrehabError(f"output folder '{out}' already exists; choose another --out or pass --overwrite")
     _check_ratio(args.keep_ratio)
     path = resolve_model_path(args.model)
-    model, causal = load_model(path, args.dtype)
-    model.to(args.device)
+    causal = _config_is_causal(path)
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else path)
     calibration = None
     if args.method != "svd" or not args.no_calibration:
+        # Data problems are found before the (possibly large) model is loaded.
         texts = data.load_texts(args.data, split="train")
         calibration = _batches(tokenizer, texts, causal, args, calibration=True)
+    model, causal = load_model(path, args.dtype)
+    model.to(args.device)
     report = compress(model, args.method, args.keep_ratio, calibration,
                       targets=args.targets, exclude=args.exclude,
                       stats_dtype=torch.float64 if args.fp64_stats else torch.float32,
@@ -153,6 +166,8 @@ def cmd_eval(args) -> int:
     model.to(args.device)
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else path)
     texts = data.load_texts(args.data, split=args.split)
+    if args.num_samples is not None:
+        texts = texts[: args.num_samples]
     batches = _batches(tokenizer, texts, causal, args, calibration=False)
     if causal:
         res = evaluate.perplexity(model, batches, progress=not args.quiet)
@@ -289,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model")
     e.add_argument("--reference", default=None, help="original model for encoder fidelity")
     e.add_argument("--split", default="test")
-    e.add_argument("--max-eval-batches", type=int, default=None)
+    e.add_argument("--max-eval-batches", type=int, default=None, help="causal LM: cap on batches")
+    e.add_argument("--num-samples", type=int, default=None, help="encoder: held-out sentences (default all)")
     e.add_argument("--json", action="store_true")
     common_data(e, 8)
     e.set_defaults(func=cmd_eval)
@@ -308,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_transformers()
     try:
         return args.func(args)
     except PrehabError as e:

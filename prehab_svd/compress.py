@@ -61,6 +61,8 @@ class CompressionReport:
     layers: list = field(default_factory=list)
     calibration_tokens: int = 0
     seconds: float = 0.0
+    # groups whose input width exceeds the calibration tokens (rank-deficient covariance)
+    short_calibration: list = field(default_factory=list)
 
     @property
     def params_dense(self) -> int:
@@ -413,6 +415,14 @@ def compress(
             cfg.use_cache = old_cache
         model.train(was_training)
     report.seconds = time.perf_counter() - t0
+    if report.short_calibration:
+        warnings.warn(
+            f"{len(report.short_calibration)} layer inputs (e.g. {report.short_calibration[0]}) are "
+            f"wider than the {report.calibration_tokens} calibration tokens: their covariances are "
+            "rank-deficient; the factors are the minimum-norm optimum, but more calibration tokens "
+            "give a better compression",
+            stacklevel=2,
+        )
     return report
 
 
@@ -567,9 +577,4 @@ def _factorize_group(module, names, group, stats, ranks, report, method, alpha, 
         report.layers.append(LayerReport(full, m, n, rank, dense_params, new.num_params, before,
                                          after, group=group[0]))
     if stats.tokens < stats.gram_x.shape[0]:
-        warnings.warn(
-            f"only {stats.tokens} calibration tokens for layers {group[0]}... of input width "
-            f"{stats.gram_x.shape[0]}: the covariance is rank-deficient; the answer is the "
-            "minimum-norm optimum, but more calibration tokens give a better compression",
-            stacklevel=2,
-        )
+        report.short_calibration.append(group[0])

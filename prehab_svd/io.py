@@ -172,7 +172,7 @@ def _build_from_config(path: Path, model_class=None):
         model = cls.from_config(config)
     else:
         model = cls(config)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if isinstance(dtype, torch.dtype):

@@ -83,10 +83,13 @@ class LowRankLinear(nn.Module):
         if U.dtype != V.dtype or U.device != V.device:
             raise PrehabError("U and V must share dtype and device")
         layer = cls(V.shape[1], U.shape[0], U.shape[1], bias=bias is not None, device="meta", dtype=U.dtype)
-        layer.U = nn.Parameter(U.detach().clone())
-        layer.V = nn.Parameter(V.detach().clone())
+        # Contiguous copies: the forward's GEMMs then see the same memory layout as after a
+        # save/load round trip (so outputs are bit-identical), and the fast path.
+        fmt = torch.contiguous_format
+        layer.U = nn.Parameter(U.detach().clone(memory_format=fmt))
+        layer.V = nn.Parameter(V.detach().clone(memory_format=fmt))
         if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().to(U.device, U.dtype).clone())
+            layer.bias = nn.Parameter(bias.detach().to(U.device, U.dtype).clone(memory_format=fmt))
         return layer
 
     @classmethod

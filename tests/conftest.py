@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# Before torch loads OpenMP: on a small shared machine, spinning OpenMP threads that wait for a
+# busy core turn a 0.1 s SVD into seconds. Passive waiting costs nothing measurable in tests.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

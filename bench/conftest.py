@@ -1,0 +1,159 @@
+"""Fixtures and reporting for the op benchmarks (pytest-benchmark).
+
+Run (not part of CI's ``pytest tests``)::
+
+    pytest bench                         # time everything, print the table and achieved rates
+    pytest bench --benchmark-disable     # smoke run: every case once, no timing (fast on CPU)
+    pytest bench --benchmark-json=out.json --benchmark-columns=median,iqr,rounds
+    PREHAB_BENCH_DEVICE=cpu pytest bench # force the CPU shapes on a GPU machine
+
+Each case stores ``extra_info`` with ``flops`` and ``bytes`` (the minimum memory traffic of that
+variant). At the end of a timed run this file prints achieved GFLOP/s and GB/s per case, against the
+device's measured peaks (a large matmul and a large copy, measured once per session); the peaks are
+also written into the JSON's ``machine_info["prehab_peaks"]``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+# A smoke run (--benchmark-disable) only checks that every case runs. On a shared, oversubscribed CPU,
+# OpenMP threads spin-waiting at barriers made one LAPACK SVD 40x slower (measured on the 2-core dev
+# machine under load: 24 s instead of 0.5 s for 1024x1024 with 2 threads); passive waiting avoids it.
+# It must be set before torch loads its OpenMP runtime. Timed runs keep the defaults: set
+# OMP_WAIT_POLICY=PASSIVE (or OMP_NUM_THREADS=1) yourself when timing on a busy machine.
+if "--benchmark-disable" in sys.argv and "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def bench_device() -> torch.device:
+    forced = os.environ.get("PREHAB_BENCH_DEVICE")
+    if forced:
+        return torch.device(forced)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return bench_device()
+
+
+@pytest.fixture
+def timed(benchmark, device):
+    """``timed(fn, group=..., **extra_info)``: benchmark fn (synchronizing the device after each
+    call so the time covers the kernels, not just their launch), after one warm-up call."""
+
+    def run(fn, *, group: str, **info):
+        benchmark.group = group
+        benchmark.extra_info.update({"device": str(device), **info})
+
+        def call():
+            out = fn()
+            synchronize(device)
+            return out
+
+        if not getattr(benchmark, "disabled", False):
+            call()  # warm-up: lazy init, cuBLAS handles, allocator
+        return benchmark(call)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# device peaks and the achieved-rate report
+# ---------------------------------------------------------------------------------------------
+
+_PEAKS: dict = {}
+
+
+def _best_time(fn, device, reps: int = 5) -> float:
+    fn()
+    synchronize(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_peaks(device: torch.device) -> dict:
+    """Achievable matmul FLOP/s and copy bandwidth on this device (cached per session)."""
+    key = str(device)
+    if key in _PEAKS:
+        return _PEAKS[key]
+    if device.type == "cuda":
+        n, dtype, nbytes = 8192, torch.bfloat16, 1 << 30
+    else:
+        n, dtype, nbytes = 1536, torch.float32, 1 << 27
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t_mm = _best_time(lambda: torch.mm(a, b), device)
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    t_copy = _best_time(lambda: dst.copy_(src), device)
+    peaks = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "matmul_dtype": str(dtype).replace("torch.", ""),
+        "matmul_gflops": 2 * n**3 / t_mm / 1e9,
+        "copy_gbps": 2 * nbytes / t_copy / 1e9,  # read + write
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    _PEAKS[key] = peaks
+    return peaks
+
+
+def _timed_benchmarks(config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or getattr(session, "disabled", False):
+        return []
+    return [b for b in getattr(session, "benchmarks", []) if getattr(b, "stats", None) is not None]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    if _timed_benchmarks(config):
+        machine_info["prehab_peaks"] = measure_peaks(bench_device())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    benches = _timed_benchmarks(config)
+    if not benches:
+        return
+    peaks = measure_peaks(bench_device())
+    tr = terminalreporter
+    tr.section("prehab-svd achieved rates (median time)")
+    tr.write_line(
+        f"device {peaks['device']}: measured peaks {peaks['matmul_gflops']:.0f} GFLOP/s "
+        f"({peaks['matmul_dtype']} matmul), {peaks['copy_gbps']:.0f} GB/s (copy); torch {peaks['torch']}"
+    )
+    tr.write_line(f"{'group':<44} {'variant':<16} {'median':>10} {'GFLOP/s':>9} {'%pk':>5} {'GB/s':>8} {'%pk':>5}")
+    rows = sorted(benches, key=lambda b: (b.group or "", b.extra_info.get("variant", "")))
+    for b in rows:
+        med = b.stats.median
+        info = b.extra_info
+        flops, nbytes = info.get("flops"), info.get("bytes")
+        gf = flops / med / 1e9 if flops else None
+        gb = nbytes / med / 1e9 if nbytes else None
+        cells = [
+            f"{(b.group or '')[:44]:<44}",
+            f"{info.get('variant', b.name)[:16]:<16}",
+            f"{med * 1e3:>8.3f}ms",
+            f"{gf:>9.1f}" if gf is not None else f"{'-':>9}",
+            f"{100 * gf / peaks['matmul_gflops']:>5.0f}" if gf is not None else f"{'-':>5}",
+            f"{gb:>8.1f}" if gb is not None else f"{'-':>8}",
+            f"{100 * gb / peaks['copy_gbps']:>5.0f}" if gb is not None else f"{'-':>5}",
+        ]
+        tr.write_line(" ".join(cells))

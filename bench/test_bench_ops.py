@@ -1,0 +1,213 @@
+"""Benchmarks of the three ops: every registered backend against the strongest plain-torch baseline
+(and, for lowrank_linear, the dense nn.Linear of the same shape), one pytest-benchmark group per
+shape so they print side by side.
+
+CPU: small shapes in fp32 (1024x1024 and 2752x1024, the LLaMA-7B ratios scaled down).
+CUDA: LLaMA-7B shapes (4096x4096, 11008x4096, 4096x11008) in bf16.
+keep_ratio is the fraction of the layer's parameters kept: rank r = floor(keep · m·n / (m+n)).
+
+See bench/conftest.py for how to run and what is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prehab_svd.ops as ops
+from prehab_svd.ops import reference
+
+
+def _device() -> torch.device:  # same rule as conftest.bench_device (not imported: name clash with tests/)
+    forced = os.environ.get("PREHAB_BENCH_DEVICE")
+    return torch.device(forced or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+DEVICE = _device()
+ON_GPU = DEVICE.type == "cuda"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+ELT = torch.empty((), dtype=DTYPE).element_size()
+
+# (out_features m, in_features n) of W [m, n]
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)] if ON_GPU else [(1024, 1024), (2752, 1024)]
+KEEPS = [0.4, 0.6, 0.8]
+TOKENS = [1, 16, 128, 2048, 8192] if ON_GPU else [1, 16, 128]
+COV_DIMS = [4096, 11008] if ON_GPU else [1024]
+COV_TOKENS = [2048, 8192] if ON_GPU else [128, 1024]
+
+
+def rank_for(m: int, n: int, keep: float) -> int:
+    return max(1, math.floor(keep * m * n / (m + n)))
+
+
+def shape_id(s):
+    return f"{s[0]}x{s[1]}"
+
+
+def _backends(op: str) -> list[str]:
+    return ops.registered_backends(op)
+
+
+def _require(op: str, backend: str, dtype: torch.dtype) -> None:
+    if backend not in ops.available_backends(op, DEVICE, dtype):
+        pytest.skip(f"backend {backend!r} of {op} cannot run {DEVICE.type}/{dtype} here")
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+# =============================================================================================
+# lowrank_linear (inference)
+# =============================================================================================
+LR_VARIANTS = [f"backend:{b}" for b in _backends("lowrank_linear")] + ["baseline", "dense"]
+
+
+@pytest.mark.parametrize("variant", LR_VARIANTS)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("keep", KEEPS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_lowrank_linear(timed, shape, keep, tokens, variant):
+    m, n = shape  # out, in
+    r = rank_for(m, n, keep)
+    g = _gen()
+    x = torch.randn(tokens, n, device=DEVICE, dtype=DTYPE, generator=g)
+    U = torch.randn(m, r, device=DEVICE, dtype=DTYPE, generator=g) * r**-0.5
+    V = torch.randn(r, n, device=DEVICE, dtype=DTYPE, generator=g) * n**-0.5
+    b = torch.randn(m, device=DEVICE, dtype=DTYPE, generator=g)
+    flops = 2 * tokens * r * (m + n)
+    nbytes = ELT * (tokens * n + r * n + m * r + tokens * m + m)
+    if variant.startswith("backend:"):
+        backend = variant.split(":", 1)[1]
+        _require("lowrank_linear", backend, DTYPE)
+        fn = lambda: ops.lowrank_linear(x, U, V, b, backend=backend)  # noqa: E731
+    elif variant == "baseline":  # two F.linear calls: the intermediate goes through memory
+        fn = lambda: F.linear(F.linear(x, V), U, b)  # noqa: E731
+        nbytes += 2 * ELT * tokens * r
+    else:  # the dense layer this replaces
+        W = torch.randn(m, n, device=DEVICE, dtype=DTYPE, generator=g) * n**-0.5
+        fn = lambda: F.linear(x, W, b)  # noqa: E731
+        flops = 2 * tokens * m * n
+        nbytes = ELT * (tokens * n + m * n + tokens * m + m)
+    with torch.inference_mode():
+        y = timed(
+            fn,
+            group=f"lowrank_linear {m}x{n} keep={keep} T={tokens}",
+            op="lowrank_linear", variant=variant, m=m, n=n, rank=r, keep=keep, tokens=tokens,
+            dtype=str(DTYPE), flops=flops, bytes=nbytes,
+        )
+    assert y.shape == (tokens, m)
+
+
+# =============================================================================================
+# covariance_update (calibration)
+# =============================================================================================
+COV_VARIANTS = [f"backend:{b}" for b in _backends("covariance_update")] + ["baseline"]
+
+
+@pytest.mark.parametrize("variant", COV_VARIANTS)
+@pytest.mark.parametrize("cross", [False, True], ids=["gram", "gram+cross"])
+@pytest.mark.parametrize("tokens", COV_TOKENS)
+@pytest.mark.parametrize("d", COV_DIMS)
+def test_covariance_update(timed, d, tokens, cross, variant):
+    g = _gen()
+    x = torch.randn(tokens, d, device=DEVICE, dtype=DTYPE, generator=g)
+    y = torch.randn(tokens, d, device=DEVICE, dtype=DTYPE, generator=g) if cross else None
+    G = torch.zeros(d, d, device=DEVICE, dtype=torch.float32)
+    C = torch.zeros(d, d, device=DEVICE, dtype=torch.float32) if cross else None
+    streams = 2 if cross else 1
+    flops = 2 * tokens * d * d * streams
+    nbytes = streams * (ELT * tokens * d + 2 * 4 * d * d)  # read x (and y), read+write G (and C)
+    if variant.startswith("backend:"):
+        backend = variant.split(":", 1)[1]
+        _require("covariance_update", backend, DTYPE)
+        fn = lambda: ops.covariance_update(G, x, C, y, backend=backend)  # noqa: E731
+    else:  # what calibration code usually writes: upcast, product into a temporary, add
+
+        def fn():
+            xf = x.float()
+            G.add_(xf.T @ xf)
+            if cross:
+                C.add_(xf.T @ y.float())
+
+    with torch.inference_mode():
+        timed(
+            fn,
+            group=f"covariance_update d={d} T={tokens} {'gram+cross' if cross else 'gram'}",
+            op="covariance_update", variant=variant, d=d, tokens=tokens, cross=cross,
+            dtype=str(DTYPE), flops=flops, bytes=nbytes,
+        )
+    assert torch.isfinite(G[0, 0])
+
+
+# =============================================================================================
+# stable rank (the Prehab regularizer, once per training step and layer)
+# =============================================================================================
+
+
+def _svd_baseline(W, L, kind):
+    """Exact value and gradient from a full SVD of M = W L (the strongest plain-torch way)."""
+    M = W.float() @ L.float()
+    Us, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    f2 = M.square().sum()
+    if kind == "stable":
+        s1 = S[0]
+        value = f2 / s1**2
+        gM = 2 * M / s1**2 - (2 * f2 / s1**3) * torch.outer(Us[:, 0], Vh[0])
+    else:
+        nuc = S.sum()
+        value = nuc**2 / f2
+        gM = (2 * nuc / f2) * (Us @ Vh) - (2 * nuc**2 / f2**2) * M
+    return value, gM @ L.float().T
+
+
+def _stable_rank_flops(m, n, kind, iters):
+    flops = 2 * 2 * m * n * n  # M = W L and grad_M Lᵀ
+    if kind == "stable":
+        return flops + iters * 4 * m * n + 8 * m * n
+    k, l = min(m, n), max(m, n)
+    n_cubic = min(6, iters // 2)
+    n_quintic = iters - n_cubic
+    return flops + n_quintic * (4 * k * k * l + 2 * k**3) + n_cubic * 4 * k * k * l + 8 * m * n
+
+
+SR_CASES = [("stable", f"{b}:{mode}") for b in _backends("stable_rank") for mode in ("warm", "cold")]
+SR_CASES += [("stable", "baseline:svd")]
+SR_CASES += [("nuclear", f"{b}") for b in _backends("stable_rank")] + [("nuclear", "baseline:svd")]
+
+
+@pytest.mark.parametrize("kind,variant", SR_CASES, ids=[f"{k}-{v}" for k, v in SR_CASES])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_stable_rank(timed, shape, kind, variant):
+    m, n = shape
+    g = _gen()
+    W = (torch.randn(m, n, device=DEVICE, dtype=torch.float32, generator=g) * n**-0.5).to(DTYPE)
+    L = torch.tril(torch.randn(n, n, device=DEVICE, generator=g) * (0.3 / n**0.5), -1)
+    L += torch.diag(torch.rand(n, device=DEVICE, generator=g) + 0.5)
+    nbytes = ELT * m * n + 4 * n * n + 4 * m * n  # read W, L; write the fp32 gradient
+    if variant == "baseline:svd":
+        fn = lambda: _svd_baseline(W, L, kind)  # noqa: E731
+        flops = None  # an SVD's work is not a fixed count; compare times
+    else:
+        backend, _, mode = variant.partition(":")
+        _require("stable_rank", backend, DTYPE)
+        state = None
+        if mode == "warm":  # a training step: warm-started from the previous step's vector
+            state = ops.stable_rank(W, L, backend=backend)[2]
+        iters = (
+            reference.NUCLEAR_ITERS
+            if kind == "nuclear"
+            else (reference.STABLE_ITERS_WARM if state is not None else reference.STABLE_ITERS_COLD)
+        )
+        fn = lambda: ops.stable_rank(W, L, kind=kind, state=state, backend=backend)  # noqa: E731
+        flops = _stable_rank_flops(m, n, kind, iters)
+    value, grad = timed(
+        fn,
+        group=f"stable_rank {kind} {m}x{n} whitened",
+        op="stable_rank", variant=variant, kind=kind, m=m, n=n, dtype=str(DTYPE), flops=flops, bytes=nbytes,
+    )[:2]
+    assert torch.isfinite(value).all() and grad.shape == (m, n)
