@@ -92,13 +92,16 @@ def test_console_script_entry_point(tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_demo_small_orders_methods():
-    """A small demo (64 calibration, 128 held-out sentences): whitening beats activation scaling,
-    which beats plain SVD; the full-size table is in the README and the issue notes."""
-    rows = {r["method"]: r for r in cli.run_demo(["svd", "asvd", "svd-llm", "aa-svd"], num_calib=64,
-                                                   num_eval=128, progress=False)}
-    assert rows["svd-llm"]["cosine"] > rows["asvd"]["cosine"] > rows["svd"]["cosine"]
-    assert rows["aa-svd"]["cosine"] > rows["asvd"]["cosine"]
+def test_demo_orders_methods():
+    """The embedded demo at its defaults (256 calibration, 512 held-out sentences of the built-in
+    corpus, keep_ratio 0.6): AA-SVD >= SVD-LLM > ASVD > SVD in embedding fidelity.
+
+    (With far fewer calibration tokens than the MLP width, e.g. 64 sentences, AA-SVD's cross
+    statistics are too noisy and it falls behind SVD-LLM: the ordering needs enough calibration.)"""
+    rows = {r["method"]: r for r in cli.run_demo(["svd", "asvd", "svd-llm", "aa-svd"], progress=False)}
+    print(cli.format_demo(list(rows.values()), 0.6))
+    assert rows["aa-svd"]["cosine"] >= rows["svd-llm"]["cosine"] > rows["asvd"]["cosine"] > rows["svd"]["cosine"]
+    assert rows["aa-svd"]["nn_agreement"] >= rows["svd-llm"]["nn_agreement"] > rows["svd"]["nn_agreement"]
     for r in rows.values():
         assert abs(r["kept_fraction"] - 0.6) < 0.01
     table = cli.format_demo(list(rows.values()), 0.6)

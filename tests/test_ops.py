@@ -9,7 +9,6 @@ catch any output element that was never written.
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import pytest
@@ -480,10 +479,6 @@ def test_lowrank_linear_compile(compile_backend, bias):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("PREHAB_SVD_SLOW_TESTS") != "1",
-    reason="inductor on CPU builds C++ (~20 s with a cold cache); set PREHAB_SVD_SLOW_TESTS=1 to run",
-)
 def test_lowrank_linear_compile_inductor():
     """The default inductor backend on CPU (forward and backward)."""
     torch._dynamo.reset()
