@@ -11,7 +11,7 @@ Public API::
 """
 
 from . import linalg, ops
-from .compress import METHODS, CompressionReport, LayerReport, compress
+from .compression import METHODS, CompressionReport, LayerReport, compress
 from .errors import NonFiniteActivationError, PrehabError
 from .io import load_compressed, save_compressed
 from .layers import LowRankLinear

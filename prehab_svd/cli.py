@@ -128,7 +128,7 @@ def cmd_compress(args) -> int:
     import torch
 
     from . import data
-    from .compress import compress
+    from .compression import compress
     from .io import save_compressed
 
     out = Path(args.out)
@@ -209,7 +209,7 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
     import transformers
 
     from . import data, evaluate
-    from .compress import compress
+    from .compression import compress
 
     _check_ratio(keep_ratio)
     path = _minilm_dir()
@@ -269,7 +269,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .compress import METHODS
+    from .compression import METHODS
 
     p = argparse.ArgumentParser(prog="prehab-svd", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
