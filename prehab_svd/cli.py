@@ -1,4 +1,4 @@
-"""The ``prehab-svd`` command: ``compress``, ``eval`` and ``demo``.
+"""The ``prehab-svd`` command: ``compress``, ``eval``, ``demo`` and ``kernels``.
 
 Every user mistake ends with one line ``prehab-svd: error: ...`` and exit status 2, no traceback, and
 no partial output folder.
@@ -265,6 +265,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_kernels(args) -> int:
+    """Compile every Triton kernel ahead of time for sm_<arch>; no GPU needed."""
+    from .aot import compile_all, format_table
+
+    results = compile_all(args.arch)
+    print(format_table(results, args.arch))
+    if not results:
+        print("no Triton kernels found", file=sys.stderr)
+        return 1
+    return 1 if any(r.failed for r in results) else 0
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -318,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    k = sub.add_parser("kernels", help="compile every Triton kernel for a GPU target, no GPU needed")
+    k.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
+    k.set_defaults(func=cmd_kernels)
     return p
 
 

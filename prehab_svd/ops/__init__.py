@@ -38,6 +38,9 @@ from ._registry import (
 )
 from ._registry import register as register_backend
 from ._registry import unregister as unregister_backend
+from . import _triton
+
+_triton.register_all()
 
 __all__ = [
     "covariance_update",
