@@ -146,7 +146,7 @@ def cmd_compress(args) -> int:
     model, causal = load_model(path, args.dtype)
     model.to(args.device)
     report = compress(model, args.method, args.keep_ratio, calibration,
-                      targets=args.targets, exclude=args.exclude,
+                      targets=args.targets, exclude=args.exclude, damping=args.damping, alpha=args.alpha,
                       stats_dtype=torch.float64 if args.fp64_stats else torch.float32,
                       progress=not args.quiet)
     print(report.table())
@@ -309,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="auto", help="load dtype: auto, float32, bfloat16, ...")
     c.add_argument("--fp64-stats", action="store_true", help="accumulate covariances in float64")
     c.add_argument("--no-calibration", action="store_true", help="svd only: skip calibration")
+    c.add_argument("--damping", type=float, default=0.0,
+                   help="add damping·tr(G)/d to each Gram matrix (0: exact optimum; ~1e-2 helps aa-svd "
+                        "when calibration tokens are few)")
+    c.add_argument("--alpha", type=float, default=0.5, help="asvd's activation exponent")
     common_data(c, 8)
     c.set_defaults(func=cmd_compress)
 

@@ -222,8 +222,14 @@ def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
     """Can we open a TCP connection to the Hub within ``timeout`` seconds? (DNS included.)"""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True, ""  # behind a proxy we cannot judge: let the download try
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host = url.hostname or "huggingface.co"
+    try:
+        from huggingface_hub.constants import ENDPOINT as default_endpoint
+    except ImportError:  # pragma: no cover - datasets depends on huggingface_hub
+        return True, ""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or default_endpoint)
+    host = url.hostname
+    if not host:
+        return True, ""
     port = url.port or (80 if url.scheme == "http" else 443)
     result: list = []
 
