@@ -1,0 +1,310 @@
+"""Tests of the Triton low-rank linear (prehab_svd.kernels.lowrank_linear): y = (x Vᵀ) Uᵀ + b.
+
+On a machine with no GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, fp32 and
+fp16; the interpreter's bf16 dot is wrong, see shared/ENV.md); bf16 and the H100 configurations run in
+the GPU-only tests, which skip themselves here. Both code paths are forced explicitly: "decode" (the
+down kernel z = x Vᵀ into an fp32 workspace, with and without split-in atomics, GEMV and token-tile
+programs; then the up kernel y = z Uᵀ + b) and "gemm" (two tiled GEMMs, bias in the epilogue).
+
+Every result is compared with a float64 oracle computed from the same (rounded) inputs by relative
+Frobenius error (≤ 1e-5 fp32, ≤ 1e-2 fp16). Every buffer the kernels are meant to overwrite (y, and
+the intermediate z where it is not zero-initialised for atomics) is pre-filled with NaN, so an output
+element, or an element of z, that no program wrote makes the result non-finite and fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# The interpreter must be chosen before triton is imported (triton.jit reads it when it decorates).
+# Only where there is no GPU: on a GPU machine these tests run the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import prehab_svd.ops as ops  # noqa: E402
+from prehab_svd.kernels import lowrank_linear as lk  # noqa: E402
+
+
+def _interpret_on() -> bool:
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+INTERPRET = _interpret_on()
+CUDA = torch.cuda.is_available() and not INTERPRET
+
+pytestmark = pytest.mark.skipif(
+    not (CUDA or INTERPRET),
+    reason="no CUDA GPU and the Triton interpreter is off (TRITON_INTERPRET was set to 0 before this "
+           "module was imported): the Triton kernels cannot run",
+)
+needs_cuda = pytest.mark.skipif(
+    not CUDA, reason="needs a CUDA GPU with compiled Triton (bf16 and the H100 configurations; the "
+                     "interpreter's bf16 tl.dot is wrong)" + (" — TRITON_INTERPRET is on" if INTERPRET else ""))
+
+DEV = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def nan_buffers(monkeypatch):
+    """Make every buffer the kernels must overwrite start as NaN."""
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(lk, "_empty", nan_empty)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _make(lead, K, N, R, dtype, bias=True, seed=0):
+    g = _gen(seed)
+    x = torch.randn(*lead, K, generator=g).to(device=DEV, dtype=dtype)
+    V = (torch.randn(R, K, generator=g) / K ** 0.5).to(device=DEV, dtype=dtype)
+    U = (torch.randn(N, R, generator=g) / R ** 0.5).to(device=DEV, dtype=dtype)
+    b = torch.randn(N, generator=g).to(device=DEV, dtype=dtype) if bias else None
+    return x, U, V, b
+
+
+def _oracle(x, U, V, b):
+    """float64, from the same rounded inputs, independent of the code under test."""
+    x64 = x.double().reshape(-1, x.shape[-1])
+    y = (x64 @ V.double().T) @ U.double().T
+    if b is not None:
+        y = y + b.double()
+    return y.reshape(*x.shape[:-1], U.shape[0])
+
+
+def _check(y, x, U, V, b):
+    assert y.shape == (*x.shape[:-1], U.shape[0])
+    assert y.dtype == x.dtype and y.device == x.device
+    assert torch.isfinite(y).all(), "an output element was not written (NaN pre-fill survived)"
+    ref = _oracle(x, U, V, b)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err <= TOL[x.dtype], f"relative Frobenius error {err:.3e} > {TOL[x.dtype]:.0e}"
+    return err
+
+
+# token count -> leading dims of x (1-D, 2-D and 3-D inputs)
+LEAD = {1: (), 3: (3,), 17: (17,), 70: (2, 35), 200: (5, 40)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("path", ["decode", "gemm"])
+@pytest.mark.parametrize("T", sorted(LEAD))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_matches_float64(dtype, path, T, bias):
+    x, U, V, b = _make(LEAD[T], 45, 37, 11, dtype, bias=bias, seed=T)
+    _check(lk.lowrank_linear(x, U, V, b, path=path), x, U, V, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("path,lead", [("decode", (17,)), ("gemm", (2, 45)), ("decode", (1, 1))])
+def test_larger_shape(dtype, path, lead):
+    x, U, V, b = _make(lead, 300, 257, 67, dtype, seed=7)
+    _check(lk.lowrank_linear(x, U, V, b, path=path), x, U, V, b)
+
+
+@pytest.mark.parametrize("T", [1, 17])
+@pytest.mark.parametrize("split_k", [1, 2, 5])
+def test_decode_split_in(T, split_k):
+    """The down kernel's in-splits: plain stores (split 1) and fp32 atomics into a zeroed z."""
+    x, U, V, b = _make((T,), 150, 41, 23, torch.float32, seed=split_k)
+    _check(lk.lowrank_linear(x, U, V, b, path="decode", split_k=split_k), x, U, V, b)
+
+
+@pytest.mark.parametrize("T,block_t", [(3, 1), (5, 32), (70, 16)])
+def test_decode_token_tiles(T, block_t):
+    """GEMV programs for several tokens (one per token), and token tiles over several token blocks."""
+    x, U, V, b = _make((T,), 45, 37, 11, torch.float16, seed=T)
+    _check(lk.lowrank_linear(x, U, V, b, path="decode", block_t=block_t, split_k=2), x, U, V, b)
+
+
+@pytest.mark.parametrize("path", ["decode", "gemm"])
+def test_strided_inputs(path):
+    """Transposed and sliced views: the launcher passes strides, it does not assume contiguity."""
+    g = _gen(3)
+    T, K, N, R = 19, 45, 37, 11
+    x = torch.randn(K, T, generator=g).to(DEV).T                      # [T, K], stride (1, T)
+    V = torch.randn(K, 2 * R, generator=g).to(DEV).T[::2]             # [R, K], strides (2, 2R)
+    U = (torch.randn(R, N, generator=g) / R ** 0.5).to(DEV).T         # [N, R], stride (1, N)
+    b = torch.randn(2 * N, generator=g).to(DEV)[::2]                  # [N], stride 2
+    assert not (x.is_contiguous() or V.is_contiguous() or U.is_contiguous() or b.is_contiguous())
+    _check(lk.lowrank_linear(x, U, V, b, path=path), x, U, V, b)
+
+
+def test_auto_path_and_heuristics():
+    assert lk.choose_path(1) == "decode" and lk.choose_path(lk.DECODE_MAX_T) == "decode"
+    assert lk.choose_path(lk.DECODE_MAX_T + 1) == "gemm"
+    # H100 (132 SMs), LLaMA-7B 4096² at keep 0.4 (r = 819): T=1 GEMV has 103 r-blocks of 8 rows ->
+    # split `in` to fill the GPU; T=16 has 26 r-blocks of 32 -> split more; enough r-blocks -> none.
+    assert lk._split_k(4096, 103, 512, 132) == 4
+    assert lk._split_k(4096, 26, 128, 132) == 16
+    assert lk._split_k(4096, 300, 512, 132) == 1
+    assert lk._split_k(100, 26, 128, 132) == 1  # never split below 2 K-steps per program
+    x, U, V, b = _make((5, 3), 45, 37, 11, torch.float32, seed=11)  # auto: T=15 -> decode
+    _check(lk.lowrank_linear(x, U, V, b), x, U, V, b)
+
+
+def test_degenerate_shapes():
+    x, U, V, b = _make((0,), 45, 37, 11, torch.float32)
+    assert lk.lowrank_linear(x, U, V, b).shape == (0, 37)
+    x, U, V, b = _make((4,), 45, 37, 0, torch.float32)  # rank 0: y = b
+    torch.testing.assert_close(lk.lowrank_linear(x, U, V, b), b.expand(4, 37))
+    torch.testing.assert_close(lk.lowrank_linear(x, U, V, None), torch.zeros(4, 37, device=DEV))
+
+
+def test_rejects_bad_arguments():
+    x, U, V, b = _make((3,), 45, 37, 11, torch.float32)
+    with pytest.raises(TypeError):
+        lk.lowrank_linear(x, U.half(), V, b)
+    with pytest.raises(ValueError):
+        lk.lowrank_linear(x, U, V[:, :44], b)
+    with pytest.raises(ValueError):
+        lk.lowrank_linear(x, U, V, b, path="fused")
+    if INTERPRET:
+        with pytest.raises(TypeError, match="bf16"):
+            lk.lowrank_linear(*(t.bfloat16() for t in (x, U, V, b)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("lead", [(2, 3), (2, 40)])
+def test_public_dispatch(dtype, lead):
+    """prehab_svd.ops.lowrank_linear(..., backend="triton") runs this kernel, with autograd."""
+    assert "triton" in ops.available_backends("lowrank_linear", DEV, dtype)
+    x, U, V, b = _make(lead, 45, 37, 11, dtype, seed=5)
+    y = ops.lowrank_linear(x, U, V, b, backend="triton")
+    _check(y, x, U, V, b)
+    assert torch.equal(y, lk.lowrank_linear(x, U, V, b))  # the dispatch calls the auto path
+    if dtype == torch.float32:  # the backward is plain torch; check it runs through the custom op
+        leaves = [t.clone().requires_grad_() for t in (x, U, V, b)]
+        ops.lowrank_linear(*leaves, backend="triton").square().sum().backward()
+        ref = [t.clone().requires_grad_() for t in (x, U, V, b)]
+        ops.lowrank_linear(*ref, backend="torch").square().sum().backward()
+        for a, r in zip(leaves, ref):
+            torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_forward_uses_triton():
+    from prehab_svd import LowRankLinear
+
+    torch.manual_seed(0)
+    layer = LowRankLinear(45, 37, 11, bias=True, device=DEV)
+    layer.backend = "triton"
+    x = torch.randn(2, 9, 45, device=DEV)
+    with torch.no_grad():
+        _check(layer(x), x, layer.U, layer.V, layer.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time compilation for sm_90 (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+
+_AOT_SCRIPT = r"""
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from prehab_svd import aot
+from prehab_svd.kernels import lowrank_linear as lk
+
+aot._modules = lambda: ["lowrank_linear"]
+results = aot.compile_all(90)
+rows = [dict(module=r.module, config=r.config, ok=r.ok, failed=r.failed, wgmma=r.wgmma,
+             tensor_cores=r.tensor_cores, shared=r.shared, error=r.error) for r in results]
+# the variants Triton's runtime specializes for aligned shapes (spec["attrs"])
+aligned = {}
+for s in lk.aot_specs():
+    if s["config"] not in ("bf16 128x128x64 y=zUᵀ+b", "bf16 dot T16 R32 K128 atomic", "bf16 gemv R8 K512"):
+        continue
+    k = triton.compile(ASTSource(fn=s["fn"], signature=s["signature"], constexprs=s["constexprs"],
+                                 attrs=s["attrs"]), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": s["num_warps"], "num_stages": s["num_stages"]})
+    ptx = k.asm["ptx"]
+    aligned[s["config"]] = dict(shared=k.metadata.shared, wgmma="wgmma" in ptx, mma="mma" in ptx,
+                                cp_async="cp.async" in ptx, atomics="atom.global" in ptx,
+                                v4_loads="ld.global.v4" in ptx)
+print(json.dumps({"table": aot.format_table(results), "rows": rows, "aligned": aligned}))
+"""
+
+
+@pytest.fixture(scope="module")
+def aot_out():
+    """Run the sm_90 compiles once, in a subprocess with the interpreter off: in a process where
+    TRITON_INTERPRET=1 was set before the kernel module was imported, its kernels are
+    InterpretedFunctions, which cannot be compiled."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_aot_compile_all_for_this_module(aot_out):
+    """prehab_svd.aot.compile_all() on this module's specs: every H100 configuration compiles for
+    sm_90 within the shared-memory limit, and the tensor-core (bf16 GEMM) ones issue wgmma."""
+    rows, table = aot_out["rows"], aot_out["table"]
+    assert len(rows) == len(lk.aot_specs()) and all(r["module"] == "lowrank_linear" for r in rows), table
+    assert not any(r["failed"] for r in rows), table
+    tc = [r for r in rows if r["tensor_cores"]]
+    assert len(tc) == 4 and all(r["wgmma"] for r in tc), table  # the bf16 GEMMs, both tilings, ±bias
+    assert all(r["config"].startswith(("bf16", "fp32")) for r in rows)
+
+
+def test_aot_aligned_variants_pipeline(aot_out):
+    """With the divisibility hints Triton's runtime sets for aligned LLaMA shapes (spec["attrs"]), the
+    bf16 GEMM pipelines its loads (cp.async into ≥ 3 stages of shared memory) on wgmma, the
+    token-tile decode kernel issues tensor-core mma and fp32 atomics, and the GEMV loads 16-byte
+    vectors."""
+    al = aot_out["aligned"]
+    g = al["bf16 128x128x64 y=zUᵀ+b"]
+    assert g["wgmma"] and g["cp_async"] and g["shared"] >= 3 * (128 * 64 + 64 * 128) * 2, g
+    d = al["bf16 dot T16 R32 K128 atomic"]
+    assert d["mma"] and d["cp_async"] and d["atomics"], d
+    v = al["bf16 gemv R8 K512"]
+    assert v["v4_loads"] and not v["mma"], v
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: bf16 and the H100 configurations
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["auto", "decode", "gemm"])
+@pytest.mark.parametrize("T", [1, 16, 64, 300])
+@pytest.mark.parametrize("shape", [(45, 37, 11), (1024, 768, 203), (4096, 4096, 816)])
+def test_cuda_bf16(path, T, shape):
+    K, N, R = shape
+    x, U, V, b = _make((T,), K, N, R, torch.bfloat16, seed=T)
+    _check(lk.lowrank_linear(x, U, V, b, path=path), x, U, V, b)
+
+
+@needs_cuda
+def test_cuda_bf16_dispatch_and_fp32_tf32_off():
+    x, U, V, b = _make((3, 7), 512, 384, 96, torch.bfloat16, seed=1)
+    _check(ops.lowrank_linear(x, U, V, b, backend="triton"), x, U, V, b)
+    x, U, V, b = _make((300,), 512, 384, 96, torch.float32, seed=2)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for path in ("decode", "gemm"):
+            _check(lk.lowrank_linear(x, U, V, b, path=path), x, U, V, b)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
