@@ -2,7 +2,8 @@
 
 Each kernel module in ``kernels/`` exposes ``aot_specs()``: the configurations its launcher uses on
 Hopper, each a dict with ``name``, ``fn`` (the ``@triton.jit`` kernel), ``signature`` (argument name ->
-Triton type such as ``"*bf16"``, ``"i32"``, ``"fp32"`` or ``"constexpr"``), ``constexprs``,
+Triton type such as ``"*bf16"``, ``"i32"``, ``"fp32"`` or ``"constexpr"``), ``constexprs``, optional
+``attrs`` (specialization hints such as 16-byte alignment, as the JIT would infer them),
 ``num_warps``, ``num_stages``, ``tensor_cores`` (True if the kernel must use the tensor cores) and a
 short ``config`` label. :func:`compile_all` compiles each for ``GPUTarget("cuda", arch, 32)`` and reads
 the shared memory, warps, and whether the PTX issues ``wgmma`` (Hopper's warpgroup MMA). This is how
@@ -44,6 +45,12 @@ def _modules():
 
 
 def compile_all(arch: int = 90) -> list[AotResult]:
+    from .errors import PrehabError
+    from .ops._triton import interpreting
+
+    if interpreting():
+        raise PrehabError("ahead-of-time compilation needs real (not interpreted) kernels: unset "
+                          "TRITON_INTERPRET and run again")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -62,8 +69,10 @@ def compile_all(arch: int = 90) -> list[AotResult]:
             res = AotResult(module, spec["name"], spec.get("config", ""), False,
                             tensor_cores=bool(spec.get("tensor_cores")))
             try:
+                # attrs (e.g. 16-byte alignment of pointers and strides) make the compiler build the
+                # variant that runs on aligned shapes (pipelined loads), not the generic one.
                 src = ASTSource(fn=spec["fn"], signature=spec["signature"],
-                                constexprs=spec.get("constexprs", {}))
+                                constexprs=spec.get("constexprs", {}), attrs=spec.get("attrs"))
                 k = triton.compile(src, target=target,
                                    options={"num_warps": spec.get("num_warps", 4),
                                             "num_stages": spec.get("num_stages", 3)})

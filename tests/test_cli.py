@@ -106,3 +106,27 @@ def test_demo_orders_methods():
         assert abs(r["kept_fraction"] - 0.6) < 0.01
     table = cli.format_demo(list(rows.values()), 0.6)
     assert "aa-svd" in table and "NN agreement" in table
+
+
+def test_kernels_command_compiles_every_kernel_for_sm90():
+    """`prehab-svd kernels`: every Triton kernel compiles for sm_90 with no GPU; the tensor-core ones
+    issue wgmma. Run in a subprocess: the Triton tests turn on the interpreter in this process, and
+    interpreted kernels cannot be compiled ahead of time."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "prehab_svd.cli", "kernels"], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-1].startswith("sm_90:") and lines[-1].endswith(", 0 failed")
+    for module in ("covariance", "stable_rank", "lowrank_linear"):
+        rows = [line for line in lines if line.startswith(module)]
+        assert rows and all(line.rstrip().endswith("ok") for line in rows), module
+        assert any(" yes " in line for line in rows), f"{module}: no tensor-core (wgmma) kernel"
+
+
+def test_kernels_command_refuses_interpreter(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    code, _, err = run(["kernels"], capsys)
+    assert code == 2 and "unset TRITON_INTERPRET" in err

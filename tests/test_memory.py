@@ -27,5 +27,6 @@ def test_peak_memory_is_per_block(method, accumulators):
     print(f"{method}: peak RSS growth 2 blocks {g2 / 2**20:.1f} MiB, 8 blocks {g8 / 2**20:.1f} MiB, "
           f"one block's statistics {per_block / 2**20:.1f} MiB")
     assert g2 > per_block, "the probe no longer sees the statistics"
-    # Holding every block's statistics would add 6 x per_block going from 2 to 8 blocks.
-    assert g8 - g2 < 2 * per_block, (g2, g8, per_block)
+    # Holding every block's statistics would add at least 6 x per_block going from 2 to 8 blocks
+    # (more with their float64 copies); RSS sampling and allocator reuse vary by about 1 x per_block.
+    assert g8 - g2 < 3 * per_block, (g2, g8, per_block)

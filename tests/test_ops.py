@@ -532,17 +532,29 @@ OP_CALLS = {
 }
 
 
-def test_available_backends_today():
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    """The Triton tests turn the interpreter on for the whole process; these tests need it off."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def test_available_backends_today(no_interpreter, monkeypatch):
     for op in OP_CALLS:
-        assert ops.available_backends(op) == ["torch"]
+        # registered: torch first (Triton stays below torch for "auto" until measured faster)
+        assert ops.registered_backends(op) == ["torch", "triton"]
+        assert ops.available_backends(op, "cpu", torch.float32) == ["torch"]
         assert ops.available_backends(op, "cpu", torch.bfloat16) == ["torch"]
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs fp32/fp16 on CPU, not bf16
+        assert ops.available_backends(op, "cpu", torch.float32) == ["torch", "triton"]
+        assert ops.available_backends(op, "cpu", torch.bfloat16) == ["torch"]
+        monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(PrehabError, match="unknown op"):
         ops.available_backends("svd")
 
 
 @pytest.mark.parametrize("op", list(OP_CALLS))
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_unimplemented_backend_is_a_clear_error(op, backend, monkeypatch):
+def test_unimplemented_backend_is_a_clear_error(op, backend, monkeypatch, no_interpreter):
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
     with pytest.raises(BackendUnavailableError, match=f"'{backend}' backend of op '{op}' is not available") as e:
         OP_CALLS[op](backend)
@@ -558,7 +570,7 @@ def test_invalid_backend_name(op):
 
 
 @pytest.mark.parametrize("op", list(OP_CALLS))
-def test_env_var_overrides_auto(op, monkeypatch):
+def test_env_var_overrides_auto(op, monkeypatch, no_interpreter):
     monkeypatch.setenv(ops.ENV_VAR, "triton")
     with pytest.raises(BackendUnavailableError, match="PREHAB_SVD_BACKEND=triton"):
         OP_CALLS[op]("auto")
@@ -580,11 +592,19 @@ def stand_in_triton():
         calls.append(x.shape)
         return ops.reference.lowrank_linear(x, U, V, bias)
 
-    ops.register_backend("lowrank_linear", "triton", impl, supports=lambda dev, dt: support["ok"], priority=10)
+    from prehab_svd.ops import _registry
+
+    previous = _registry._REGISTRY["lowrank_linear"].get("triton")  # the real Triton kernel, if any
+    ops.register_backend("lowrank_linear", "triton", impl, supports=lambda dev, dt: support["ok"], priority=10,
+                         replace=True)
     try:
         yield calls, support
     finally:
-        ops.unregister_backend("lowrank_linear", "triton")
+        if previous is None:
+            ops.unregister_backend("lowrank_linear", "triton")
+        else:
+            ops.register_backend("lowrank_linear", "triton", previous.fn, supports=previous.supports,
+                                 priority=previous.priority, replace=True)
 
 
 def test_registered_backend_is_dispatched(stand_in_triton, monkeypatch):
