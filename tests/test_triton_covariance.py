@@ -16,20 +16,14 @@ non-symmetric) accumulator and checks, against a float64 oracle computed from th
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-# The interpreter must be chosen before triton is imported (triton.jit reads it when it decorates).
-# Only where there is no GPU: on a GPU machine these tests run the compiled kernels.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _triton_env import CUDA, INTERPRET, run_aot_script, triton  # noqa: E402,F401  (sets up the interpreter)
 
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
@@ -37,17 +31,8 @@ import prehab_svd.ops as ops  # noqa: E402
 from prehab_svd.kernels.covariance import _lower_pair, _upper_pair, covariance_kernel  # noqa: E402
 
 
-def _interpret_on() -> bool:
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-INTERPRET = _interpret_on()
 # did it take effect for the kernel? (not if prehab_svd.kernels.covariance was imported before)
 KERNEL_INTERPRETED = type(covariance_kernel).__name__ == "InterpretedFunction"
-CUDA = torch.cuda.is_available() and not INTERPRET
 
 pytestmark = pytest.mark.skipif(
     not (CUDA or (INTERPRET and KERNEL_INTERPRETED)),
@@ -313,16 +298,7 @@ def test_aot_compile_for_sm90():
     In a subprocess with the interpreter off: in a process where TRITON_INTERPRET=1 was set before
     the kernel module was imported, its kernels are InterpretedFunctions, which cannot be compiled.
     """
-    import json
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_aot_script(_AOT_SCRIPT, timeout=600)
     rows, table = out["rows"], out["table"]
     assert len(rows) == len(kmod().aot_specs()) == 6, table
     assert all(r["module"] == "covariance" for r in rows), table

@@ -14,32 +14,17 @@ element, or an element of z, that no program wrote makes the result non-finite a
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-# The interpreter must be chosen before triton is imported (triton.jit reads it when it decorates).
-# Only where there is no GPU: on a GPU machine these tests run the compiled kernels.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _triton_env import CUDA, INTERPRET, run_aot_script, triton  # noqa: E402,F401  (sets up the interpreter)
 
 import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
 
 import prehab_svd.ops as ops  # noqa: E402
 from prehab_svd.kernels import lowrank_linear as lk  # noqa: E402
 
 
-def _interpret_on() -> bool:
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-INTERPRET = _interpret_on()
-CUDA = torch.cuda.is_available() and not INTERPRET
 
 pytestmark = pytest.mark.skipif(
     not (CUDA or INTERPRET),
@@ -244,16 +229,7 @@ def aot_out():
     """Run the sm_90 compiles once, in a subprocess with the interpreter off: in a process where
     TRITON_INTERPRET=1 was set before the kernel module was imported, its kernels are
     InterpretedFunctions, which cannot be compiled."""
-    import json
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_aot_script(_AOT_SCRIPT, timeout=600)
 
 
 def test_aot_compile_all_for_this_module(aot_out):

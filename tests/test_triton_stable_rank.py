@@ -22,35 +22,20 @@ here. Iteration counts are kept small (the interpreter runs ~10 ms per program);
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-# The interpreter must be chosen before triton is imported (triton.jit reads it when it decorates).
-# Only where there is no GPU: on a GPU machine these tests run the compiled kernels.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _triton_env import CUDA, INTERPRET, run_aot_script, triton  # noqa: E402,F401  (sets up the interpreter)
 
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
 
 import prehab_svd.ops as ops  # noqa: E402
 from prehab_svd.ops import _registry  # noqa: E402
 from prehab_svd.ops import reference as ref  # noqa: E402
 
 
-def _interpret_on() -> bool:
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-INTERPRET = _interpret_on()
-CUDA = torch.cuda.is_available() and not INTERPRET
 
 pytestmark = pytest.mark.skipif(
     not (CUDA or INTERPRET),
@@ -383,16 +368,7 @@ def test_aot_compile_for_sm90():
     """prehab_svd.aot.compile_all() on this module's specs: all compile for sm_90 within the shared
     memory limit, and every tensor-core kernel (bf16 W L, tf32 GEMM and symmetric product) issues
     wgmma. In a subprocess with the interpreter off (InterpretedFunctions cannot be compiled)."""
-    import json
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=900, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_aot_script(_AOT_SCRIPT, timeout=900)
     rows, table = out["rows"], out["table"]
     specs = kmod().aot_specs()
     assert len(rows) == len(specs), table
