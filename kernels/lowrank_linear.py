@@ -57,13 +57,14 @@ interpreter and costs seconds per new shape); under ``TRITON_INTERPRET=1`` one s
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from prehab_svd.ops._triton import interpreting as _interpreting
 
 __all__ = ["lowrank_linear", "choose_path", "aot_specs", "DECODE_MAX_T"]
 
@@ -74,8 +75,6 @@ __all__ = ["lowrank_linear", "choose_path", "aot_specs", "DECODE_MAX_T"]
 DECODE_MAX_T = 64
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def choose_path(T: int) -> str:

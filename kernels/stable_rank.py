@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from prehab_svd.ops import reference as _ref
+from prehab_svd.ops._triton import interpreting as _interpreting
 
 __all__ = ["stable_rank", "aot_specs", "batched_gemm", "symmetric_product", "polar_newton_schulz",
            "top_singular_pair"]
@@ -379,8 +380,6 @@ def epilogue_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _fp32_dot(device: torch.device) -> tuple[str, bool]:

@@ -44,7 +44,8 @@ def _modules():
     return [m for m, _ in KERNEL_MODULES.values()]
 
 
-def compile_all(arch: int = 90) -> list[AotResult]:
+def compile_all(arch: int = 90, modules=None) -> list[AotResult]:
+    """Compile every spec of ``modules`` (default: every kernel module) for sm_<arch>."""
     from .errors import PrehabError
     from .ops._triton import interpreting
 
@@ -58,7 +59,7 @@ def compile_all(arch: int = 90) -> list[AotResult]:
     target = GPUTarget("cuda", arch, 32)
     limit = SHARED_LIMIT.get(arch)
     results = []
-    for module in _modules():
+    for module in (_modules() if modules is None else modules):
         try:
             mod = importlib.import_module(f"prehab_svd.kernels.{module}")
             specs = mod.aot_specs()

@@ -198,8 +198,13 @@ def cmd_eval(args) -> int:
 
 
 def _check_ratio(r: float):
-    if not (0 < r <= 1):
-        raise PrehabError(f"--keep-ratio must be in (0, 1] (fraction of parameters kept), got {r}")
+    """Fail before any model is loaded; the message names the CLI flag."""
+    from .compression import check_keep_ratio
+
+    try:
+        check_keep_ratio(r)
+    except PrehabError as e:
+        raise PrehabError(str(e).replace("keep_ratio", "--keep-ratio", 1)) from None
 
 
 def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=128, batch_size=32,

@@ -32,7 +32,7 @@ from .layers import LowRankLinear
 from .models import Plan, plan_targets, rank_for
 from . import methods as _methods
 
-__all__ = ["compress", "CompressionReport", "LayerReport", "METHODS"]
+__all__ = ["compress", "check_keep_ratio", "CompressionReport", "LayerReport", "METHODS"]
 
 METHODS = ("svd", "asvd", "svd-llm", "aa-svd")
 
@@ -241,38 +241,38 @@ def _progress(it, enabled, desc):
 
 
 class _GroupStats:
-    """Streaming statistics of one group's input (x: original model, xp: compressed model)."""
+    """Streaming statistics of one group's input (x: original model, xp: compressed model).
+
+    ``xᵀx`` and ``xᵀx'`` come from one accumulator (one pass over x), ``x'ᵀx'`` from a second; all
+    normalized by the token count when finalized.
+    """
 
     def __init__(self, d: int, need_cross: bool, need_absmean: bool, dtype, device):
-        kw = {"dtype": dtype, "device": device}
-        self.d = d
-        self.gram_x = torch.zeros(d, d, **kw)
-        self.cross = torch.zeros(d, d, **kw) if need_cross else None
-        self.gram_xp = torch.zeros(d, d, **kw) if need_cross else None
-        self.abs_sum = torch.zeros(d, **kw) if need_absmean else None
-        self.tokens = 0
+        self.x = ops.CovarianceAccumulator(d, cross=need_cross, dtype=dtype, device=device)
+        self.xp = ops.CovarianceAccumulator(d, dtype=dtype, device=device) if need_cross else None
+        self.abs_sum = torch.zeros(d, dtype=dtype, device=device) if need_absmean else None
+
+    @property
+    def tokens(self) -> int:
+        return self.x.tokens
 
     def add(self, x: torch.Tensor, xp: torch.Tensor | None = None):
-        if self.cross is not None:
-            ops.covariance_update(self.gram_x, x, self.cross, xp)
-            ops.covariance_update(self.gram_xp, xp)
-        else:
-            ops.covariance_update(self.gram_x, x)
+        self.x.update(x, xp)
+        if self.xp is not None:
+            self.xp.update(xp)
         if self.abs_sum is not None:
             self.abs_sum += x.abs().sum(0, dtype=self.abs_sum.dtype)
-        self.tokens += x.shape[0]
 
     def finalize(self) -> "_methods.LayerStats":
         if self.tokens == 0:
             raise PrehabError("calibration produced no tokens (every position masked?)")
-        n = float(self.tokens)
-        g = (self.gram_x / n).to(torch.float64)
-        if self.cross is None:
-            return _methods.LayerStats(gram_x=g, cross=g, gram_xp=g,
-                                       abs_mean=None if self.abs_sum is None else self.abs_sum / n,
+        g = self.x.gram().to(torch.float64)
+        if self.xp is None:
+            abs_mean = None if self.abs_sum is None else self.abs_sum / self.tokens
+            return _methods.LayerStats(gram_x=g, cross=g, gram_xp=g, abs_mean=abs_mean,
                                        tokens=self.tokens)
-        return _methods.LayerStats(gram_x=g, cross=(self.cross / n).to(torch.float64),
-                                   gram_xp=(self.gram_xp / n).to(torch.float64), abs_mean=None,
+        return _methods.LayerStats(gram_x=g, cross=self.x.cross().to(torch.float64),
+                                   gram_xp=self.xp.gram().to(torch.float64), abs_mean=None,
                                    tokens=self.tokens)
 
 
@@ -366,13 +366,7 @@ def compress(
     t0 = time.perf_counter()
     if method not in METHODS:
         raise PrehabError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not (
-        0 < keep_ratio <= 1
-    ) or math.isnan(keep_ratio):
-        raise PrehabError(
-            f"keep_ratio must be in (0, 1] (the fraction of parameters kept: 0.6 keeps 60%), got "
-            f"{keep_ratio!r}"
-        )
+    check_keep_ratio(keep_ratio)
     if stats_dtype not in (torch.float32, torch.float64):
         raise PrehabError("stats_dtype must be torch.float32 or torch.float64")
     plan = plan_targets(model, targets, exclude)
@@ -424,6 +418,17 @@ def compress(
             stacklevel=2,
         )
     return report
+
+
+def check_keep_ratio(keep_ratio) -> None:
+    """keep_ratio is the fraction of parameters KEPT: a number in (0, 1]."""
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or math.isnan(
+        keep_ratio
+    ) or not (0 < keep_ratio <= 1):
+        raise PrehabError(
+            f"keep_ratio must be in (0, 1] (the fraction of parameters kept: 0.6 keeps 60%), got "
+            f"{keep_ratio!r}"
+        )
 
 
 def _compress_plain(module, full, rel, rank) -> LayerReport:

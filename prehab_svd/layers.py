@@ -49,11 +49,12 @@ class LowRankLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Match nn.Linear's output scale: the product U V has the variance of a Kaiming-uniform
-        # weight of fan-in `in_features` when V ~ U(±1/√in) and U ~ U(±√3/√rank).
+        # Match nn.Linear's output scale: its weight is U(±1/√in), variance 1/(3·in). With
+        # V ~ U(±1/√in) and U ~ U(±√(3/rank)), each entry of U V sums `rank` products of variance
+        # (1/rank)·(1/(3·in)): the same 1/(3·in).
         bound_v = 1.0 / math.sqrt(self.in_features)
         nn.init.uniform_(self.V, -bound_v, bound_v)
-        bound_u = 1.0 / math.sqrt(self.rank)
+        bound_u = math.sqrt(3.0 / self.rank)
         nn.init.uniform_(self.U, -bound_u, bound_u)
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound_v, bound_v)

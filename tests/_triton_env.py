@@ -41,7 +41,7 @@ cannot_run = pytest.mark.skipif(
 )
 
 
-def needs_cuda(what: str):
+def needs_cuda_for(what: str):
     return pytest.mark.skipif(
         not CUDA, reason=f"needs a CUDA GPU with compiled Triton ({what}; the interpreter's bf16 tl.dot "
                          "is wrong)" + (" — TRITON_INTERPRET is on" if INTERPRET else ""))

@@ -77,10 +77,12 @@ def test_aa_svd_equals_svd_llm_where_no_upstream_shift(make_model, make_batches)
         wa, wb = a.get_submodule(name).weight.detach(), b.get_submodule(name).weight.detach()
         assert torch.allclose(wa, wb, rtol=1e-4, atol=1e-5 * float(wb.abs().max()))
     before = {lay.name: lay.rel_error_before for lay in ra.layers}
-    assert before["model.layers.0.self_attn.q_proj"] == pytest.approx(0.0, abs=1e-6)
-    # o_proj of block 0 sees the compressed q/k/v's output: a real upstream shift
-    assert before["model.layers.0.self_attn.o_proj"] > 1e-3
-    assert before["model.layers.1.self_attn.q_proj"] > 1e-3
+    # The reported error is √(tr(WGWᵀ) − 2tr(WCWᵀ) + tr(WG′Wᵀ)) / ‖xWᵀ‖ from fp32-accumulated
+    # statistics: with x' = x it is fp32 rounding (≈1e-7) seen through a square root, ≈1e-4.
+    assert before["model.layers.0.self_attn.q_proj"] < 1e-3
+    # o_proj of block 0 sees the compressed q/k/v's output: a real upstream shift (here ≥ 0.1)
+    assert before["model.layers.0.self_attn.o_proj"] > 5e-2
+    assert before["model.layers.1.self_attn.q_proj"] > 5e-2
 
 
 def test_aa_svd_is_better_anchored_than_svd_llm(make_model, make_batches):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from _triton_env import CUDA, INTERPRET, run_aot_script, triton  # noqa: E402,F401  (sets up the interpreter)
+from _triton_env import CUDA, DEV, INTERPRET, cannot_run, needs_cuda_for, run_aot_script, triton  # noqa: F401  (sets up the interpreter)
 
 import zlib  # noqa: E402
 
@@ -34,16 +34,13 @@ from prehab_svd.kernels.covariance import _lower_pair, _upper_pair, covariance_k
 # did it take effect for the kernel? (not if prehab_svd.kernels.covariance was imported before)
 KERNEL_INTERPRETED = type(covariance_kernel).__name__ == "InterpretedFunction"
 
-pytestmark = pytest.mark.skipif(
-    not (CUDA or (INTERPRET and KERNEL_INTERPRETED)),
+pytestmark = [cannot_run, pytest.mark.skipif(
+    not (CUDA or KERNEL_INTERPRETED),
     reason="no CUDA GPU, and the Triton interpreter is not in effect for the kernel (TRITON_INTERPRET "
            "was 0, or prehab_svd.kernels.covariance was imported before it was set): it cannot run here",
-)
-needs_cuda = pytest.mark.skipif(
-    not CUDA, reason="needs a CUDA GPU with compiled Triton (bf16 and the H100 configurations; the "
-                     "interpreter's bf16 tl.dot is wrong)" + (" — TRITON_INTERPRET is on" if INTERPRET else ""))
+)]
+needs_cuda = needs_cuda_for("bf16 and the H100 configurations")
 
-DEV = "cuda" if CUDA else "cpu"
 U32 = 2.0 ** -24
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -270,8 +267,7 @@ def test_config_heuristic():
 _AOT_SCRIPT = """
 import json
 from prehab_svd import aot
-aot._modules = lambda: ["covariance"]
-results = aot.compile_all(90)
+results = aot.compile_all(90, modules=["covariance"])
 # the largest configuration as the JIT compiles it for aligned inputs (attrs: pipelined cp.async loads)
 import triton
 from triton.backends.compiler import GPUTarget

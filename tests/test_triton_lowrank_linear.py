@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from _triton_env import CUDA, INTERPRET, run_aot_script, triton  # noqa: E402,F401  (sets up the interpreter)
+from _triton_env import CUDA, DEV, INTERPRET, cannot_run, needs_cuda_for, run_aot_script, triton  # noqa: F401  (sets up the interpreter)
 
 import pytest  # noqa: E402
 
@@ -26,16 +26,9 @@ from prehab_svd.kernels import lowrank_linear as lk  # noqa: E402
 
 
 
-pytestmark = pytest.mark.skipif(
-    not (CUDA or INTERPRET),
-    reason="no CUDA GPU and the Triton interpreter is off (TRITON_INTERPRET was set to 0 before this "
-           "module was imported): the Triton kernels cannot run",
-)
-needs_cuda = pytest.mark.skipif(
-    not CUDA, reason="needs a CUDA GPU with compiled Triton (bf16 and the H100 configurations; the "
-                     "interpreter's bf16 tl.dot is wrong)" + (" — TRITON_INTERPRET is on" if INTERPRET else ""))
+pytestmark = cannot_run
+needs_cuda = needs_cuda_for("bf16 and the H100 configurations")
 
-DEV = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
@@ -204,8 +197,7 @@ from triton.compiler import ASTSource
 from prehab_svd import aot
 from prehab_svd.kernels import lowrank_linear as lk
 
-aot._modules = lambda: ["lowrank_linear"]
-results = aot.compile_all(90)
+results = aot.compile_all(90, modules=["lowrank_linear"])
 rows = [dict(module=r.module, config=r.config, ok=r.ok, failed=r.failed, wgmma=r.wgmma,
              tensor_cores=r.tensor_cores, shared=r.shared, error=r.error) for r in results]
 # the variants Triton's runtime specializes for aligned shapes (spec["attrs"])

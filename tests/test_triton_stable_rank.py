@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from _triton_env import CUDA, INTERPRET, run_aot_script, triton  # noqa: E402,F401  (sets up the interpreter)
+from _triton_env import CUDA, DEV, INTERPRET, cannot_run, needs_cuda_for, run_aot_script, triton  # noqa: F401  (sets up the interpreter)
 
 import zlib  # noqa: E402
 
@@ -37,16 +37,9 @@ from prehab_svd.ops import reference as ref  # noqa: E402
 
 
 
-pytestmark = pytest.mark.skipif(
-    not (CUDA or INTERPRET),
-    reason="no CUDA GPU and the Triton interpreter is off (TRITON_INTERPRET was set to 0 before this "
-           "module was imported): the Triton kernels cannot run",
-)
-needs_cuda = pytest.mark.skipif(
-    not CUDA, reason="needs a CUDA GPU with compiled Triton (bf16 and the H100 tf32 configurations; the "
-                     "interpreter's bf16 tl.dot is wrong)" + (" — TRITON_INTERPRET is on" if INTERPRET else ""))
+pytestmark = cannot_run
+needs_cuda = needs_cuda_for("bf16 and the H100 tf32 configurations")
 
-DEV = "cuda" if CUDA else "cpu"
 
 
 def kmod():
@@ -355,8 +348,7 @@ def test_public_dispatch_and_loss_backward():
 _AOT_SCRIPT = """
 import json
 from prehab_svd import aot
-aot._modules = lambda: ["stable_rank"]
-results = aot.compile_all(90)
+results = aot.compile_all(90, modules=["stable_rank"])
 print(json.dumps({"table": aot.format_table(results),
                   "rows": [dict(module=r.module, name=r.name, ok=r.ok, failed=r.failed, wgmma=r.wgmma,
                                 tensor_cores=r.tensor_cores, shared=r.shared) for r in results]}))
