@@ -1,8 +1,14 @@
-"""Run in a subprocess by test_memory.py: peak RSS growth while compressing a tiny Llama.
+"""Run in a subprocess by test_memory.py: memory while compressing a tiny Llama.
+
+Two measures: ``live`` (deterministic) is the peak, over the moments a layer group's statistics are
+finalized, of the bytes of every live tensor that is not a model parameter (each storage counted
+once, found through the garbage collector); ``growth`` is the peak RSS growth, sampled every 1 ms
+(informative only: allocator reuse makes it vary by several MiB from run to run).
 
 Usage: python _memory_probe.py LAYERS METHOD -> prints one JSON line.
 """
 
+import gc
 import json
 import os
 import sys
@@ -17,11 +23,36 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def live_tensor_bytes() -> int:
+    from torch import nn
+
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not isinstance(obj, nn.Parameter) and obj.device.type == "cpu":
+            st = obj.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                total += st.nbytes()
+    return total
+
+
 def main():
     layers, method = int(sys.argv[1]), sys.argv[2]
     import transformers as tf
 
+    import prehab_svd.compression as compression
     from prehab_svd import compress
+
+    live = [0]
+    finalize = compression._GroupStats.finalize
+
+    def measured_finalize(self):
+        out = finalize(self)
+        live[0] = max(live[0], live_tensor_bytes())
+        return out
+
+    compression._GroupStats.finalize = measured_finalize
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -49,7 +80,8 @@ def main():
     stop.set()
     t.join()
     peak[0] = max(peak[0], rss_bytes())
-    print(json.dumps({"layers": layers, "method": method, "base": base, "growth": peak[0] - base}))
+    print(json.dumps({"layers": layers, "method": method, "base": base, "growth": peak[0] - base,
+                      "live": live[0]}))
 
 
 if __name__ == "__main__":
