@@ -6,7 +6,6 @@ line says why it was skipped. Install with ``pip install --no-build-isolation -e
 the torch you already have (an isolated build would download a fresh, multi-GB torch).
 """
 
-import glob
 import os
 
 from setuptools import setup
@@ -15,33 +14,54 @@ ext_modules = []
 cmdclass = {}
 
 
+def _build_config():
+    """prehab_svd/_cuda_build.py (the flags the just-in-time build uses too), loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_prehab_svd_cuda_build", os.path.join(os.path.dirname(os.path.abspath(__file__)), "prehab_svd", "_cuda_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _cuda_extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
+    cfg = _build_config()
+    sources = cfg.source_files("csrc")
     if not sources:
-        return None, "no CUDA sources in csrc/ yet"
+        return None, "no CUDA sources in csrc/", cfg
     if os.environ.get("PREHAB_SVD_NO_CUDA"):
-        return None, "PREHAB_SVD_NO_CUDA is set"
+        return None, "PREHAB_SVD_NO_CUDA is set", cfg
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
-        return None, "torch is not importable in the build environment (use --no-build-isolation)"
+        return None, "torch is not importable in the build environment (use --no-build-isolation)", cfg
     if torch.version.cuda is None:
-        return None, f"torch {torch.__version__} is a CPU build"
+        return None, f"torch {torch.__version__} is a CPU build", cfg
     if CUDA_HOME is None:
-        return None, "nvcc / CUDA_HOME not found"
+        return None, "nvcc / CUDA_HOME not found", cfg
+    # sm_90a unless the user asks for other architectures (read by BuildExtension at build time)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cfg.DEFAULT_ARCH_LIST)
+    # a pip-installed CUDA torch keeps cuBLAS & co. headers in the nvidia/cu13 wheel, not in CUDA_HOME
+    inc, lib = cfg.nvidia_dirs()
     ext = CUDAExtension(
         "prehab_svd._C",
         sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        include_dirs=[os.path.abspath("csrc")] + inc,
+        library_dirs=lib,
+        extra_compile_args={"cxx": list(cfg.CXX_FLAGS), "nvcc": list(cfg.NVCC_FLAGS)},
     )
-    return (ext, BuildExtension), None
+    return (ext, BuildExtension.with_options(use_ninja=True)), None, cfg
 
 
-built, why = _cuda_extension()
+built, why, _cfg = _cuda_extension()
 if built is None:
-    print(f"prehab-svd: skipping the CUDA extension ({why}); the torch and Triton backends still work")
+    print(f"prehab-svd: skipping the CUDA extension ({why}); the torch and Triton backends still work; "
+          f"{_cfg.skip_hint()}")
 else:
+    print(f"prehab-svd: building the CUDA extension prehab_svd._C for TORCH_CUDA_ARCH_LIST="
+          f"{os.environ['TORCH_CUDA_ARCH_LIST']} (a few minutes)")
     ext_modules.append(built[0])
     cmdclass["build_ext"] = built[1]
 
@@ -52,10 +72,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["prehab_svd", "prehab_svd.ops", "prehab_svd.kernels"],
+    packages=["prehab_svd", "prehab_svd.ops", "prehab_svd.kernels", "prehab_svd.csrc"],
     # The kernels/ folder is installed as prehab_svd.kernels: never as a top-level `kernels`,
     # which would collide with the unrelated `kernels` package on PyPI.
-    package_dir={"prehab_svd": "prehab_svd", "prehab_svd.kernels": "kernels"},
+    package_dir={"prehab_svd": "prehab_svd", "prehab_svd.kernels": "kernels", "prehab_svd.csrc": "csrc"},
+    # the CUDA sources travel with the package, for prehab_svd.ops._cuda.load(jit=True)
+    package_data={"prehab_svd.csrc": ["*.cu", "*.cpp", "*.h"]},
     install_requires=[
         "torch>=2.11,<2.15",
         "triton>=3.6,<3.10; platform_system == 'Linux' and platform_machine == 'x86_64'",

@@ -271,15 +271,21 @@ def cmd_demo(args) -> int:
 
 
 def cmd_kernels(args) -> int:
-    """Compile every Triton kernel ahead of time for sm_<arch>; no GPU needed."""
+    """Compile every Triton kernel ahead of time for sm_<arch>; no GPU needed. Also report the CUDA
+    extension: built or not (and why), its architectures, and per kernel registers, shared memory and
+    spills (printed first, so the Triton summary stays the last line)."""
     from .aot import compile_all, format_table
+    from .cuda_report import cuda_report
 
+    cuda_text, cuda_ok = cuda_report()
+    print(cuda_text)
+    print()
     results = compile_all(args.arch)
     print(format_table(results, args.arch))
     if not results:
         print("no Triton kernels found", file=sys.stderr)
         return 1
-    return 1 if any(r.failed for r in results) else 0
+    return 1 if any(r.failed for r in results) or not cuda_ok else 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -540,8 +540,12 @@ def no_interpreter(monkeypatch):
 
 def test_available_backends_today(no_interpreter, monkeypatch):
     for op in OP_CALLS:
-        # registered: torch first (Triton stays below torch for "auto" until measured faster)
-        assert ops.registered_backends(op) == ["torch", "triton"]
+        # registered: torch first (Triton, and CUDA where its extension exists, stay below torch for
+        # "auto" until measured faster); CUDA never runs CPU tensors
+        from prehab_svd.ops import _cuda
+
+        cuda = ["cuda"] if _cuda._state["registered"] else []
+        assert ops.registered_backends(op) == ["torch", "triton"] + cuda
         assert ops.available_backends(op, "cpu", torch.float32) == ["torch"]
         assert ops.available_backends(op, "cpu", torch.bfloat16) == ["torch"]
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs fp32/fp16 on CPU, not bf16

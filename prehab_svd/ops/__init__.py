@@ -38,9 +38,10 @@ from ._registry import (
 )
 from ._registry import register as register_backend
 from ._registry import unregister as unregister_backend
-from . import _triton
+from . import _cuda, _triton
 
 _triton.register_all()
+_cuda.register_all()  # only where the CUDA extension can exist here; never builds or imports it
 
 __all__ = [
     "covariance_update",
