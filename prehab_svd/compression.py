@@ -34,7 +34,9 @@ from . import methods as _methods
 
 __all__ = ["compress", "check_keep_ratio", "CompressionReport", "LayerReport", "METHODS"]
 
-METHODS = ("svd", "asvd", "svd-llm", "aa-svd")
+METHODS = ("svd", "asvd", "svd-llm", "aa-svd", "zs-svd")
+# zs-svd's default minimum rank, as a fraction of keep_ratio·(break-even rank), i.e. of the uniform rank
+ZS_MIN_RANK_OF_KEEP = 0.75
 
 
 @dataclass
@@ -63,6 +65,8 @@ class CompressionReport:
     seconds: float = 0.0
     # groups whose input width exceeds the calibration tokens (rank-deficient covariance)
     short_calibration: list = field(default_factory=list)
+    # method-specific facts (zs-svd: the selection's budget, drops, Σ predicted ΔL, gradient samples)
+    details: dict = field(default_factory=dict)
 
     @property
     def params_dense(self) -> int:
@@ -109,6 +113,15 @@ class CompressionReport:
             f"{self.calibration_tokens:,} calibration tokens, {self.seconds:.1f} s"
         )
         return "\n".join(lines)
+
+
+@dataclass
+class _Options:
+    alpha: float = 0.5
+    damping: float = 0.0
+    stats_dtype: torch.dtype = torch.float32
+    progress: bool = False
+    zs: "_ZSContext | None" = None
 
 
 class _StopForward(Exception):
@@ -341,15 +354,22 @@ def compress(
     alpha: float = 0.5,
     damping: float = 0.0,
     stats_dtype: torch.dtype = torch.float32,
+    task=None,
+    grad_samples: int = 32,
+    correction: bool = False,
+    correction_grads: int = 4,
+    min_rank_fraction: float | None = None,
     progress: bool = False,
 ) -> CompressionReport:
     """Replace the targeted ``nn.Linear`` layers of ``model`` in place by ``LowRankLinear``.
 
     Args:
         model: a Hugging Face model or any ``nn.Module``.
-        method: ``"svd"``, ``"asvd"``, ``"svd-llm"`` or ``"aa-svd"``.
+        method: ``"svd"``, ``"asvd"``, ``"svd-llm"``, ``"aa-svd"`` or ``"zs-svd"``.
         keep_ratio: fraction of the targeted layers' parameters KEPT, in (0, 1]; a layer gets rank
-            ``floor(keep_ratio·m·n/(m+n))`` and stays dense when that reaches break-even.
+            ``floor(keep_ratio·m·n/(m+n))`` and stays dense when that reaches break-even. ``zs-svd``
+            instead spends the same total budget on heterogeneous ranks (see
+            :mod:`prehab_svd.zs_svd`).
         calibration: iterable of batches, each a dict of model inputs (``model(**batch)``) or a
             LongTensor of token ids [batch, tokens]. Positions with ``attention_mask`` 0 never enter a
             covariance. Optional for ``"svd"`` only (then no error is reported).
@@ -358,6 +378,16 @@ def compress(
         alpha: ASVD's activation exponent. damping: relative diagonal damping of the Gram matrices
             (0: exact optimum with a pseudo-inverse fallback).
         stats_dtype: accumulator dtype of the covariances (float32 or float64).
+        task, grad_samples, correction, correction_grads, min_rank_fraction: ``zs-svd`` only. The
+            task loss whose gradient predicts each component's effect ("auto": cross-entropy for a
+            causal LM, the in-batch contrastive loss for an encoder, or a callable
+            loss(model, batch)), averaged over the first ``grad_samples`` calibration sequences; with
+            ``correction`` the one-step projected correction onto the span of ``correction_grads``
+            gradients (of disjoint groups of those sequences) before re-truncation; a matrix never
+            goes below rank ``max(1, floor(min_rank_fraction · break-even rank))``; the default
+            (None) is ``0.75 · keep_ratio``, i.e. three quarters of the uniform rank: on MiniLM
+            without a floor the rule cuts some matrices to rank 1 and loses to uniform ranks
+            (results/methods_minilm.md).
 
     Returns:
         a :class:`CompressionReport` with, per layer, the rank, the parameters kept and the relative
@@ -372,9 +402,17 @@ def compress(
     plan = plan_targets(model, targets, exclude)
     report = CompressionReport(method=method, keep_ratio=float(keep_ratio))
 
+    opts = _Options(alpha=alpha, damping=damping, stats_dtype=stats_dtype, progress=progress)
+    if method == "zs-svd":
+        if min_rank_fraction is None:
+            min_rank_fraction = ZS_MIN_RANK_OF_KEEP * float(keep_ratio)
+        _check_zs_options(grad_samples, correction_grads, min_rank_fraction)
+        if calibration is None:
+            raise PrehabError("method 'zs-svd' needs calibration data")
+
     # Ranks first, so a bad keep_ratio fails before any work.
     ranks = {}
-    for _, module, names in plan.stages:
+    for _, module, names in plan.stages if method != "zs-svd" else ():
         for full, rel in names.items():
             lin = module.get_submodule(rel)
             r = rank_for(lin.out_features, lin.in_features, keep_ratio)
@@ -400,10 +438,25 @@ def compress(
                 for _, module, names in plan.stages:
                     for full, rel in names.items():
                         report.layers.append(_compress_plain(module, full, rel, ranks[full]))
+            elif method == "zs-svd":
+                batches = [_as_batch(item, device) for item in calibration]
+                with torch.enable_grad():
+                    opts.zs = _task_gradients(model, plan.targets, batches, task, grad_samples,
+                                              correction_grads if correction else 0)
+                opts.zs.min_rank_fraction = min_rank_fraction
+                _compress_calibrated(model, plan, method, None, batches, CompressionReport(method, keep_ratio),
+                                     device, opts)
+                sel = _zs_select(opts.zs, keep_ratio)
+                report.details.update(
+                    budget=sel.budget, drops=sel.drops, predicted_loss_change=sel.running_sum,
+                    grad_samples=opts.zs.samples, correction=bool(correction),
+                    correction_grads=int(opts.zs.chunk_grads[next(iter(opts.zs.chunk_grads))].shape[0])
+                    if correction else 0,
+                    task=getattr(opts.zs.task, "__name__", type(opts.zs.task).__name__))
+                opts.zs.phase = "factorize"
+                _compress_calibrated(model, plan, method, sel.ranks, batches, report, device, opts)
             else:
-                _compress_calibrated(model, plan, method, ranks, calibration, report, device,
-                                     alpha=alpha, damping=damping, stats_dtype=stats_dtype,
-                                     progress=progress)
+                _compress_calibrated(model, plan, method, ranks, calibration, report, device, opts)
     finally:
         if cfg is not None and old_cache is not None:
             cfg.use_cache = old_cache
@@ -442,8 +495,7 @@ def _compress_plain(module, full, rel, rank) -> LayerReport:
     return LayerReport(full, m, n, rank, dense_params, new.num_params, None, None)
 
 
-def _compress_calibrated(model, plan, method, ranks, calibration, report, device, *, alpha,
-                         damping, stats_dtype, progress):
+def _compress_calibrated(model, plan, method, ranks, calibration, report, device, opts):
     batches = [_as_batch(item, device) for item in calibration]
     if not batches:
         raise PrehabError("the calibration data is empty; pass at least one batch")
@@ -456,7 +508,7 @@ def _compress_calibrated(model, plan, method, ranks, calibration, report, device
         inputs = [_StageInput(None, (), batch, _token_mask(batch)) for batch in batches]
     else:
         first = plan.stages[0][1]
-        inputs = _capture_block_inputs(model, first, batches, device, progress)
+        inputs = _capture_block_inputs(model, first, batches, device, opts.progress)
     report.calibration_tokens = int(sum(
         (i.mask.sum().item() if i.mask is not None else
          (i.hidden.shape[:-1].numel() if i.hidden is not None else 0)) for i in inputs))
@@ -465,15 +517,14 @@ def _compress_calibrated(model, plan, method, ranks, calibration, report, device
 
     # Non-target stages before the first target stage are never reached: plan stages cover every
     # block; blocks with no targets just propagate.
-    for stage_name, module, names in _progress(plan.stages, progress, f"{method} blocks"):
+    for stage_name, module, names in _progress(plan.stages, opts.progress, f"{method} blocks"):
         if names:
             groups = _find_groups(module, names, inputs[0])
             if anchored:
-                shifted = _stage_anchored(module, names, groups, inputs, shifted, ranks, report,
-                                          damping, stats_dtype, whole)
+                shifted = _stage_anchored(module, names, groups, inputs, shifted, ranks, report, opts,
+                                          whole)
             else:
-                _stage_single(module, names, groups, inputs, ranks, report, method, alpha, damping,
-                              stats_dtype, whole)
+                _stage_single(module, names, groups, inputs, ranks, report, method, opts, whole)
                 continue  # _stage_single already advanced `inputs`
         elif not whole:
             for inp in inputs:
@@ -506,14 +557,13 @@ def _group_collect(module, names, group, inp, hidden, stream, stop=True):
     return _select_tokens(x, inp.mask)
 
 
-def _stage_single(module, names, groups, inputs, ranks, report, method, alpha, damping,
-                  stats_dtype, whole):
+def _stage_single(module, names, groups, inputs, ranks, report, method, opts, whole):
     """One pass: statistics of every group on the original activations, plus the stage outputs."""
     params = next(module.parameters())
     stats = []
     for g in groups:
         d = module.get_submodule(names[g[0]]).in_features
-        stats.append(_GroupStats(d, False, method == "asvd", stats_dtype, params.device))
+        stats.append(_GroupStats(d, False, method == "asvd", opts.stats_dtype, params.device))
     handles = []
     current = {}
     for gi, g in enumerate(groups):
@@ -533,22 +583,21 @@ def _stage_single(module, names, groups, inputs, ranks, report, method, alpha, d
             h.remove()
     for g, st in zip(groups, stats):
         layer_stats = st.finalize()
-        _factorize_group(module, names, g, layer_stats, ranks, report, method, alpha, damping)
+        _factorize_group(module, names, g, layer_stats, ranks, report, method, opts)
 
 
-def _stage_anchored(module, names, groups, inputs, shifted, ranks, report, damping, stats_dtype,
-                    whole):
+def _stage_anchored(module, names, groups, inputs, shifted, ranks, report, opts, whole):
     """AA-SVD: groups in forward order, each from the original and the partly compressed stream."""
     original = copy.deepcopy(module)
     params = next(module.parameters())
     for g in groups:
         d = module.get_submodule(names[g[0]]).in_features
-        st = _GroupStats(d, True, False, stats_dtype, params.device)
+        st = _GroupStats(d, True, False, opts.stats_dtype, params.device)
         for inp, hp in zip(inputs, shifted):
             x = _group_collect(original, names, g, inp, inp.hidden, "original")
             xp = _group_collect(module, names, g, inp, hp, "compressed")
             st.add(x, xp)
-        _factorize_group(module, names, g, st.finalize(), ranks, report, "aa-svd", 0.5, damping)
+        _factorize_group(module, names, g, st.finalize(), ranks, report, "aa-svd", opts)
     if whole:
         return shifted
     new_shifted = [_run(module, inp, hp).detach() for inp, hp in zip(inputs, shifted)]
@@ -558,8 +607,11 @@ def _stage_anchored(module, names, groups, inputs, shifted, ranks, report, dampi
     return new_shifted
 
 
-def _factorize_group(module, names, group, stats, ranks, report, method, alpha, damping):
-    factor = _methods.group_factor(method, stats, damping)
+def _factorize_group(module, names, group, stats, ranks, report, method, opts):
+    factor = _methods.group_factor(method, stats, opts.damping)
+    if method == "zs-svd" and opts.zs.phase == "spectra":
+        _zs_spectra(module, names, group, factor, opts.zs)
+        return
     for full in group:
         rel = names[full]
         lin = module.get_submodule(rel)
@@ -572,8 +624,11 @@ def _factorize_group(module, names, group, stats, ranks, report, method, alpha, 
             report.layers.append(LayerReport(full, m, n, None, dense_params, dense_params, before,
                                              before, group=group[0]))
             continue
-        U, V = _methods.factorize(method, W, stats, rank, alpha=alpha, damping=damping,
-                                  factor=factor)
+        if method == "zs-svd":
+            U, V = _zs_factors(W, factor, rank, opts.zs.chunk_grads.get(full))
+        else:
+            U, V = _methods.factorize(method, W, stats, rank, alpha=opts.alpha, damping=opts.damping,
+                                      factor=factor)
         after = _methods.relative_error(W, (U.to(torch.float64) @ V.to(torch.float64)), stats)
         if not (math.isfinite(after) and torch.isfinite(U).all() and torch.isfinite(V).all()):
             raise PrehabError(f"factorization of layer '{full}' produced non-finite values")
@@ -583,3 +638,115 @@ def _factorize_group(module, names, group, stats, ranks, report, method, alpha, 
                                          after, group=group[0]))
     if stats.tokens < stats.gram_x.shape[0]:
         report.short_calibration.append(group[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# ZS-SVD: task gradients, spectra, global selection, factors
+
+
+@dataclass
+class _ZSContext:
+    task: object
+    grads: dict  # layer name -> mean task gradient [out, in] (float32)
+    chunk_grads: dict  # layer name -> [k, out, in] gradients of k disjoint sequence groups (correction)
+    samples: int
+    phase: str = "spectra"  # then "factorize"
+    min_rank_fraction: float = 0.0
+    candidates: list = field(default_factory=list)
+
+
+def _check_zs_options(grad_samples, correction_grads, min_rank_fraction):
+    for name, v in (("grad_samples", grad_samples), ("correction_grads", correction_grads)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise PrehabError(f"{name} must be a positive int, got {v!r}")
+    if not (isinstance(min_rank_fraction, (int, float)) and 0 <= min_rank_fraction <= 1):
+        raise PrehabError(f"min_rank_fraction must be in [0, 1], got {min_rank_fraction!r}")
+
+
+def _take_sequences(batch: dict, n: int) -> dict:
+    """The first n sequences of a batch (tensors whose first dimension is the batch size)."""
+    size = batch["input_ids"].shape[0] if "input_ids" in batch else None
+    if size is None or n >= size:
+        return batch
+    return {k: (v[:n] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == size else v)
+            for k, v in batch.items()}
+
+
+def _task_gradients(model, names, batches, task, samples, chunks) -> _ZSContext:
+    """Mean gradient of the task loss w.r.t. each target weight over the first ``samples`` sequences.
+
+    ``torch.autograd.grad`` is used, so the parameters' ``.grad`` are left untouched. With
+    ``chunks > 0`` the sequences are split (batch by batch, round robin) into that many groups and the
+    gradient of each group is kept too, for the correction step.
+    """
+    from .tasks import default_task
+
+    loss_fn = default_task(model, task, encoder="contrastive")
+    weights = [model.get_submodule(n).weight for n in names]
+    total = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    groups: list = []  # per chunk: (sums, sequences)
+    seen, b = 0, 0
+    for batch in batches:
+        if seen >= samples:
+            break
+        part = _take_sequences(batch, samples - seen)
+        n = int(part["input_ids"].shape[0]) if "input_ids" in part else 1
+        loss = loss_fn(model, part)
+        if not torch.isfinite(loss):
+            raise PrehabError(f"the task loss is {float(loss)} on calibration batch {b}; check the "
+                              "model and data")
+        gs = torch.autograd.grad(loss, weights, allow_unused=True)
+        if chunks:
+            if len(groups) < chunks:
+                groups.append(([torch.zeros_like(t) for t in total], 0))
+            sums, cnt = groups[b % chunks]
+            for s_, g in zip(sums, gs):
+                if g is not None:
+                    s_.add_(g.float(), alpha=n)
+            groups[b % chunks] = (sums, cnt + n)
+        for t, g in zip(total, gs):
+            if g is not None:
+                t.add_(g.float(), alpha=n)
+        seen += n
+        b += 1
+    if seen == 0:
+        raise PrehabError("no calibration sequences for the task gradient")
+    grads = {name: t / seen for name, t in zip(names, total)}
+    chunk_grads = {}
+    if chunks:
+        for i, name in enumerate(names):
+            chunk_grads[name] = torch.stack([sums[i] / max(cnt, 1) for sums, cnt in groups])
+    return _ZSContext(task=loss_fn, grads=grads, chunk_grads=chunk_grads, samples=seen)
+
+
+def _zs_spectra(module, names, group, factor, zs: _ZSContext):
+    from .zs_svd import MatrixCandidates, break_even_rank, whitened_spectrum
+
+    for full in group:
+        lin = module.get_submodule(names[full])
+        m, n = lin.out_features, lin.in_features
+        sigma, delta = whitened_spectrum(lin.weight, factor, zs.grads[full])
+        min_rank = max(1, math.floor(zs.min_rank_fraction * break_even_rank(m, n)))
+        zs.candidates.append(MatrixCandidates(full, m, n, sigma.cpu(), delta.cpu(),
+                                              min(min_rank, min(m, n))))
+
+
+def _zs_select(zs: _ZSContext, keep_ratio):
+    from .zs_svd import zero_sum_select
+
+    if all(bool((c.delta == 0).all()) for c in zs.candidates):
+        raise PrehabError(
+            "the task gradient is zero for every target layer, so zs-svd has nothing to rank by (a "
+            "distillation loss toward the model itself is zero at the start); use task='contrastive' "
+            "for an encoder or 'causal_lm' for a causal LM")
+    return zero_sum_select(zs.candidates, keep_ratio)
+
+
+def _zs_factors(W, factor, rank, grads):
+    from .linalg import balanced_factors, truncated_svd
+    from .zs_svd import corrected_lowrank
+
+    if grads is not None:
+        return corrected_lowrank(W, factor, rank, grads)
+    U, S, Vh = truncated_svd(W.detach().to(torch.float64) @ factor.R, rank)
+    return balanced_factors(U, S, factor.right_solve(Vh), rank, W.dtype, W.device)

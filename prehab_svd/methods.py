@@ -35,7 +35,7 @@ class LayerStats:
 
 def group_factor(method: str, stats: LayerStats, damping: float = 0.0) -> WhiteningFactor | None:
     """The whitening factor shared by the layers of a group (same input), or None if unused."""
-    if method in ("svd-llm", "aa-svd"):
+    if method in ("svd-llm", "aa-svd", "zs-svd"):
         return whitening_factor(stats.gram_xp, damping)
     return None
 
