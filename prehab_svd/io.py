@@ -38,8 +38,13 @@ def _lowrank_layers(model: nn.Module) -> dict:
 
 
 def save_compressed(model: nn.Module, path, report=None, *, tokenizer=None, overwrite=False,
-                    extra: dict | None = None) -> Path:
-    """Write ``model`` (with its ``LowRankLinear`` layers) to the folder ``path`` atomically."""
+                    extra: dict | None = None, extra_files: dict | None = None) -> Path:
+    """Write ``model`` (with its ``LowRankLinear`` layers) to the folder ``path`` atomically.
+
+    ``extra`` entries are added to prehab_svd.json; ``extra_files`` maps a file name to a function
+    ``write(path)`` that writes it (plots, logs): they are written inside the temporary folder, so
+    they appear together with the model or not at all.
+    """
     from safetensors.torch import save_model
 
     path = Path(path)
@@ -70,6 +75,11 @@ def save_compressed(model: nn.Module, path, report=None, *, tokenizer=None, over
             tokenizer.save_pretrained(str(tmp))
         with open(tmp / META_FILE, "w") as f:
             json.dump(meta, f, indent=2)
+        for name, write in (extra_files or {}).items():
+            if Path(name).name != name or name in (META_FILE, WEIGHTS_FILE):
+                raise PrehabError(f"extra file name {name!r} must be a plain file name, not {META_FILE} "
+                                  f"or {WEIGHTS_FILE}")
+            write(tmp / name)
         if path.exists():  # overwrite: move the old folder aside first, delete it after the rename
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")

@@ -1,0 +1,370 @@
+"""Low-Rank Prehab: fine-tune a dense model toward low rank before compressing it.
+
+``prehab(model, calibration, data)``:
+
+1. runs the calibration batches once through the model and accumulates each targeted layer's input
+   covariance ``xᵀx/N`` (layers fed the same tensor share one), and takes its whitening factor ``L``
+   (fp64 Cholesky, or the eigen pseudo-factor of a singular covariance, zero-padded to square);
+2. fine-tunes on ``task(model, batch) + λ_t · mean_ℓ R(W_ℓ L_ℓ)`` over the ``data`` batches, where R is
+   the stable rank ``‖M‖_F²/σ₁²`` (default) or the nuclear surrogate ``‖M‖_*²/‖M‖_F²``, computed by the
+   batched op :func:`prehab_svd.ops.stable_rank_loss` on the stack of each weight shape, with the power
+   iteration warm-started from the previous step's singular vectors; λ_t rises exponentially from
+   ``lam_start`` to ``lam`` over ``warmup_steps``, then stays at ``lam``;
+3. logs per step the task loss, the surrogate, and the mean stable rank of the whitened weights.
+
+The whitening factors stay fixed during training (the compression that follows re-measures the
+covariances of the fine-tuned model). Then compress with a whitening method (``svd-llm``, ``aa-svd``,
+``zs-svd``), optionally followed by :func:`prehab_svd.rehab.rehab`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from .compression import _as_batch, _check_finite, _select_tokens, _token_mask
+from .errors import PrehabError
+from .linalg import whitening_factor
+from .models import plan_targets
+from .tasks import default_task
+
+__all__ = ["prehab", "PrehabReport", "PrehabStep", "layer_input_grams", "WhitenedTargets",
+           "lambda_schedule", "stable_rank_of"]
+
+
+@dataclass
+class PrehabStep:
+    step: int
+    task_loss: float
+    surrogate: float  # mean over layers of the penalised surrogate (stable or nuclear)
+    stable_rank: float  # mean stable rank of the whitened weights W·L
+    lam: float
+    loss: float
+
+
+@dataclass
+class PrehabReport:
+    surrogate: str
+    steps: list = field(default_factory=list)
+    layers: list = field(default_factory=list)  # names, in the order of the rank lists
+    stable_rank_before: list = field(default_factory=list)  # per layer, whitened
+    stable_rank_after: list = field(default_factory=list)
+    calibration_tokens: int = 0
+    seconds: float = 0.0
+    # per layer singular values of W·L (tensors; not in to_dict): for plots
+    spectra_before: list = field(default_factory=list, repr=False)
+    spectra_after: list = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("spectra_before", "spectra_after")}
+        d["steps"] = [asdict(s) if not isinstance(s, dict) else s for s in self.steps]
+        return d
+
+    @property
+    def mean_stable_rank_before(self) -> float:
+        return sum(self.stable_rank_before) / max(len(self.stable_rank_before), 1)
+
+    @property
+    def mean_stable_rank_after(self) -> float:
+        return sum(self.stable_rank_after) / max(len(self.stable_rank_after), 1)
+
+    def summary(self) -> str:
+        first, last = (self.steps[0], self.steps[-1]) if self.steps else (None, None)
+        lines = [f"prehab ({self.surrogate} surrogate): {len(self.steps)} steps, "
+                 f"{len(self.layers)} layers, {self.calibration_tokens:,} calibration tokens, "
+                 f"{self.seconds:.1f} s",
+                 f"mean whitened stable rank {self.mean_stable_rank_before:.2f} -> "
+                 f"{self.mean_stable_rank_after:.2f}"]
+        if first is not None:
+            lines.append(f"task loss {first.task_loss:.4f} (step 1) -> {last.task_loss:.4f} "
+                         f"(step {last.step})")
+        return "\n".join(lines)
+
+
+def lambda_schedule(step: int, lam: float, lam_start: float, warmup_steps: int) -> float:
+    """λ at 0-based ``step``: exponential from lam_start to lam over warmup_steps, then lam."""
+    if warmup_steps <= 0 or step >= warmup_steps or lam <= 0:
+        return lam
+    start = min(lam_start, lam)
+    return start * (lam / start) ** (step / warmup_steps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration covariances of the targeted layers' inputs
+
+
+def layer_input_grams(model: nn.Module, names: list, batches: list, *, dtype=torch.float32):
+    """``{layer name: (gram [in, in] float64, tokens)}`` of each named linear layer's input.
+
+    One forward pass per batch with hooks; layers that receive the very same input tensor in a forward
+    share one accumulator (q/k/v, gate/up). Padded positions (attention_mask 0) are excluded.
+    """
+    modules = {n: model.get_submodule(n) for n in names}
+    accs: dict = {}  # group key (first layer's name) -> CovarianceAccumulator
+    group_of: dict = {}  # layer name -> group key
+    seen: list = []  # this forward: (input tensor, group key)
+    current = {}
+
+    def make_hook(name):
+        def hook(_m, args):
+            x = args[0]
+            for t, key in seen:
+                if t is x:
+                    group_of.setdefault(name, key)
+                    return
+            key = group_of.setdefault(name, name)
+            seen.append((x, key))
+            _check_finite(name, x)
+            if key not in accs:
+                accs[key] = ops.CovarianceAccumulator(x.shape[-1], dtype=dtype, device=x.device)
+            accs[key].update(_select_tokens(x.detach(), current["mask"]))
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                seen.clear()
+                current["mask"] = _token_mask(batch)
+                model(**batch)
+    finally:
+        seen.clear()
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in group_of]
+    if missing:
+        raise PrehabError(f"target layers never ran on the calibration data: {missing}")
+    grams = {key: acc.gram().to(torch.float64) for key, acc in accs.items()}
+    return {n: (grams[group_of[n]], accs[group_of[n]].tokens) for n in names}
+
+
+def _square_factor(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """A square [d, d] factor F with gram = F Fᵀ: the Cholesky factor, or the eigen pseudo-factor
+    zero-padded (extra zero columns leave the singular values of W F unchanged)."""
+    f = whitening_factor(gram, damping)
+    if f.kind == "cholesky":
+        return f.R
+    d, k = f.R.shape
+    return torch.cat([f.R, f.R.new_zeros(d, d - k)], dim=1) if k < d else f.R
+
+
+class WhitenedTargets:
+    """The targeted weights grouped by shape, with their whitening factors and power-iteration states.
+
+    ``values(kind)`` returns the per-layer surrogate values (differentiable w.r.t. the weights) in the
+    order of ``names``; the stable-rank states are kept between calls (warm start).
+    """
+
+    def __init__(self, model: nn.Module, names: list, factors: dict, *, backend: str = "auto"):
+        self.names = list(names)
+        self.backend = backend
+        self._groups = []  # (names, [linear modules], L stack)
+        by_shape: dict = {}
+        for n in self.names:
+            lin = model.get_submodule(n)
+            by_shape.setdefault(tuple(lin.weight.shape), []).append(n)
+        for shape, group in by_shape.items():
+            lins = [model.get_submodule(n) for n in group]
+            w = lins[0].weight
+            Ls = torch.stack([factors[n].to(device=w.device, dtype=torch.float32) for n in group])
+            self._groups.append((group, lins, Ls))
+        self._state: dict = {}  # (kind, group index) -> state [B, n]
+
+    def values(self, kind: str, *, grad: bool = True) -> torch.Tensor:
+        out = {}
+        for gi, (group, lins, Ls) in enumerate(self._groups):
+            W = torch.stack([lin.weight for lin in lins])
+            if not grad:
+                W = W.detach()
+            state = self._state.get((kind, gi)) if kind == "stable" else None
+            if grad:
+                val, new_state = ops.stable_rank_loss(W, Ls, kind=kind, state=state, backend=self.backend)
+            else:
+                val, _g, new_state = ops.stable_rank(W, Ls, kind=kind, state=state, backend=self.backend)
+            if kind == "stable":
+                self._state[(kind, gi)] = new_state.detach()
+            for n, v in zip(group, val.unbind(0)):
+                out[n] = v
+        return torch.stack([out[n] for n in self.names])
+
+    def spectra(self) -> list:
+        """Per-layer singular values of W·L now (fp64 SVD, on the CPU), in the order of ``names``."""
+        res = {}
+        for group, lins, Ls in self._groups:
+            for n, lin, L in zip(group, lins, Ls):
+                M = lin.weight.detach().to(torch.float64) @ L.to(torch.float64)
+                res[n] = torch.linalg.svdvals(M).cpu()
+        return [res[n] for n in self.names]
+
+
+def stable_rank_of(spectrum: torch.Tensor) -> float:
+    """‖M‖_F²/σ₁² from the singular values (0 for a zero matrix)."""
+    return float(spectrum.square().sum() / spectrum[0].square()) if spectrum[0] > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _make_optimizer(optimizer, params, lr, weight_decay):
+    if callable(optimizer):
+        return optimizer(params)
+    name = str(optimizer).lower()
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise PrehabError(f"unknown optimizer {optimizer!r}; use 'adamw', 'adam', 'sgd' or a callable "
+                      "params -> torch.optim.Optimizer")
+
+
+def _check_positive_int(name, v, allow_zero=False):
+    if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+        raise PrehabError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} int, got {v!r}")
+
+
+def prehab(
+    model: nn.Module,
+    calibration,
+    data,
+    *,
+    steps: int = 100,
+    lam: float = 10.0,
+    lam_start: float = 1e-3,
+    warmup_steps: int = 10,
+    surrogate: str = "stable",
+    task=None,
+    lr: float = 2e-5,
+    optimizer="adamw",
+    weight_decay: float = 0.0,
+    grad_clip: float | None = 1.0,
+    dtype: torch.dtype | None = None,
+    train_mode: bool = False,
+    targets=None,
+    exclude=None,
+    damping: float = 0.0,
+    backend: str = "auto",
+    log_every: int = 0,
+    callback=None,
+    progress: bool = False,
+) -> PrehabReport:
+    """Fine-tune ``model`` in place on task loss + λ·(rank surrogate of its whitened target weights).
+
+    Args:
+        model: a Hugging Face model or any ``nn.Module`` (the targets are found as ``compress`` does).
+        calibration: batches (dicts of model inputs or LongTensors of ids) for the input covariances.
+        data: training batches, cycled for ``steps`` steps.
+        steps: optimizer steps. lam: the surrogate's weight after warm-up; lam_start: its weight at
+            step 1 (exponential warm-up over ``warmup_steps``).
+        surrogate: "stable" (‖WL‖_F²/σ₁², power iteration warm-started) or "nuclear"
+            (‖WL‖_*²/‖WL‖_F², Newton–Schulz).
+        task: "auto" (cross-entropy for a causal LM, embedding distillation to the original model for
+            an encoder), "causal_lm", "distill", "contrastive", or a callable loss(model, batch).
+        lr, optimizer ("adamw", "adam", "sgd" or a callable params -> optimizer), weight_decay,
+        grad_clip (max global grad norm; None: off).
+        dtype: None (fp32) or torch.bfloat16/float16 to train under autocast.
+        train_mode: run with dropout (model.train()); default False keeps the model in eval mode.
+        damping: relative damping of the covariances before the whitening factor.
+        log_every: print a log line every so many steps (0: never); callback(step: PrehabStep) is
+            called after every step.
+
+    Returns:
+        a :class:`PrehabReport` with the per-step log and per-layer whitened stable ranks before and
+        after.
+    """
+    t0 = time.perf_counter()
+    _check_positive_int("steps", steps)
+    _check_positive_int("warmup_steps", warmup_steps, allow_zero=True)
+    if surrogate not in ("stable", "nuclear"):
+        raise PrehabError(f"surrogate must be 'stable' or 'nuclear', got {surrogate!r}")
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise PrehabError(f"lam must be a finite number >= 0, got {lam!r}")
+    if not (isinstance(lam_start, (int, float)) and lam_start > 0):
+        raise PrehabError(f"lam_start must be > 0, got {lam_start!r}")
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise PrehabError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    device = next(model.parameters()).device
+    calib = [_as_batch(b, device) for b in calibration]
+    if not calib:
+        raise PrehabError("the calibration data is empty; pass at least one batch")
+    train_batches = [_as_batch(b, device) for b in data]
+    if not train_batches:
+        raise PrehabError("the training data is empty; pass at least one batch")
+    plan = plan_targets(model, targets, exclude)
+    names = plan.targets
+    if not names:
+        raise PrehabError("no target layers found")
+
+    was_training = model.training
+    cfg = getattr(model, "config", None)
+    old_cache = getattr(cfg, "use_cache", None)
+    if cfg is not None and old_cache is not None:
+        cfg.use_cache = False
+    model.eval()
+    try:
+        grams = layer_input_grams(model, names, calib)
+        factors = {n: _square_factor(g, damping) for n, (g, _tok) in grams.items()}
+        report = PrehabReport(surrogate=surrogate, layers=list(names),
+                              calibration_tokens=next(iter(grams.values()))[1])
+        targets_w = WhitenedTargets(model, names, factors, backend=backend)
+        report.spectra_before = targets_w.spectra()
+        report.stable_rank_before = [stable_rank_of(sp) for sp in report.spectra_before]
+        loss_fn = default_task(model, task)
+        model.train(train_mode)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = _make_optimizer(optimizer, params, lr, weight_decay)
+        autocast = (torch.autocast(device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16)
+                    else None)
+        stream = itertools.cycle(train_batches)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=steps, desc="prehab", leave=False)
+        for step in range(steps):
+            batch = next(stream)
+            lam_t = lambda_schedule(step, float(lam), float(lam_start), warmup_steps)
+            opt.zero_grad(set_to_none=True)
+            if autocast is not None:
+                with autocast:
+                    task_loss = loss_fn(model, batch)
+            else:
+                task_loss = loss_fn(model, batch)
+            if not torch.isfinite(task_loss):
+                raise PrehabError(f"the task loss is {task_loss.item()} at step {step + 1}; lower the "
+                                  "learning rate or train in float32")
+            vals = targets_w.values(surrogate)
+            reg = vals.mean()
+            # the logged stable rank is the one of the weights this step starts from
+            sr = (vals if surrogate == "stable" else targets_w.values("stable", grad=False)).mean().item()
+            loss = task_loss.float() + lam_t * reg
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            rec = PrehabStep(step=step + 1, task_loss=task_loss.item(), surrogate=reg.item(),
+                             stable_rank=sr, lam=lam_t, loss=loss.item())
+            report.steps.append(rec)
+            if callback is not None:
+                callback(rec)
+            if log_every and (step + 1) % log_every == 0:
+                print(f"prehab step {rec.step}/{steps}: task {rec.task_loss:.4f}  "
+                      f"{surrogate} {rec.surrogate:.3f}  stable rank {rec.stable_rank:.3f}  λ {lam_t:.3g}")
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        report.spectra_after = targets_w.spectra()
+        report.stable_rank_after = [stable_rank_of(sp) for sp in report.spectra_after]
+    finally:
+        model.train(was_training)
+        if cfg is not None and old_cache is not None:
+            cfg.use_cache = old_cache
+    report.seconds = time.perf_counter() - t0
+    return report

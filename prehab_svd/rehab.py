@@ -1,0 +1,200 @@
+"""Rehab: LoRA recovery fine-tuning of a compressed model, through ``peft``, on the factors.
+
+Each :class:`~prehab_svd.layers.LowRankLinear` computes ``(x Vᵀ) Uᵀ + b``: two linear maps. For the
+fine-tuning, each is temporarily replaced by a pair of ``nn.Linear`` layers (``down``: V, ``up``: U,
+sharing the very same parameter tensors), so ``peft`` can attach a LoRA adapter to each factor
+(``V + B_v A_v`` and ``U + B_u A_u``). Only the adapters train; the factors, the rest of the model and
+the biases stay frozen. Afterwards the adapters are merged (``merge_and_unload``) and the pairs turn
+back into ``LowRankLinear`` layers of the same rank: rehab adds no parameters to the deployed model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .compression import _as_batch
+from .errors import PrehabError
+from .layers import LowRankLinear
+from .tasks import EmbeddingDistillation, default_task, is_causal_model
+
+__all__ = ["rehab", "RehabReport"]
+
+
+@dataclass
+class RehabReport:
+    steps: list = field(default_factory=list)  # dicts: step, task_loss
+    layers: int = 0  # LowRankLinear layers adapted
+    trainable_params: int = 0  # LoRA parameters trained (merged away afterwards)
+    lora_rank: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        if not self.steps:
+            return "rehab: no steps"
+        return (f"rehab (LoRA rank {self.lora_rank} on the factors of {self.layers} layers, "
+                f"{self.trainable_params:,} trainable parameters): {len(self.steps)} steps, task loss "
+                f"{self.steps[0]['task_loss']:.4f} -> {self.steps[-1]['task_loss']:.4f}, {self.seconds:.1f} s")
+
+
+class _FactorPair(nn.Module):
+    """``up(down(x))`` with ``down.weight`` = V [r, in] and ``up.weight`` = U [out, r] (shared tensors)."""
+
+    def __init__(self, layer: LowRankLinear):
+        super().__init__()
+        r, n = layer.V.shape
+        m = layer.U.shape[0]
+        dev, dt = layer.V.device, layer.V.dtype
+        self.down = nn.Linear(n, r, bias=False, device="meta")
+        self.up = nn.Linear(r, m, bias=layer.bias is not None, device="meta")
+        self.down.weight = layer.V
+        self.up.weight = layer.U
+        if layer.bias is not None:
+            self.up.bias = layer.bias
+        self._device, self._dtype = dev, dt
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+    def to_lowrank(self) -> LowRankLinear:
+        return LowRankLinear.from_factors(self.up.weight.detach(), self.down.weight.detach(),
+                                          None if self.up.bias is None else self.up.bias.detach())
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def rehab(
+    model: nn.Module,
+    data,
+    *,
+    steps: int = 100,
+    task=None,
+    reference: nn.Module | None = None,
+    lr: float = 1e-4,
+    lora_rank: int = 8,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    weight_decay: float = 0.0,
+    grad_clip: float | None = 1.0,
+    layers=None,
+    log_every: int = 0,
+    progress: bool = False,
+) -> RehabReport:
+    """LoRA fine-tuning of the factors of every LowRankLinear in ``model`` (in place), merged afterwards.
+
+    Args:
+        model: a compressed model (after :func:`prehab_svd.compress`).
+        data: training batches (dicts of model inputs or LongTensors of ids), cycled for ``steps``.
+        task: "auto" (cross-entropy for a causal LM, distillation to ``reference`` for an encoder),
+            "causal_lm", "distill", "contrastive", or a callable loss(model, batch).
+        reference: the uncompressed original model, the target of the "distill" task (required for
+            it: distilling toward the compressed model itself would teach nothing).
+        lr: AdamW learning rate of the adapters. lora_rank / lora_alpha (default 2·rank) / lora_dropout:
+            the LoRA configuration. layers: names of the LowRankLinear layers to adapt (default all).
+
+    Returns:
+        a :class:`RehabReport` with the per-step task loss.
+    """
+    try:
+        import peft
+    except ImportError as e:  # pragma: no cover - a dependency
+        raise PrehabError("rehab needs the peft package: pip install peft") from e
+    t0 = time.perf_counter()
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PrehabError(f"steps must be a positive int, got {steps!r}")
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+        raise PrehabError(f"lora_rank must be a positive int, got {lora_rank!r}")
+    names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    if layers is not None:
+        unknown = sorted(set(layers) - set(names))
+        if unknown:
+            raise PrehabError(f"not LowRankLinear layers of this model: {unknown}")
+        names = [n for n in names if n in set(layers)]
+    if not names:
+        raise PrehabError("the model has no LowRankLinear layers: compress it first")
+    device = next(model.parameters()).device
+    batches = [_as_batch(b, device) for b in data]
+    if not batches:
+        raise PrehabError("the training data is empty; pass at least one batch")
+    if callable(task):
+        loss_fn = task
+    elif task in (None, "auto", "distill") and (task == "distill" or not is_causal_model(model)):
+        if reference is None:
+            raise PrehabError("rehab of an encoder distils toward the original model: pass "
+                              "reference=<the uncompressed model> (or another task)")
+        loss_fn = EmbeddingDistillation(reference)
+    else:
+        loss_fn = default_task(model, task)
+
+    pairs = {}
+    for n in names:
+        pairs[n] = _FactorPair(model.get_submodule(n))
+        _swap(model, n, pairs[n])
+    requires = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    report = RehabReport(layers=len(names), lora_rank=lora_rank)
+    target_modules = [f"{n}.down" for n in names] + [f"{n}.up" for n in names]
+    config = peft.LoraConfig(r=lora_rank, lora_alpha=float(lora_alpha if lora_alpha else 2 * lora_rank),
+                             lora_dropout=lora_dropout, target_modules=target_modules, bias="none")
+    peft_model, finished = None, False
+    try:
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            peft_model = peft.get_peft_model(model, config)
+        model.eval()
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        report.trainable_params = sum(p.numel() for p in params)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        stream = itertools.cycle(batches)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=steps, desc="rehab", leave=False)
+        for step in range(steps):
+            batch = next(stream)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch)
+            if not math.isfinite(loss.item()):
+                raise PrehabError(f"the task loss is {float(loss)} at rehab step {step + 1}; lower the "
+                                  "learning rate")
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            report.steps.append({"step": step + 1, "task_loss": loss.item()})
+            if log_every and (step + 1) % log_every == 0:
+                print(f"rehab step {step + 1}/{steps}: task {loss.item():.4f}")
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        finished = True
+    finally:
+        if peft_model is not None:
+            with torch.no_grad():
+                if finished:
+                    peft_model.merge_and_unload()  # merges the adapters into down/up, in place
+                else:
+                    peft_model.unload()  # a failed run leaves the factors as they were
+        for n in names:
+            _swap(model, n, model.get_submodule(n).to_lowrank())
+        for p, r in requires.items():
+            p.requires_grad_(r)
+        for p in model.parameters():
+            if p not in requires:
+                p.requires_grad_(True)
+        model.train(was_training)
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -1,0 +1,220 @@
+"""Low-Rank Prehab, the task losses, and LoRA rehab, on tiny models (fast; the real-model runs live in
+scripts/methods_minilm.py)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from prehab_svd import LowRankLinear, PrehabError, compress
+from prehab_svd.models import plan_targets
+from prehab_svd.prehab import WhitenedTargets, lambda_schedule, layer_input_grams, prehab, stable_rank_of
+from prehab_svd.rehab import rehab
+from prehab_svd.tasks import ContrastiveLoss, EmbeddingDistillation, causal_lm_loss, default_task
+
+
+# ---------------------------------------------------------------------------------------------
+# task losses
+
+
+def test_causal_lm_loss_matches_transformers_labels(make_model, make_batches):
+    model = make_model("llama")
+    batch = make_batches(n=1, batch=3, pad_last=5)[0]
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    ref = model(**batch, labels=labels).loss
+    assert causal_lm_loss(model, batch).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_distillation_is_zero_at_the_reference_and_positive_after_a_change(make_model, make_batches):
+    model = make_model("bert")
+    batch = make_batches(n=1, batch=4, pad_last=6)[0]
+    loss = EmbeddingDistillation.of(model)
+    assert float(loss(model, batch)) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        model.encoder.layer[0].output.dense.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    assert float(loss(model, batch)) > 1e-3
+
+
+def test_contrastive_loss_has_a_gradient(make_model, make_batches):
+    model = make_model("bert")
+    batch = make_batches(n=1, batch=4)[0]
+    loss = ContrastiveLoss()(model, batch)
+    assert torch.isfinite(loss) and float(loss) > 0
+    (g,) = torch.autograd.grad(loss, [model.encoder.layer[0].attention.self.query.weight])
+    assert g.abs().sum() > 0
+
+
+def test_default_task_and_bad_task(make_model):
+    assert default_task(make_model("llama")) is causal_lm_loss
+    assert isinstance(default_task(make_model("bert")), EmbeddingDistillation)
+    assert isinstance(default_task(make_model("bert"), encoder="contrastive"), ContrastiveLoss)
+    with pytest.raises(PrehabError, match="unknown task"):
+        default_task(make_model("bert"), "mse")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prehab pieces
+
+
+def test_lambda_warmup_is_exponential_then_flat():
+    lams = [lambda_schedule(s, 10.0, 1e-3, 4) for s in range(6)]
+    assert lams[0] == pytest.approx(1e-3)
+    for a, b in zip(lams[:4], lams[1:5]):
+        assert b / a == pytest.approx((10.0 / 1e-3) ** 0.25)
+    assert lams[4] == lams[5] == 10.0
+    assert lambda_schedule(0, 10.0, 1e-3, 0) == 10.0
+
+
+def test_layer_input_grams_share_groups_and_skip_padding(make_model, make_batches):
+    model = make_model("llama")
+    batches = make_batches(n=2, batch=2, pad_last=7)
+    names = plan_targets(model).targets
+    grams = layer_input_grams(model, names, batches)
+    q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
+    assert grams[q][0] is grams[k][0]  # one covariance for q/k/v
+    # by hand: the input of o_proj over unpadded tokens
+    xs = []
+    name = "model.layers.1.self_attn.o_proj"
+    h = model.get_submodule(name).register_forward_pre_hook(lambda m, a: xs.append(a[0].detach()))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    h.remove()
+    x = torch.cat([xi[b["attention_mask"].bool()] for xi, b in zip(xs, batches)]).double()
+    want = x.T @ x / x.shape[0]
+    got, tokens = grams[name]
+    assert tokens == 2 * 2 * 24 - 7
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_surrogate_gradient_matches_autograd_through_float64_svd(make_model, make_batches):
+    """The regularizer's gradient (batched op, warm-started power iteration) equals autograd of
+    ‖WL‖_F²/σ₁(WL)² through a float64 SVD."""
+    model = make_model("llama").double()
+    batches = make_batches(n=2, batch=2)
+    names = plan_targets(model).targets
+    grams = layer_input_grams(model, names, batches)
+    from prehab_svd.prehab import _square_factor
+
+    factors = {n: _square_factor(g, 0.0) for n, (g, _t) in grams.items()}
+    wt = WhitenedTargets(model, names, factors)
+    for _ in range(50):  # warm-started power iteration: each call continues from the last vectors
+        wt.values("stable", grad=False)
+    weights = [model.get_submodule(n).weight for n in names]
+    (wt.values("stable").mean()).backward()
+    for n, w in zip(names, weights):
+        L = factors[n].to(torch.float32).to(torch.float64)  # the factor as used (stored in fp32)
+        W = w.detach().clone().requires_grad_(True)
+        s = torch.linalg.svdvals(W @ L)
+        (s.square().sum() / s[0].square() / len(names)).backward()
+        cos = torch.nn.functional.cosine_similarity(w.grad.flatten(), W.grad.flatten(), dim=0)
+        assert cos > 0.999, n
+        assert (w.grad - W.grad).norm() < 1e-4 * W.grad.norm(), n
+
+
+@pytest.mark.parametrize("surrogate", ["stable", "nuclear"])
+def test_short_prehab_lowers_the_mean_whitened_stable_rank(surrogate, make_model, make_batches):
+    model = make_model("llama")
+    before = copy.deepcopy(model)
+    batches = make_batches(n=3, batch=2)
+    steps = []
+    report = prehab(model, batches, batches, steps=15, lam=1.0, lam_start=1e-2, warmup_steps=3, lr=3e-3,
+                    surrogate=surrogate, callback=steps.append)
+    assert len(report.steps) == 15 and steps == report.steps
+    assert report.mean_stable_rank_after < 0.8 * report.mean_stable_rank_before
+    # the logged stable rank is the whitened one, and falls
+    assert report.steps[-1].stable_rank < report.steps[0].stable_rank
+    assert all(math.isfinite(s.task_loss) and math.isfinite(s.surrogate) for s in report.steps)
+    # the exact per-layer stable ranks agree with the spectra kept for the plot
+    assert report.stable_rank_after == [stable_rank_of(s) for s in report.spectra_after]
+    changed = any(not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
+    assert changed and model.training is False
+
+
+def test_prehab_with_lambda_zero_is_plain_fine_tuning(make_model, make_batches):
+    """λ = 0: the same steps as AdamW on the task loss alone."""
+    batches = make_batches(n=2, batch=2)
+    a = make_model("llama")
+    b = copy.deepcopy(a)
+    prehab(a, batches, batches, steps=3, lam=0.0, lr=1e-3, grad_clip=None)
+    opt = torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=0.0)
+    for i in range(3):
+        opt.zero_grad()
+        causal_lm_loss(b, batches[i % 2]).backward()
+        opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(steps=0), "steps"),
+    (dict(surrogate="trace"), "surrogate"),
+    (dict(lam=-1.0), "lam"),
+    (dict(optimizer="lion"), "optimizer"),
+    (dict(targets=["*.nothing"]), "no nn.Linear"),
+])
+def test_prehab_bad_arguments(kwargs, msg, make_model, make_batches):
+    model = make_model("llama")
+    with pytest.raises(PrehabError, match=msg):
+        prehab(model, make_batches(), make_batches(), **kwargs)
+
+
+def test_prehab_empty_data_is_an_error(make_model, make_batches):
+    with pytest.raises(PrehabError, match="training data is empty"):
+        prehab(make_model("llama"), make_batches(), [])
+
+
+# ---------------------------------------------------------------------------------------------
+# rehab
+
+
+def test_rehab_trains_lora_on_the_factors_and_merges_back(make_model, make_batches):
+    model = make_model("llama")
+    batches = make_batches(n=2, batch=2)
+    compress(model, "svd-llm", 0.5, batches)
+    ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    n_params = sum(p.numel() for p in model.parameters())
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "U" not in n.split(".")[-1]
+              and "V" not in n.split(".")[-1]}
+    before = float(causal_lm_loss(model, batches[0]))
+    report = rehab(model, batches[:1], steps=30, lr=1e-2, lora_rank=2)
+    after = float(causal_lm_loss(model, batches[0]))
+    assert after < before
+    assert report.steps[-1]["task_loss"] < report.steps[0]["task_loss"]
+    # same ranks, no extra parameters, no adapter left behind
+    assert {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)} == ranks
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    # only the factors changed
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert report.trainable_params == sum(2 * (m.U.shape[0] + m.rank) + 2 * (m.rank + m.V.shape[1])
+                                          for m in model.modules() if isinstance(m, LowRankLinear))
+
+
+def test_rehab_of_an_encoder_distils_to_the_given_original(make_model, make_batches):
+    model = make_model("bert")
+    original = copy.deepcopy(model)
+    batches = make_batches(n=2, batch=4)
+    compress(model, "svd-llm", 0.4, batches)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a random tiny encoder barely notices compression: damage it for real
+        for m in model.modules():
+            if isinstance(m, LowRankLinear):
+                m.U.add_(0.5 * torch.randn(m.U.shape, generator=g))
+    with pytest.raises(PrehabError, match="reference"):
+        rehab(model, batches, steps=1)
+    loss = EmbeddingDistillation(original)
+    before = float(loss(model, batches[0]))
+    assert before > 1e-3
+    rehab(model, batches, steps=20, lr=5e-3, reference=original)
+    assert float(loss(model, batches[0])) < 0.7 * before
+
+
+def test_rehab_needs_a_compressed_model(make_model, make_batches):
+    with pytest.raises(PrehabError, match="no LowRankLinear"):
+        rehab(make_model("llama"), make_batches(), steps=1)
