@@ -1,4 +1,4 @@
-"""The ``prehab-svd`` command: ``compress``, ``eval``, ``demo`` and ``kernels``.
+"""The ``prehab-svd`` command: ``compress``, ``prehab``, ``eval``, ``demo`` and ``kernels``.
 
 Every user mistake ends with one line ``prehab-svd: error: ...`` and exit status 2, no traceback, and
 no partial output folder.
@@ -143,16 +143,108 @@ def cmd_compress(args) -> int:
         # Data problems are found before the (possibly large) model is loaded.
         texts = data.load_texts(args.data, split="train")
         calibration = _batches(tokenizer, texts, causal, args, calibration=True)
+    rehab_batches = None
+    if args.rehab:
+        texts = data.load_texts(args.data, split="train")
+        rehab_batches = _training_batches(tokenizer, texts, causal, args, args.rehab_samples,
+                                          skip=args.num_samples)
     model, causal = load_model(path, args.dtype)
     model.to(args.device)
+    original = copy.deepcopy(model) if args.rehab and not causal else None
     report = compress(model, args.method, args.keep_ratio, calibration,
                       targets=args.targets, exclude=args.exclude, damping=args.damping, alpha=args.alpha,
                       stats_dtype=torch.float64 if args.fp64_stats else torch.float32,
-                      progress=not args.quiet)
+                      task=args.task, grad_samples=args.grad_samples, correction=args.correction,
+                      min_rank_fraction=args.min_rank_fraction, progress=not args.quiet)
     print(report.table())
-    save_compressed(model, out, report, tokenizer=tokenizer, overwrite=args.overwrite,
-                    extra={"base_model": str(path.resolve())})
-    print(f"saved to {out}")
+    extra = {"base_model": str(path.resolve()), "original_model": _original_of(path)}
+    if args.rehab:
+        from .rehab import rehab
+
+        rep = rehab(model, rehab_batches, steps=args.rehab_steps, lr=args.rehab_lr,
+                    lora_rank=args.lora_rank, reference=original, progress=not args.quiet)
+        print(rep.summary())
+        extra["rehab"] = rep.to_dict()
+    save_compressed(model, out, report, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra,
+                    extra_files={"ranks.png": lambda p: _plot_ranks(report, p)})
+    print(f"saved to {out} (ranks plot: {out / 'ranks.png'})")
+    return 0
+
+
+def _original_of(path: Path) -> str:
+    """The uncompressed, un-fine-tuned model a folder descends from (itself for a plain HF folder)."""
+    meta = path / "prehab_svd.json"
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        return m.get("original_model") or m.get("base_model") or str(path.resolve())
+    return str(path.resolve())
+
+
+def _plot_ranks(report, path):
+    from .plots import plot_ranks
+
+    plot_ranks(report, path)
+
+
+def _training_batches(tokenizer, texts, causal, args, num, *, skip: int):
+    """``num`` training sequences from ``texts`` after the first ``skip`` (the calibration ones), or
+    from the start when the text is too short to hold both."""
+    from . import data
+
+    if num < 1:
+        raise PrehabError(f"the number of training samples must be positive, got {num}")
+    if causal:
+        return data.causal_lm_batches(tokenizer, texts, num_samples=num, seq_len=args.seq_len,
+                                      batch_size=args.batch_size, seed=args.seed + 1)
+    pool = texts[skip:] if len(texts) - skip >= num else texts
+    if len(pool) < num:
+        raise PrehabError(f"the training text has {len(pool)} passages, fewer than the {num} asked; pass "
+                          "more text with --data or ask for fewer samples")
+    return data.sentence_batches(tokenizer, pool[:num], batch_size=args.batch_size, max_length=args.seq_len)
+
+
+def cmd_prehab(args) -> int:
+    """Prehab: fine-tune the dense model toward low rank; save it with its log and a spectra plot."""
+    import torch
+
+    from . import data
+    from .io import save_compressed
+    from .prehab import prehab
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise PrehabError(f"output folder '{out}' already exists; choose another --out or pass --overwrite")
+    path = resolve_model_path(args.model)
+    causal = _config_is_causal(path)
+    tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else path)
+    texts = data.load_texts(args.data, split="train")
+    calibration = _batches(tokenizer, texts, causal, args, calibration=True)
+    train = _training_batches(tokenizer, texts, causal, args, args.train_samples, skip=args.num_samples)
+    model, causal = load_model(path, args.dtype)
+    model.to(args.device)
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.train_dtype]
+    report = prehab(model, calibration, train, steps=args.steps, lam=args.lam, lam_start=args.lam_start,
+                    warmup_steps=args.warmup_steps, surrogate=args.surrogate, task=args.task, lr=args.lr,
+                    optimizer=args.optimizer, grad_clip=args.grad_clip if args.grad_clip > 0 else None,
+                    dtype=dtype, targets=args.targets, exclude=args.exclude, damping=args.damping,
+                    log_every=0 if args.quiet else args.log_every, progress=not args.quiet)
+    print(report.summary())
+
+    def spectra(p):
+        from .plots import plot_spectra
+
+        plot_spectra(report.layers, report.spectra_before, report.spectra_after, p)
+
+    def log(p):
+        Path(p).write_text(json.dumps(report.to_dict(), indent=1))
+
+    save_compressed(model, out, None, tokenizer=tokenizer, overwrite=args.overwrite,
+                    extra={"base_model": str(path.resolve()), "original_model": _original_of(path),
+                           "stage": "prehab",
+                           "prehab": {k: v for k, v in report.to_dict().items() if k != "steps"}},
+                    extra_files={"spectra.png": spectra, "prehab_log.json": log})
+    print(f"saved the fine-tuned dense model to {out} (spectra plot: {out / 'spectra.png'}); compress it "
+          f"next, e.g. prehab-svd compress {out} --method aa-svd --out ...")
     return 0
 
 
@@ -181,7 +273,8 @@ def cmd_eval(args) -> int:
         if ref_path is None:
             meta = path / "prehab_svd.json"
             if meta.is_file():
-                ref_path = json.loads(meta.read_text()).get("base_model")
+                m = json.loads(meta.read_text())
+                ref_path = m.get("original_model") or m.get("base_model")
         if ref_path is None:
             raise PrehabError("evaluating an encoder compares it to the original: pass --reference MODEL")
         ref, _ = load_model(resolve_model_path(ref_path))
@@ -207,16 +300,50 @@ def _check_ratio(r: float):
         raise PrehabError(str(e).replace("keep_ratio", "--keep-ratio", 1)) from None
 
 
+DEMO_DEFAULT = ("svd", "asvd", "svd-llm", "aa-svd", "zs-svd", "prehab+aa-svd")
+# The demo's training settings (how they were chosen: results/methods_minilm.md). Prehab and rehab
+# train on built-in sentences disjoint from the calibration and held-out ones.
+DEMO_PREHAB = dict(steps=100, lam=10.0, surrogate="stable", lr=2e-5)
+DEMO_REHAB = dict(steps=100, lr=1e-4, lora_rank=8)
+DEMO_ZS = dict(grad_samples=64)  # min_rank_fraction: the default, 0.75·keep_ratio
+DEMO_TRAIN = dict(batch_size=16, max_length=64)
+
+
+def parse_demo_method(name: str) -> tuple[bool, str, bool]:
+    """``"[prehab+]<method>[+rehab]"`` -> (prehab first?, compression method, rehab after?)."""
+    from .compression import METHODS
+
+    parts = name.split("+")
+    pre = parts[0] == "prehab"
+    post = len(parts) > 1 and parts[-1] == "rehab"
+    inner = parts[int(pre): len(parts) - int(post)]
+    if len(inner) != 1 or inner[0] not in METHODS:
+        raise PrehabError(f"unknown demo method {name!r}: use [prehab+]METHOD[+rehab] with METHOD one of "
+                          f"{', '.join(METHODS)}")
+    return pre, inner[0], post
+
+
 def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=128, batch_size=32,
-             progress=True):
-    """The embedded default: compress the real MiniLM with each method; returns table rows."""
+             progress=True, prehab_options=None, rehab_options=None, zs_options=None, artifacts=None):
+    """The embedded default: compress the real MiniLM with each method; returns table rows.
+
+    ``keep_ratio`` may be a list (every method at every ratio). A method is
+    ``[prehab+]METHOD[+rehab]``: "prehab+" first fine-tunes a copy of the model with Prehab
+    (distillation to the original's embeddings + a rank surrogate; done once and shared, and reported
+    as the row "prehab (dense)"), "+rehab" ends with LoRA recovery (distillation to the original).
+    ``artifacts``, a dict, receives the reports: ``(method, keep_ratio) -> CompressionReport`` and
+    ``"prehab" -> PrehabReport``.
+    """
     import torch
     import transformers
 
     from . import data, evaluate
     from .compression import compress
 
-    _check_ratio(keep_ratio)
+    ratios = list(keep_ratio) if isinstance(keep_ratio, (list, tuple)) else [keep_ratio]
+    for r in ratios:
+        _check_ratio(r)
+    parsed = [(m, *parse_demo_method(m)) for m in methods]
     path = _minilm_dir()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     base = transformers.AutoModel.from_pretrained(path).eval()
@@ -228,36 +355,71 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
                                   max_length=max_length)
     held = data.sentence_batches(tokenizer, eval_texts[:num_eval], batch_size=batch_size,
                                  max_length=max_length)
+    pre_opts = dict(DEMO_PREHAB, **(prehab_options or {}))
+    re_opts = dict(DEMO_REHAB, **(rehab_options or {}))
+    zs_opts = dict(DEMO_ZS, **(zs_options or {}))
+    n_train = DEMO_TRAIN["batch_size"] * max(pre_opts["steps"], re_opts["steps"])
+    train = data.sentence_batches(tokenizer, calib_texts[num_calib:num_calib + n_train],
+                                  batch_size=DEMO_TRAIN["batch_size"], max_length=DEMO_TRAIN["max_length"])
     with torch.no_grad():
         e_ref = evaluate.sentence_embeddings(base, held)
-    rows = []
-    for method in methods:
-        model = copy.deepcopy(base)
-        t0 = time.perf_counter()
-        report = compress(model, method, keep_ratio, calib, progress=progress)
-        seconds = time.perf_counter() - t0
+
+    def fidelity(model):
         with torch.no_grad():
-            e = evaluate.sentence_embeddings(model, held)
-        fid = evaluate.embedding_fidelity(e_ref, e)
-        rows.append({"method": method, "cosine": fid["cosine"], "nn_agreement": fid["nn_agreement"],
-                     "params_kept": report.params_kept, "params_dense": report.params_dense,
-                     "kept_fraction": report.kept_fraction, "seconds": seconds})
+            return evaluate.embedding_fidelity(e_ref, evaluate.sentence_embeddings(model, held))
+
+    rows = []
+    prehabbed = None
+    for ratio in ratios:
+        for name, pre, method, post in parsed:
+            t0 = time.perf_counter()
+            if pre and prehabbed is None:
+                from .prehab import prehab
+
+                prehabbed = copy.deepcopy(base)
+                rep = prehab(prehabbed, calib, train, progress=progress, **pre_opts)
+                if artifacts is not None:
+                    artifacts["prehab"] = rep
+                fid = fidelity(prehabbed)
+                rows.append({"method": "prehab (dense)", "keep_ratio": 1.0, "cosine": fid["cosine"],
+                             "nn_agreement": fid["nn_agreement"], "params_kept": None,
+                             "params_dense": None, "kept_fraction": 1.0,
+                             "seconds": time.perf_counter() - t0,
+                             "stable_rank": [rep.mean_stable_rank_before, rep.mean_stable_rank_after]})
+                t0 = time.perf_counter()
+            model = copy.deepcopy(prehabbed if pre else base)
+            report = compress(model, method, ratio, calib, progress=progress,
+                              **(zs_opts if method == "zs-svd" else {}))
+            if post:
+                from .rehab import rehab
+
+                rehab(model, train, reference=base, progress=progress, **re_opts)
+            if artifacts is not None:
+                artifacts[(name, ratio)] = report
+            fid = fidelity(model)
+            rows.append({"method": name, "keep_ratio": ratio, "cosine": fid["cosine"],
+                         "nn_agreement": fid["nn_agreement"], "params_kept": report.params_kept,
+                         "params_dense": report.params_dense, "kept_fraction": report.kept_fraction,
+                         "seconds": time.perf_counter() - t0,
+                         "ranks": sorted({str(layer.rank) for layer in report.layers}) if method == "zs-svd"
+                         else None})
     return rows
 
 
-def format_demo(rows, keep_ratio) -> str:
-    head = ("method", "embed cosine", "NN agreement", "params kept", "time (s)")
+def format_demo(rows, keep_ratio=None) -> str:
+    head = ("method", "keep", "embed cosine", "NN agreement", "params kept", "time (s)")
     lines = [head]
     for r in rows:
-        lines.append((r["method"], f"{r['cosine']:.4f}", f"{r['nn_agreement']:.4f}",
-                      f"{r['params_kept']:,} / {r['params_dense']:,} ({r['kept_fraction']:.3f})",
-                      f"{r['seconds']:.1f}"))
+        kept = ("dense" if r["params_kept"] is None else
+                f"{r['params_kept']:,} / {r['params_dense']:,} ({r['kept_fraction']:.3f})")
+        lines.append((r["method"], f"{r['keep_ratio']:g}", f"{r['cosine']:.4f}", f"{r['nn_agreement']:.4f}",
+                      kept, f"{r['seconds']:.1f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
            for line in lines]
     out.insert(1, "-" * len(out[0]))
-    title = (f"all-MiniLM-L6-v2, keep_ratio {keep_ratio} of the attention+MLP parameters, "
-             "built-in corpus (held-out sentences)")
+    title = ("all-MiniLM-L6-v2, keep_ratio = fraction of the attention+MLP parameters kept, built-in "
+             "corpus (held-out sentences)")
     return title + "\n" + "\n".join(out)
 
 
@@ -324,8 +486,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add damping·tr(G)/d to each Gram matrix (0: exact optimum; ~1e-2 helps aa-svd "
                         "when calibration tokens are few)")
     c.add_argument("--alpha", type=float, default=0.5, help="asvd's activation exponent")
+    c.add_argument("--task", default="auto", choices=["auto", "causal_lm", "distill", "contrastive"],
+                   help="zs-svd: the task loss of the gradient (auto: cross-entropy for a causal LM, "
+                        "in-batch contrastive for an encoder)")
+    c.add_argument("--grad-samples", type=int, default=32,
+                   help="zs-svd: calibration sequences the task gradient is averaged over")
+    c.add_argument("--correction", action="store_true",
+                   help="zs-svd: one projected correction step before re-truncation")
+    c.add_argument("--min-rank-fraction", type=float, default=None,
+                   help="zs-svd: no matrix below this fraction of its break-even rank (at least rank 1); "
+                        "default 0.75·keep-ratio")
+    c.add_argument("--rehab", action="store_true", help="LoRA recovery fine-tuning after compression")
+    c.add_argument("--rehab-steps", type=int, default=100)
+    c.add_argument("--rehab-lr", type=float, default=1e-4)
+    c.add_argument("--rehab-samples", type=int, default=512, help="training sequences for rehab")
+    c.add_argument("--lora-rank", type=int, default=8)
     common_data(c, 8)
     c.set_defaults(func=cmd_compress)
+
+    pr = sub.add_parser("prehab", help="fine-tune a dense model toward low rank before compressing it")
+    pr.add_argument("model", help=f"local Hugging Face model folder, or '{MINILM_ALIAS}'")
+    pr.add_argument("--out", required=True, help="output folder (must not exist)")
+    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--steps", type=int, default=100)
+    pr.add_argument("--lam", type=float, default=10.0, help="weight of the rank surrogate after warm-up")
+    pr.add_argument("--lam-start", type=float, default=1e-3, help="its weight at step 1")
+    pr.add_argument("--warmup-steps", type=int, default=10)
+    pr.add_argument("--surrogate", choices=["stable", "nuclear"], default="stable")
+    pr.add_argument("--task", default="auto", choices=["auto", "causal_lm", "distill", "contrastive"],
+                    help="auto: cross-entropy for a causal LM, distillation to the original for an encoder")
+    pr.add_argument("--lr", type=float, default=2e-5)
+    pr.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default="adamw")
+    pr.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    pr.add_argument("--train-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="autocast dtype of the training forward")
+    pr.add_argument("--num-samples", type=int, default=128, help="calibration sequences (covariances)")
+    pr.add_argument("--train-samples", type=int, default=1024, help="training sequences")
+    pr.add_argument("--targets", nargs="*", default=None)
+    pr.add_argument("--exclude", nargs="*", default=None)
+    pr.add_argument("--dtype", default="auto", help="load dtype")
+    pr.add_argument("--damping", type=float, default=0.0)
+    pr.add_argument("--log-every", type=int, default=10)
+    common_data(pr, 16)
+    pr.set_defaults(func=cmd_prehab)
 
     e = sub.add_parser("eval", help="perplexity (causal LM) or embedding fidelity (encoder)")
     e.add_argument("model")
@@ -338,8 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="compress the packaged all-MiniLM-L6-v2 with every method")
-    d.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    d.add_argument("--keep-ratio", type=float, default=0.6)
+    d.add_argument("--methods", nargs="*", default=list(DEMO_DEFAULT),
+                   help="each [prehab+]METHOD[+rehab], METHOD one of " + ", ".join(METHODS))
+    d.add_argument("--keep-ratio", type=float, nargs="+", default=[0.6])
     d.add_argument("--num-calib", type=int, default=256)
     d.add_argument("--num-eval", type=int, default=512)
     d.add_argument("--json", action="store_true")

@@ -32,7 +32,7 @@ from .compression import _as_batch, _check_finite, _select_tokens, _token_mask
 from .errors import PrehabError
 from .linalg import whitening_factor
 from .models import plan_targets
-from .tasks import default_task
+from .tasks import default_task, step_range
 
 __all__ = ["prehab", "PrehabReport", "PrehabStep", "layer_input_grams", "WhitenedTargets",
            "lambda_schedule", "stable_rank_of"]
@@ -323,11 +323,7 @@ def prehab(
         autocast = (torch.autocast(device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16)
                     else None)
         stream = itertools.cycle(train_batches)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=steps, desc="prehab", leave=False)
-        for step in range(steps):
+        for step in step_range(steps, progress, "prehab"):
             batch = next(stream)
             lam_t = lambda_schedule(step, float(lam), float(lam_start), warmup_steps)
             opt.zero_grad(set_to_none=True)
@@ -356,10 +352,6 @@ def prehab(
             if log_every and (step + 1) % log_every == 0:
                 print(f"prehab step {rec.step}/{steps}: task {rec.task_loss:.4f}  "
                       f"{surrogate} {rec.surrogate:.3f}  stable rank {rec.stable_rank:.3f}  λ {lam_t:.3g}")
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
         report.spectra_after = targets_w.spectra()
         report.stable_rank_after = [stable_rank_of(sp) for sp in report.spectra_after]
     finally:

@@ -22,7 +22,7 @@ from torch import nn
 from .compression import _as_batch
 from .errors import PrehabError
 from .layers import LowRankLinear
-from .tasks import EmbeddingDistillation, default_task, is_causal_model
+from .tasks import EmbeddingDistillation, default_task, is_causal_model, step_range
 
 __all__ = ["rehab", "RehabReport"]
 
@@ -158,11 +158,7 @@ def rehab(
         report.trainable_params = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         stream = itertools.cycle(batches)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=steps, desc="rehab", leave=False)
-        for step in range(steps):
+        for step in step_range(steps, progress, "rehab"):
             batch = next(stream)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model, batch)
@@ -176,10 +172,6 @@ def rehab(
             report.steps.append({"step": step + 1, "task_loss": loss.item()})
             if log_every and (step + 1) % log_every == 0:
                 print(f"rehab step {step + 1}/{steps}: task {loss.item():.4f}")
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
         finished = True
     finally:
         if peft_model is not None:

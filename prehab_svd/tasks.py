@@ -35,6 +35,7 @@ __all__ = [
     "default_task",
     "forward_batch",
     "pooled_embeddings",
+    "step_range",
 ]
 
 
@@ -176,3 +177,12 @@ def default_task(model: nn.Module, task=None, *, encoder: str = "distill"):
         return ContrastiveLoss()
     raise PrehabError(f"unknown task {task!r}; use 'auto', 'causal_lm', 'distill', 'contrastive' or a "
                       "callable loss(model, batch) -> scalar")
+
+
+def step_range(steps: int, progress: bool, desc: str):
+    """``range(steps)``, with a progress bar when asked (the training loops of prehab and rehab)."""
+    if not progress:
+        return range(steps)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(steps), desc=desc, leave=False)

@@ -130,3 +130,57 @@ def test_kernels_command_refuses_interpreter(capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     code, _, err = run(["kernels"], capsys)
     assert code == 2 and "unset TRITON_INTERPRET" in err
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_prehab_then_zs_svd_with_rehab(tiny_llama_dir, tmp_path, capsys):
+    """prehab-svd prehab -> compress --method zs-svd --rehab -> eval, with the plots next to outputs."""
+    pre = tmp_path / "prehab"
+    code, stdout, _ = run(["prehab", tiny_llama_dir, "--out", pre, "--steps", 4, "--lr", 1e-3, "--lam", 1.0,
+                           "--num-samples", 4, "--train-samples", 4, "--seq-len", 32, "--batch-size", 2,
+                           "--quiet"], capsys)
+    assert code == 0, stdout
+    assert "mean whitened stable rank" in stdout
+    assert (pre / "spectra.png").read_bytes()[:8] == PNG_MAGIC
+    log = json.loads((pre / "prehab_log.json").read_text())
+    assert len(log["steps"]) == 4 and {"task_loss", "surrogate", "stable_rank"} <= set(log["steps"][0])
+    meta = json.loads((pre / "prehab_svd.json").read_text())
+    assert meta["stage"] == "prehab" and meta["ranks"] == {}
+    assert meta["original_model"] == str(tiny_llama_dir.resolve())
+
+    out = tmp_path / "zs"
+    code, stdout, _ = run(["compress", pre, "--method", "zs-svd", "--keep-ratio", "0.5", "--out", out,
+                           "--num-samples", 4, "--grad-samples", 4, "--correction", "--rehab",
+                           "--rehab-steps", 3, "--rehab-samples", 4, "--lora-rank", 2, "--seq-len", 32,
+                           "--batch-size", 2, "--quiet"], capsys)
+    assert code == 0, stdout
+    assert "zs-svd: kept" in stdout and "rehab (LoRA rank 2" in stdout
+    assert (out / "ranks.png").read_bytes()[:8] == PNG_MAGIC
+    meta = json.loads((out / "prehab_svd.json").read_text())
+    assert meta["method"] == "zs-svd" and len(meta["rehab"]["steps"]) == 3
+    assert meta["original_model"] == str(tiny_llama_dir.resolve())
+    assert meta["report"]["details"]["correction"] is True
+    code, stdout, _ = run(["eval", out, "--seq-len", 32, "--max-eval-batches", 2, "--quiet", "--json"],
+                          capsys)
+    assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["perplexity"] > 1
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["prehab", "minilm", "--out", "{out}", "--surrogate", "trace"], None),  # argparse: exit 2
+    (["prehab", "minilm", "--out", "{out}", "--steps", "0", "--num-samples", "8", "--train-samples", "8"],
+     "steps must be a positive int"),
+    (["prehab", "minilm", "--out", "{out}", "--train-samples", "100000"], "fewer than the 100000"),
+])
+def test_prehab_user_errors(argv, msg, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [a.format(out=out) for a in argv]
+    if msg is None:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+    else:
+        code, _, stderr = run(argv, capsys)
+        assert code == 2 and msg in stderr and "Traceback" not in stderr
+    assert not out.exists()

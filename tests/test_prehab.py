@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from prehab_svd import LowRankLinear, PrehabError, compress
 from prehab_svd.models import plan_targets
