@@ -679,10 +679,21 @@ def _task_gradients(model, names, batches, task, samples, chunks) -> _ZSContext:
     ``chunks > 0`` the sequences are split (batch by batch, round robin) into that many groups and the
     gradient of each group is kept too, for the correction step.
     """
+    weights = [model.get_submodule(n).weight for n in names]
+    frozen = [w for w in weights if not w.requires_grad]
+    for w in frozen:  # a frozen model still has a task gradient; restored below
+        w.requires_grad_(True)
+    try:
+        return _task_gradients_of(model, names, weights, batches, task, samples, chunks)
+    finally:
+        for w in frozen:
+            w.requires_grad_(False)
+
+
+def _task_gradients_of(model, names, weights, batches, task, samples, chunks) -> _ZSContext:
     from .tasks import default_task
 
     loss_fn = default_task(model, task, encoder="contrastive")
-    weights = [model.get_submodule(n).weight for n in names]
     total = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     groups: list = []  # per chunk: (sums, sequences)
     seen, b = 0, 0

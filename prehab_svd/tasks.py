@@ -105,17 +105,21 @@ class EmbeddingDistillation:
     """
 
     def __init__(self, reference: nn.Module):
-        self.reference = reference.eval()
-        for p in self.reference.parameters():
-            p.requires_grad_(False)
+        # used under no_grad only: the reference's parameters (and its train/eval mode) are not changed
+        self.reference = reference
 
     @classmethod
     def of(cls, model: nn.Module) -> "EmbeddingDistillation":
         return cls(copy.deepcopy(model))
 
     def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        with torch.no_grad():
-            ref = pooled_embeddings(self.reference, batch)
+        was_training = self.reference.training
+        self.reference.eval()
+        try:
+            with torch.no_grad():
+                ref = pooled_embeddings(self.reference, batch)
+        finally:
+            self.reference.train(was_training)
         emb = pooled_embeddings(model, batch)
         return (1.0 - F.cosine_similarity(emb, ref, dim=-1, eps=1e-8)).mean()
 

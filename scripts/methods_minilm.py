@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Prehab rows are measured separately (scripts/prehab_sweep.py, results/prehab_minilm.md): each
 # Prehab setting costs ~10 minutes of training on 2 cores.
-METHODS = ["svd-llm", "aa-svd", "zs-svd", "svd-llm+rehab", "aa-svd+rehab"]
+METHODS = ["aa-svd", "zs-svd", "svd-llm+rehab"]  # svd-llm alone: results/prehab_minilm.md
 RATIOS = [0.6, 0.4]
 
 

@@ -217,3 +217,20 @@ def test_rehab_of_an_encoder_distils_to_the_given_original(make_model, make_batc
 def test_rehab_needs_a_compressed_model(make_model, make_batches):
     with pytest.raises(PrehabError, match="no LowRankLinear"):
         rehab(make_model("llama"), make_batches(), steps=1)
+
+
+def test_rehab_leaves_the_reference_trainable_and_zs_svd_works_on_a_frozen_model(make_model, make_batches):
+    """Regression: distilling toward a reference once froze its parameters, and zs-svd on a copy of
+    a frozen model then had no gradient."""
+    original = make_model("bert")
+    batches = make_batches(n=2, batch=4)
+    model = copy.deepcopy(original)
+    compress(model, "svd-llm", 0.5, batches)
+    rehab(model, batches, steps=1, reference=original)
+    assert all(p.requires_grad for p in original.parameters())
+    frozen = copy.deepcopy(original).requires_grad_(False)
+    report = compress(frozen, "zs-svd", 0.5, batches, grad_samples=4)
+    assert report.layers and not frozen.embeddings.word_embeddings.weight.requires_grad
+    for layer in report.layers:  # a layer kept dense is frozen as before
+        if layer.rank is None:
+            assert not frozen.get_submodule(layer.name).weight.requires_grad
