@@ -658,13 +658,7 @@ def stable_rank(
     egrid = (triton.cdiv(m, bm), triton.cdiv(n, bn), Bt)
 
     if kind == "stable":
-        if iters is None:
-            iters = _ref.STABLE_ITERS_COLD if state is None else _ref.STABLE_ITERS_WARM
-        if state is None:
-            gen = torch.Generator(device=dev).manual_seed(_ref._INIT_SEED)
-            v0 = torch.randn(Bt, n, generator=gen, device=dev, dtype=torch.float32)
-        else:
-            v0 = state
+        v0, iters = _ref.power_start(state, Bt, n, dev, torch.float32, iters)
         y, ypart, v, fpart = top_singular_pair(M, v0, iters)
         epilogue_kernel[egrid](
             M, M, y, v, fpart, ypart, value, g_m, m, n, fpart.shape[1], ypart.shape[1],

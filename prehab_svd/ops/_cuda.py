@@ -194,13 +194,7 @@ def stable_rank(W, L, kind, state, iters):
     mod = _module()
     B, _, n = W.shape
     if kind == "stable":
-        if iters is None:
-            iters = reference.STABLE_ITERS_COLD if state is None else reference.STABLE_ITERS_WARM
-        if state is None:  # the reference's deterministic start vector, drawn the same way
-            gen = torch.Generator(device=W.device).manual_seed(reference._INIT_SEED)
-            v0 = torch.randn(B, n, generator=gen, device=W.device, dtype=torch.float32)
-        else:
-            v0 = state
+        v0, iters = reference.power_start(state, B, n, W.device, torch.float32, iters)
         return mod.stable_rank(W, L, v0, False, int(iters))
     return mod.stable_rank(W, L, None, True, int(reference.NUCLEAR_ITERS if iters is None else iters))
 

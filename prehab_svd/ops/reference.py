@@ -77,6 +77,18 @@ def _safe_inverse(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
 
 
+def power_start(state: Optional[torch.Tensor], B: int, n: int, device, dtype,
+                iters: Optional[int]) -> tuple[torch.Tensor, int]:
+    """The power iteration's start vectors [B, n] and step count, shared by every backend: ``state``
+    when warm, else a fixed-seed normal draw (deterministic); ``iters`` defaults to 32 cold, 4 warm."""
+    if iters is None:
+        iters = STABLE_ITERS_COLD if state is None else STABLE_ITERS_WARM
+    if state is not None:
+        return state.to(dtype), iters
+    gen = torch.Generator(device=device).manual_seed(_INIT_SEED)
+    return torch.randn(B, n, generator=gen, device=device, dtype=dtype), iters
+
+
 def top_singular_pair(
     M: torch.Tensor, v0: Optional[torch.Tensor], iters: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,11 +99,7 @@ def top_singular_pair(
     top right vector shrinks by (σ₂/σ₁)² per step; σ₁ = ‖M v‖ is accurate to second order in it.
     """
     B, _, n = M.shape
-    if v0 is None:
-        gen = torch.Generator(device=M.device).manual_seed(_INIT_SEED)
-        v = torch.randn(B, n, generator=gen, device=M.device, dtype=M.dtype)
-    else:
-        v = v0.to(M.dtype)
+    v, _ = power_start(v0, B, n, M.device, M.dtype, 0)
     v = v * _safe_inverse(torch.linalg.vector_norm(v, dim=-1, keepdim=True))
     for _ in range(iters):
         w = torch.bmm(M.mT, torch.bmm(M, v.unsqueeze(-1))).squeeze(-1)
@@ -133,8 +141,7 @@ def _stable_value_grad(
     M: torch.Tensor, state: Optional[torch.Tensor], iters: Optional[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sr = ‖M‖_F²/σ₁², d sr/dM = 2M/σ₁² − 2‖M‖_F²/σ₁³ · u₁v₁ᵀ."""
-    if iters is None:
-        iters = STABLE_ITERS_COLD if state is None else STABLE_ITERS_WARM
+    _, iters = power_start(state, 0, 0, M.device, M.dtype, iters)
     sigma, u, v = top_singular_pair(M, state, iters)
     fro2 = M.square().sum(dim=(1, 2))
     inv_s = _safe_inverse(sigma)
