@@ -90,7 +90,7 @@ setup(
         "peft>=0.13,<1",  # LoRA rehab
         "matplotlib>=3.7,<4",  # rank and spectra plots
     ],
-    extras_require={"test": ["pytest>=8,<10", "pytest-benchmark>=4,<6"]},
+    extras_require={"test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "hypothesis>=6.100,<7"]},
     entry_points={"console_scripts": ["prehab-svd=prehab_svd.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -20,6 +20,8 @@ not the exact optimum; off by default).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,7 @@ from .errors import PrehabError
 __all__ = [
     "WhiteningFactor",
     "whitening_factor",
+    "check_rank",
     "whitened_lowrank",
     "anchored_lowrank",
     "truncated_svd",
@@ -41,6 +44,9 @@ __all__ = [
 _EIG_RTOL = 1e-13
 # A Cholesky factor whose squared diagonal falls this far below the largest is treated as singular.
 _CHOL_RCOND = 1e-12
+# A negative eigenvalue beyond this fraction of the largest is an error, not rounding (an fp32 gram
+# accumulated over many batches stays orders of magnitude inside it).
+_NOT_PSD_RTOL = 1e-2
 
 
 @dataclass
@@ -70,25 +76,65 @@ class WhiteningFactor:
         return (B @ self.Q) / self.sqrt_eig
 
 
-def _check_square(name: str, A: torch.Tensor, d: int) -> None:
+def _check_real(name: str, A) -> None:
+    """A real floating-point tensor: integer factors would be silently rounded, complex ones truncated."""
+    if not isinstance(A, torch.Tensor):
+        raise PrehabError(f"{name} must be a torch.Tensor, got {type(A).__name__}")
+    if not A.dtype.is_floating_point:
+        raise PrehabError(f"{name} has dtype {A.dtype}; pass a real floating-point tensor (float32 or float64)")
+
+
+def check_rank(rank) -> int:
+    """``rank`` as an int, or a PrehabError unless it is a positive integer (bool excluded)."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise PrehabError(f"rank must be a positive integer, got {rank!r}")
+    return int(rank)
+
+
+def _check_square(name: str, A: torch.Tensor, d: int | None) -> None:
+    """A real, finite, square [d, d] matrix (any d when None)."""
+    _check_real(name, A)
+    if d is None and A.dim() == 2:
+        d = A.shape[0]
     if A.dim() != 2 or A.shape[0] != A.shape[1] or A.shape[0] != d:
-        raise PrehabError(
-            f"{name} must be a square [{d}, {d}] matrix matching W's input width, got shape "
-            f"{tuple(A.shape)}"
-        )
+        want = "a square 2-D matrix" if d is None else f"a square [{d}, {d}] matrix matching W's input width"
+        raise PrehabError(f"{name} must be {want}, got shape {tuple(A.shape)}")
     if not torch.isfinite(A).all():
         raise PrehabError(f"{name} contains NaN or Inf; check the calibration activations")
 
 
+def _smallest_eig_estimate(L: torch.Tensor, iters: int = 4, block: int = 4) -> float:
+    """λ_min(L Lᵀ), estimated from above by block power iteration on (L Lᵀ)⁻¹ with triangular
+    solves: O(iters·block·d²) (at d = 4096 on 2 CPU cores about 0.4 s next to 1 s for the Cholesky
+    factor, and far less than the SVD that follows). A (numerically) null direction is amplified by
+    λ_next/λ_min per step, so it dominates after one or two."""
+    d = L.shape[0]
+    gen = torch.Generator(device=L.device).manual_seed(0x5EED)
+    X = torch.randn(d, min(block, d), generator=gen, dtype=L.dtype, device=L.device)
+    for _ in range(iters):
+        X = X / torch.linalg.vector_norm(X, dim=0)
+        X = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, X, upper=False), upper=True)
+    X = X / torch.linalg.vector_norm(X, dim=0)
+    q = torch.linalg.solve_triangular(L, X, upper=False).square().sum(0).max()  # xᵀ(LLᵀ)⁻¹x ≤ 1/λ_min
+    return float(1.0 / q)
+
+
 def whitening_factor(gram: torch.Tensor, damping: float = 0.0) -> WhiteningFactor:
-    """Factor ``gram = R Rᵀ`` in float64 (see the module docstring for the singular case)."""
+    """Factor ``gram = R Rᵀ`` in float64 (see the module docstring for the singular case).
+
+    A gram with an eigenvalue below ``-_NOT_PSD_RTOL`` times the largest is no covariance (rounding
+    makes far smaller ones): a PrehabError, instead of an "optimum" of an unbounded objective."""
+    _check_square("gram", gram, None)
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not (
+            math.isfinite(damping) and damping >= 0):
+        raise PrehabError(f"damping must be a finite number >= 0, got {damping!r}")
     G = gram.detach().to(torch.float64)
     G = 0.5 * (G + G.T)
     d = G.shape[0]
     trace = torch.diagonal(G).sum()
-    if damping > 0:
+    if damping > 0 and trace > 0:
         G = G + (damping * trace / d) * torch.eye(d, dtype=G.dtype, device=G.device)
-    if trace <= 0:
+    if not bool(G.any()):
         # All-zero statistics: no direction is ever visited; the optimum is W' = 0.
         return WhiteningFactor(
             kind="eigen",
@@ -96,13 +142,22 @@ def whitening_factor(gram: torch.Tensor, damping: float = 0.0) -> WhiteningFacto
             Q=G.new_zeros(d, 0),
             sqrt_eig=G.new_zeros(0),
         )
-    L, info = torch.linalg.cholesky_ex(G)
-    if int(info) == 0:
-        diag2 = torch.diagonal(L).square()
-        if diag2.min() > _CHOL_RCOND * diag2.max():
-            return WhiteningFactor(kind="cholesky", R=L)
-    evals, evecs = torch.linalg.eigh(G)
-    cutoff = evals.abs().max() * max(d, 1) * _EIG_RTOL
+    if trace > 0:
+        L, info = torch.linalg.cholesky_ex(G)
+        if int(info) == 0:
+            diag2 = torch.diagonal(L).square()
+            # The pivots only bound λ_min from above (a singular gram can pass with its smallest
+            # pivot at 1e-11 of the largest), so the smallest eigenvalue is estimated as well.
+            if diag2.min() > _CHOL_RCOND * diag2.max() and _smallest_eig_estimate(L) > _CHOL_RCOND * trace:
+                return WhiteningFactor(kind="cholesky", R=L)
+    evals, evecs = torch.linalg.eigh(G)  # ascending
+    top = evals.abs().max()
+    if evals[0] < -_NOT_PSD_RTOL * top:
+        raise PrehabError(
+            f"gram is not positive semi-definite (eigenvalue {float(evals[0]):.3g}, largest "
+            f"{float(top):.3g}); it must be a sum of xᵀx over tokens: check how it was accumulated"
+        )
+    cutoff = top * max(d, 1) * _EIG_RTOL
     keep = evals > cutoff
     Q = evecs[:, keep]
     s = evals[keep].sqrt()
@@ -119,7 +174,13 @@ def truncated_svd(M: torch.Tensor, rank: int):
 
 
 def balanced_factors(U, S, Vh, rank: int, out_dtype, out_device):
-    """Balanced factors ``U √S`` and ``√S Vh``, zero-padded to exactly ``rank`` columns/rows."""
+    """Balanced factors ``U √S`` and ``√S Vh``, zero-padded to exactly ``rank`` columns/rows.
+
+    For the closed forms ``Vh`` is ``V_hᵀ R⁻¹``: balanced in whitened coordinates, so ``x Bᵀ`` has the
+    scale of the singular values. An ill-conditioned ``R`` can make ``B`` exceed the range of a
+    float16 output although the product is representable; then each component is rescaled to equal
+    max-norms in both factors (:func:`_fit_range`), which leaves the product unchanged.
+    """
     root = S.sqrt()
     A = U * root
     B = root[:, None] * Vh
@@ -127,16 +188,43 @@ def balanced_factors(U, S, Vh, rank: int, out_dtype, out_device):
     if r < rank:  # the problem has lower rank than asked: pad with zeros (the product is unchanged)
         A = torch.cat([A, A.new_zeros(A.shape[0], rank - r)], dim=1)
         B = torch.cat([B, B.new_zeros(rank - r, B.shape[1])], dim=0)
+    A, B = _fit_range(A, B, out_dtype)
     return A.to(out_device, out_dtype), B.to(out_device, out_dtype)
 
 
-def _validate(W: torch.Tensor, rank: int) -> None:
+def _fit_range(A: torch.Tensor, B: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A D, D⁻¹ B)`` with D a diagonal of powers of two (exact in floating point) chosen so that
+    both factors fit ``dtype``'s range, when they would not as given; a PrehabError when no such D
+    exists. Rounding is relative, so the rescaling costs no precision."""
+    if not dtype.is_floating_point or A.numel() == 0 or B.numel() == 0:
+        return A, B
+    limit = torch.finfo(dtype).max / 4  # headroom for the sums of the matmuls
+    a = A.abs().amax(dim=0)
+    b = B.abs().amax(dim=1)
+    if max(float(a.max()), float(b.max())) <= limit:
+        return A, B
+    live = (a > 0) & (b > 0)
+    ratio = torch.where(live, b / torch.where(live, a, torch.ones_like(a)), torch.ones_like(a))
+    c = torch.exp2(torch.round(0.5 * torch.log2(ratio)))  # a·c ≈ b/c ≈ √(a·b)
+    A, B = A * c, B / c[:, None]
+    if max(float(A.abs().max()), float(B.abs().max())) > limit:
+        raise PrehabError(
+            f"the low-rank factors exceed the range of {dtype} (largest entry "
+            f"{max(float(A.abs().max()), float(B.abs().max())):.3g}); compress the layer in float32, "
+            f"or pass damping > 0 to regularize an ill-conditioned covariance"
+        )
+    return A, B
+
+
+def _validate(W: torch.Tensor, rank) -> int:
+    """Check W [out, in] (real, finite) and rank; returns rank as an int."""
+    _check_real("W", W)
     if W.dim() != 2:
         raise PrehabError(f"W must be a 2-D [out, in] weight, got shape {tuple(W.shape)}")
-    if not isinstance(rank, int) or rank < 1:
-        raise PrehabError(f"rank must be a positive integer, got {rank!r}")
+    rank = check_rank(rank)
     if not torch.isfinite(W).all():
-        raise PrehabError("W contains NaN or Inf")
+        raise PrehabError("W contains NaN or Inf; check the model's weights")
+    return rank
 
 
 def whitened_lowrank(
@@ -149,7 +237,7 @@ def whitened_lowrank(
     ``W' = (W R)_r R⁻¹``; singular grams give the minimum-norm optimum. ``factor`` reuses a
     :func:`whitening_factor` of ``gram`` already computed (layers that share an input).
     """
-    _validate(W, rank)
+    rank = _validate(W, rank)
     _check_square("gram", gram, W.shape[1])
     F = factor if factor is not None else whitening_factor(gram, damping)
     W64 = W.detach().to(torch.float64)
@@ -169,7 +257,7 @@ def anchored_lowrank(
     objective equals ``‖M − W'R‖_F²`` plus a constant, ``M = W·cross·R⁻ᵀ``, hence
     ``W' = (M)_r R⁻¹``. With ``cross = gram`` this is exactly :func:`whitened_lowrank`.
     """
-    _validate(W, rank)
+    rank = _validate(W, rank)
     d = W.shape[1]
     _check_square("gram", gram, d)
     _check_square("cross", cross, d)

@@ -11,7 +11,14 @@ import torch
 
 from .errors import PrehabError
 from .linalg import (
-    WhiteningFactor, anchored_lowrank, balanced_factors, objective, truncated_svd, whitened_lowrank, whitening_factor,
+    WhiteningFactor,
+    _validate,
+    anchored_lowrank,
+    balanced_factors,
+    objective,
+    truncated_svd,
+    whitened_lowrank,
+    whitening_factor,
 )
 
 __all__ = ["LayerStats", "factorize", "group_factor", "relative_error", "asvd_scale"]
@@ -47,24 +54,39 @@ def asvd_scale(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return s.clamp_min(floor)
 
 
+_METHODS = ("svd", "asvd", "svd-llm", "aa-svd")
+
+
+def _check_abs_mean(a: torch.Tensor, d: int) -> None:
+    if a.shape != (d,):
+        raise PrehabError(f"abs_mean must have one entry per input channel [{d}], got {list(a.shape)}")
+    if not torch.isfinite(a).all() or (a < 0).any():
+        raise PrehabError("abs_mean (mean |x| per input channel) must be finite and non-negative; "
+                          "check the calibration activations")
+
+
 def factorize(method: str, W: torch.Tensor, stats: LayerStats | None, rank: int, *, alpha=0.5,
               damping=0.0, factor=None):
     """Rank-``rank`` factors of W by ``method``."""
+    if method not in _METHODS:
+        raise PrehabError(f"unknown method {method!r}; use one of {', '.join(_METHODS)}")
+    rank = _validate(W, rank)
+    if method != "svd" and stats is None:
+        raise PrehabError(f"{method} needs calibration statistics of the layer's input (stats=None given)")
     W64 = W.detach().to(torch.float64)
     if method == "svd":
         U, S, Vh = truncated_svd(W64, rank)
     elif method == "asvd":
-        if stats is None or stats.abs_mean is None:
+        if stats.abs_mean is None:
             raise PrehabError("asvd needs the mean |x| of each layer's input from calibration")
+        _check_abs_mean(stats.abs_mean, W.shape[1])
         s = asvd_scale(stats.abs_mean, alpha)
         U, S, Vh = truncated_svd(W64 * s, rank)
         Vh = Vh / s
     elif method == "svd-llm":
         return whitened_lowrank(W, stats.gram_x, rank, damping=damping, factor=factor)
-    elif method == "aa-svd":
+    else:  # aa-svd
         return anchored_lowrank(W, stats.cross, stats.gram_xp, rank, damping=damping, factor=factor)
-    else:
-        raise PrehabError(f"unknown method {method!r}")
     return balanced_factors(U, S, Vh, rank, W.dtype, W.device)
 
 

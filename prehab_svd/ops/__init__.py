@@ -202,25 +202,39 @@ class CovarianceAccumulator:
         covariance_update(self._G, x2, self._C, y2, backend=self.backend)
         self.tokens += x2.shape[0]
 
-    def _normalized(self, S: torch.Tensor, what: str) -> torch.Tensor:
-        if self.tokens == 0:
-            raise PrehabError(f"no tokens accumulated yet; call update() before {what}()")
-        return S / self.tokens
+    def _finite(self, S: torch.Tensor, what: str) -> torch.Tensor:
+        # Checked once here, not per update(): update() stays free of host syncs, and NaN/Inf in any
+        # token reaches the sums (NaN·0 is NaN, Inf·0 is NaN, Inf·x is ±Inf).
+        if not torch.isfinite(S).all():
+            hint = ("; or accumulate in float64 (dtype=torch.float64): the tokens' squares overflow "
+                    "float32" if self.dtype == torch.float32 else "")
+            raise PrehabError(
+                f"{what}() has NaN or Inf: a token had NaN/Inf (check the activations and the model's "
+                f"dtype){hint}"
+            )
+        return S
 
     def gram(self, normalize: bool = True) -> torch.Tensor:
         """``Σ xᵀx / tokens`` (a new, exactly symmetric tensor), or with normalize=False the raw sum
-        (the live buffer: clone it before modifying)."""
+        (the live buffer: clone it before modifying). Raises PrehabError if a token was NaN/Inf or
+        the sums overflowed (the raw sum is returned unchecked)."""
         if not normalize:
             return self._G
         if self.tokens == 0:
             raise PrehabError("no tokens accumulated yet; call update() before gram()")
-        return (self._G + self._G.mT).mul_(0.5 / self.tokens)
+        half = self._G * (0.5 / self.tokens)  # scaled first: G + Gᵀ could overflow where G does not
+        return self._finite(half + half.mT, "gram")
 
     def cross(self, normalize: bool = True) -> torch.Tensor:
-        """``Σ xᵀy / tokens`` (a new tensor), or with normalize=False the raw sum (the live buffer)."""
+        """``Σ xᵀy / tokens`` (a new tensor), or with normalize=False the raw sum (the live buffer).
+        Raises PrehabError like :meth:`gram`."""
         if self._C is None:
             raise PrehabError("this accumulator was created with cross=False; use cross=True for xᵀy")
-        return self._C if not normalize else self._normalized(self._C, "cross")
+        if not normalize:
+            return self._C
+        if self.tokens == 0:
+            raise PrehabError("no tokens accumulated yet; call update() before cross()")
+        return self._finite(self._C / self.tokens, "cross")
 
     def __repr__(self) -> str:
         return (
@@ -306,7 +320,10 @@ def stable_rank(
     Returns:
         (value [B] or [], grad like W's shape, new state [B, n] / [n] or None for "nuclear"), in
         fp32 (fp64 for fp64 W). Nothing is recorded for autograd; use :func:`stable_rank_loss` in a
-        training loss.
+        training loss. A zero matrix has value 0 and gradient 0. NaN/Inf in W[b] make value[b]
+        non-finite (never a plausible number) and leave the other matrices alone; in L they reach
+        every matrix it whitens. Nothing is raised: that would need a host sync and would break
+        ``torch.compile(fullgraph=True)``.
     """
     W3, L, state3, squeeze = _prepare_stable_rank(W, L, kind, state, iters, backend)
     with torch.no_grad():

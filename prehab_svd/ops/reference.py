@@ -180,6 +180,12 @@ def stable_rank(
     Lc = None if L is None else L.to(cd)
     if Lc is not None:
         M = torch.matmul(M, Lc)
+    # Both surrogates are scale-invariant and their gradients homogeneous of degree -1, so they run
+    # on M·2^-e with 2^e ≈ max|M| (exact: a power of two). Unscaled, fp32 ‖MᵀMv‖² and ‖M‖_F² over- or
+    # underflow for |M| beyond about 1e±9 and the value silently came out 0.
+    _, e = torch.frexp(M.abs().amax(dim=(1, 2)))
+    inv = torch.ldexp(torch.ones_like(M[:, 0, 0]), -e)[:, None, None]  # 1 for a zero (or NaN) M
+    M = M * inv
     if kind == "stable":
         value, grad_M, new_state = _stable_value_grad(M, state, iters)
     elif kind == "nuclear":
@@ -187,6 +193,7 @@ def stable_rank(
         new_state = M.new_empty(M.shape[0], 0)
     else:
         raise ValueError(f"unknown kind {kind!r}")
+    grad_M = grad_M * inv
     grad = grad_M if Lc is None else torch.matmul(grad_M, Lc.mT)
     return value, grad, new_state
 
