@@ -21,6 +21,7 @@ import copy
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ from .errors import NonFiniteActivationError, PrehabError
 from .layers import LowRankLinear
 from .models import Plan, plan_targets, rank_for
 from . import methods as _methods
+from . import distributed as _dist
 
 __all__ = ["compress", "check_keep_ratio", "CompressionReport", "LayerReport", "METHODS"]
 
@@ -67,6 +69,8 @@ class CompressionReport:
     short_calibration: list = field(default_factory=list)
     # method-specific facts (zs-svd: the selection's budget, drops, Σ predicted ΔL, gradient samples)
     details: dict = field(default_factory=dict)
+    # seconds per phase (see _Timings.KEYS): where the time of `seconds` went
+    timings: dict = field(default_factory=dict)
 
     @property
     def params_dense(self) -> int:
@@ -122,10 +126,54 @@ class _Options:
     stats_dtype: torch.dtype = torch.float32
     progress: bool = False
     zs: "_ZSContext | None" = None
+    timer: "_Timings" = field(default_factory=lambda: _Timings(None))
 
 
 class _StopForward(Exception):
     """Raised by a hook once it has what it needs, to skip the rest of a forward pass."""
+
+
+class _Timings:
+    """Seconds per phase of a compression, summed over blocks (``CompressionReport.timings``).
+
+    ``capture``: running the model up to the first block; ``check``: the forward that checks the
+    blocks chain; ``forward``: everything else a block does (its forwards, hooks) except
+    ``covariance`` (the statistics updates) and ``factorize`` (finalizing the statistics in float64,
+    the closed forms with their Cholesky / SVD, the error estimates);
+    ``gradients``: zs-svd's task gradients; ``load`` / ``write``: reading blocks from disk and writing
+    shards and checkpoints (streaming only). On CUDA every interval starts and ends with a
+    synchronize, so asynchronous kernels are charged to the phase that launched them.
+    """
+
+    KEYS = ("capture", "check", "forward", "covariance", "factorize", "gradients", "load", "write")
+
+    def __init__(self, device):
+        self.totals = dict.fromkeys(self.KEYS, 0.0)
+        self.device = torch.device(device) if device is not None else None
+        self.cuda = self.device is not None and self.device.type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @contextmanager
+    def __call__(self, key: str):
+        t = self.now()
+        try:
+            yield
+        finally:
+            self.totals[key] += self.now() - t
+
+    @contextmanager
+    def rest(self, key: str, inner=("covariance", "factorize")):
+        """Charge to ``key`` the time of the body minus what the body charged to ``inner``."""
+        before = sum(self.totals[k] for k in inner)
+        t = self.now()
+        try:
+            yield
+        finally:
+            self.totals[key] += self.now() - t - (sum(self.totals[k] for k in inner) - before)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,10 +259,14 @@ def _capture_block_inputs(model, first_block, batches, device, progress) -> list
     return captured
 
 
-def _blocks_chain(model, blocks, batch) -> bool:
-    """True when, on ``batch``, each block runs once, in order, on the previous block's output."""
+def _blocks_chain(model, blocks, batch, stop_after_last: bool = False) -> bool:
+    """True when, on ``batch``, each block runs once, in order, on the previous block's output.
+
+    ``stop_after_last`` skips what follows the last block (the head: [batch, tokens, vocab] logits
+    can outweigh a block)."""
     seen_in, seen_out = [], []
     handles = []
+    n = len(blocks)
     for i, block in enumerate(blocks):
         def pre(_m, args, kwargs, i=i):
             h = args[0] if args else kwargs.get("hidden_states")
@@ -222,15 +274,18 @@ def _blocks_chain(model, blocks, batch) -> bool:
 
         def post(_m, _args, output, i=i):
             seen_out.append((i, output[0] if isinstance(output, (tuple, list)) else output))
+            if stop_after_last and i == n - 1:
+                raise _StopForward
 
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block.register_forward_hook(post))
     try:
         model(**batch)
+    except _StopForward:
+        pass
     finally:
         for h in handles:
             h.remove()
-    n = len(blocks)
     if [i for i, _ in seen_in] != list(range(n)) or [i for i, _ in seen_out] != list(range(n)):
         return False
     for (_, out), (_, nxt) in zip(seen_out[:-1], seen_in[1:]):
@@ -277,6 +332,8 @@ class _GroupStats:
             self.abs_sum += x.abs().sum(0, dtype=self.abs_sum.dtype)
 
     def finalize(self) -> "_methods.LayerStats":
+        if _dist.is_distributed():
+            self._all_reduce()
         if self.tokens == 0:
             raise PrehabError("calibration produced no tokens (every position masked?)")
         g = self.x.gram().to(torch.float64)
@@ -287,6 +344,18 @@ class _GroupStats:
         return _methods.LayerStats(gram_x=g, cross=self.x.cross().to(torch.float64),
                                    gram_xp=self.xp.gram().to(torch.float64), abs_mean=None,
                                    tokens=self.tokens)
+
+    def _all_reduce(self):
+        """Sum the raw sums and token counts over the ranks (each saw its shard of the calibration),
+        in the accumulator dtype, before anything is normalized."""
+        self.x.tokens = _dist.all_reduce_count(
+            self.x.tokens, same=[self.x.d, self.xp is not None, self.abs_sum is not None],
+            what="a layer group's input width and statistics")
+        _dist.all_reduce_sum(self.x.gram(normalize=False),
+                             self.x.cross(normalize=False) if self.x.has_cross else None,
+                             None if self.xp is None else self.xp.gram(normalize=False), self.abs_sum)
+        if self.xp is not None:
+            self.xp.tokens = self.x.tokens
 
 
 def _check_finite(name: str, x: torch.Tensor, stream: str = ""):
@@ -372,7 +441,10 @@ def compress(
             :mod:`prehab_svd.zs_svd`).
         calibration: iterable of batches, each a dict of model inputs (``model(**batch)``) or a
             LongTensor of token ids [batch, tokens]. Positions with ``attention_mask`` 0 never enter a
-            covariance. Optional for ``"svd"`` only (then no error is reported).
+            covariance. Optional for ``"svd"`` only (then no error is reported). Under an initialized
+            ``torch.distributed`` process group, call ``compress`` on every rank with that rank's
+            shard of the batches: the statistics are summed over the ranks, the factorizations spread
+            over them, and every rank gets the same model (see :mod:`prehab_svd.distributed`).
         targets / exclude: name patterns (see :func:`prehab_svd.models.match_name`); default: every
             linear layer inside the transformer blocks.
         alpha: ASVD's activation exponent. damping: relative diagonal damping of the Gram matrices
@@ -394,11 +466,7 @@ def compress(
         calibration output error before and after.
     """
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise PrehabError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    check_keep_ratio(keep_ratio)
-    if stats_dtype not in (torch.float32, torch.float64):
-        raise PrehabError("stats_dtype must be torch.float32 or torch.float64")
+    _check_arguments(method, keep_ratio, stats_dtype)
     plan = plan_targets(model, targets, exclude)
     report = CompressionReport(method=method, keep_ratio=float(keep_ratio))
 
@@ -411,19 +479,10 @@ def compress(
             raise PrehabError("method 'zs-svd' needs calibration data")
 
     # Ranks first, so a bad keep_ratio fails before any work.
-    ranks = {}
-    for _, module, names in plan.stages if method != "zs-svd" else ():
-        for full, rel in names.items():
-            lin = module.get_submodule(rel)
-            r = rank_for(lin.out_features, lin.in_features, keep_ratio)
-            if r == 0:
-                raise PrehabError(
-                    f"keep_ratio {keep_ratio} gives rank 0 for layer '{full}' "
-                    f"({lin.out_features}x{lin.in_features}); use a larger keep_ratio"
-                )
-            ranks[full] = r
+    ranks = _uniform_ranks(plan, keep_ratio) if method != "zs-svd" else {}
 
     device = next(model.parameters()).device
+    opts.timer = _Timings(device)
     was_training = model.training
     model.eval()
     cfg = getattr(model, "config", None)
@@ -440,7 +499,7 @@ def compress(
                         report.layers.append(_compress_plain(module, full, rel, ranks[full]))
             elif method == "zs-svd":
                 batches = [_as_batch(item, device) for item in calibration]
-                with torch.enable_grad():
+                with torch.enable_grad(), opts.timer("gradients"):
                     opts.zs = _task_gradients(model, plan.targets, batches, task, grad_samples,
                                               correction_grads if correction else 0)
                 opts.zs.min_rank_fraction = min_rank_fraction
@@ -462,15 +521,44 @@ def compress(
             cfg.use_cache = old_cache
         model.train(was_training)
     report.seconds = time.perf_counter() - t0
+    report.timings = dict(opts.timer.totals)
+    _warn_short_calibration(report, stacklevel=3)
+    return report
+
+
+def _check_arguments(method, keep_ratio, stats_dtype) -> None:
+    if method not in METHODS:
+        raise PrehabError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_keep_ratio(keep_ratio)
+    if stats_dtype not in (torch.float32, torch.float64):
+        raise PrehabError("stats_dtype must be torch.float32 or torch.float64")
+
+
+def _uniform_ranks(plan, keep_ratio) -> dict:
+    """{layer: rank or None (dense)} for every target; fails on a rank of 0."""
+    ranks = {}
+    for _, module, names in plan.stages:
+        for full, rel in names.items():
+            lin = module.get_submodule(rel)
+            r = rank_for(lin.out_features, lin.in_features, keep_ratio)
+            if r == 0:
+                raise PrehabError(
+                    f"keep_ratio {keep_ratio} gives rank 0 for layer '{full}' "
+                    f"({lin.out_features}x{lin.in_features}); use a larger keep_ratio"
+                )
+            ranks[full] = r
+    return ranks
+
+
+def _warn_short_calibration(report, stacklevel) -> None:
     if report.short_calibration:
         warnings.warn(
             f"{len(report.short_calibration)} layer inputs (e.g. {report.short_calibration[0]}) are "
             f"wider than the {report.calibration_tokens} calibration tokens: their covariances are "
             "rank-deficient; the factors are the minimum-norm optimum, but more calibration tokens "
             "give a better compression",
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-    return report
 
 
 def check_keep_ratio(keep_ratio) -> None:
@@ -495,44 +583,97 @@ def _compress_plain(module, full, rel, rank) -> LayerReport:
     return LayerReport(full, m, n, rank, dense_params, new.num_params, None, None)
 
 
-def _compress_calibrated(model, plan, method, ranks, calibration, report, device, opts):
+class _BlockHooks:
+    """What the block loop does around each block. These defaults keep the whole model in memory;
+    :mod:`prehab_svd.streaming` loads each block from disk before it, and writes it out, checkpoints
+    and frees it after it."""
+
+    in_memory = True  # False: the whole model is never in memory, so it cannot be one stage
+
+    def blocks_chain(self, model, blocks, batch) -> bool:
+        return _blocks_chain(model, blocks, batch)
+
+    def start(self, state: "_LoopState") -> int:
+        """Called once the first block's inputs are captured; returns the index of the first block
+        to run (a resumed run restores ``state`` to that block's inputs)."""
+        return 0
+
+    def before_block(self, index: int, module: nn.Module) -> None:
+        pass
+
+    def after_block(self, index: int, module: nn.Module, state: "_LoopState") -> None:
+        pass
+
+
+@dataclass
+class _LoopState:
+    """What flows from block to block: the inputs of the next block for every calibration batch."""
+
+    inputs: list  # _StageInput per batch; .hidden is the original model's stream
+    shifted: list | None  # aa-svd: the compressed model's stream (hidden states), else None
+    whole: bool  # the whole model is a single stage
+
+
+def _compress_calibrated(model, plan, method, ranks, calibration, report, device, opts, hooks=None):
+    hooks = _BlockHooks() if hooks is None else hooks
     batches = [_as_batch(item, device) for item in calibration]
-    if not batches:
-        raise PrehabError("the calibration data is empty; pass at least one batch")
-    if plan.blocks_name is not None and not _blocks_chain(model, [s[1] for s in plan.stages], batches[0]):
-        # e.g. a residual added outside the blocks: block i's output is not block i+1's input,
-        # so the blocks cannot be run one by one. Treat the whole model as one stage.
-        plan = Plan(blocks_name=None, stages=[("<model>", model, {n: n for n in plan.targets})])
+    _dist.raise_together(None if batches else PrehabError(
+        "the calibration data is empty; pass at least one batch (on every rank)"), "calibration")
+    if plan.blocks_name is not None:
+        with opts.timer.rest("check", inner=("load",)):
+            chained = _dist.all_true(hooks.blocks_chain(model, [s[1] for s in plan.stages], batches[0]))
+        if not chained:
+            if not hooks.in_memory:
+                raise PrehabError(
+                    "the model's blocks do not simply feed each other (block i's output is not block "
+                    "i+1's input), so they cannot be compressed one at a time from disk; compress the "
+                    "model in memory instead (prehab_svd.compress, or the CLI without --low-memory)")
+            # e.g. a residual added outside the blocks: block i's output is not block i+1's input,
+            # so the blocks cannot be run one by one. Treat the whole model as one stage.
+            plan = Plan(blocks_name=None, stages=[("<model>", model, {n: n for n in plan.targets})])
+    state = _start_loop(model, plan, method, batches, report, device, opts)
+    start = 0 if state.whole else hooks.start(state)
+    stages = list(enumerate(plan.stages))[start:]
+    # Blocks with no targets just propagate (and are still loaded / written by the hooks).
+    for index, (_, module, names) in _progress(stages, opts.progress, f"{method} blocks"):
+        hooks.before_block(index, module)
+        _run_block(module, names, state, ranks, report, method, opts)
+        hooks.after_block(index, module, state)
+        if state.whole:
+            break
+
+
+def _start_loop(model, plan, method, batches, report, device, opts) -> _LoopState:
+    """The first stage's inputs for every batch (and the calibration token count)."""
     whole = plan.blocks_name is None
-    if whole:
-        inputs = [_StageInput(None, (), batch, _token_mask(batch)) for batch in batches]
-    else:
-        first = plan.stages[0][1]
-        inputs = _capture_block_inputs(model, first, batches, device, opts.progress)
-    report.calibration_tokens = int(sum(
+    with opts.timer("capture"):
+        if whole:
+            inputs = [_StageInput(None, (), batch, _token_mask(batch)) for batch in batches]
+        else:
+            inputs = _capture_block_inputs(model, plan.stages[0][1], batches, device, opts.progress)
+    report.calibration_tokens = _dist.all_reduce_count(sum(
         (i.mask.sum().item() if i.mask is not None else
          (i.hidden.shape[:-1].numel() if i.hidden is not None else 0)) for i in inputs))
-    anchored = method == "aa-svd"
-    shifted = [i.hidden for i in inputs] if anchored else None
+    shifted = [i.hidden for i in inputs] if method == "aa-svd" else None
+    return _LoopState(inputs, shifted, whole)
 
-    # Non-target stages before the first target stage are never reached: plan stages cover every
-    # block; blocks with no targets just propagate.
-    for stage_name, module, names in _progress(plan.stages, opts.progress, f"{method} blocks"):
+
+def _run_block(module, names, state, ranks, report, method, opts):
+    """Compress one stage's targets and advance ``state`` to the next stage's inputs."""
+    with opts.timer.rest("forward"):
         if names:
-            groups = _find_groups(module, names, inputs[0])
-            if anchored:
-                shifted = _stage_anchored(module, names, groups, inputs, shifted, ranks, report, opts,
-                                          whole)
-            else:
-                _stage_single(module, names, groups, inputs, ranks, report, method, opts, whole)
-                continue  # _stage_single already advanced `inputs`
-        elif not whole:
-            for inp in inputs:
+            groups = _find_groups(module, names, state.inputs[0])
+            if method == "aa-svd":
+                state.shifted = _stage_anchored(module, names, groups, state.inputs, state.shifted,
+                                                ranks, report, opts, state.whole)
+            else:  # also advances state.inputs
+                _stage_single(module, names, groups, state.inputs, ranks, report, method, opts,
+                              state.whole)
+        elif not state.whole:
+            for inp in state.inputs:
                 inp.hidden = _run(module, inp)
-            if anchored:
-                shifted = [_run(module, inp, h) for inp, h in zip(inputs, shifted)]
-        if whole:
-            break
+            if state.shifted is not None:
+                state.shifted = [_run(module, inp, h) for inp, h in zip(state.inputs, state.shifted)]
 
 
 def _group_collect(module, names, group, inp, hidden, stream, stop=True):
@@ -570,7 +711,9 @@ def _stage_single(module, names, groups, inputs, ranks, report, method, opts, wh
         def hook(_m, args, gi=gi, lead=g[0]):
             x = args[0]
             _check_finite(lead, x)
-            stats[gi].add(_select_tokens(x, current["mask"]))
+            x = _select_tokens(x, current["mask"])
+            with opts.timer("covariance"):
+                stats[gi].add(x)
         handles.append(module.get_submodule(names[g[0]]).register_forward_pre_hook(hook))
     try:
         for inp in inputs:
@@ -582,8 +725,9 @@ def _stage_single(module, names, groups, inputs, ranks, report, method, opts, wh
         for h in handles:
             h.remove()
     for g, st in zip(groups, stats):
-        layer_stats = st.finalize()
-        _factorize_group(module, names, g, layer_stats, ranks, report, method, opts)
+        with opts.timer("factorize"):
+            layer_stats = st.finalize()
+            _factorize_group(module, names, g, layer_stats, ranks, report, method, opts)
 
 
 def _stage_anchored(module, names, groups, inputs, shifted, ranks, report, opts, whole):
@@ -596,8 +740,10 @@ def _stage_anchored(module, names, groups, inputs, shifted, ranks, report, opts,
         for inp, hp in zip(inputs, shifted):
             x = _group_collect(original, names, g, inp, inp.hidden, "original")
             xp = _group_collect(module, names, g, inp, hp, "compressed")
-            st.add(x, xp)
-        _factorize_group(module, names, g, st.finalize(), ranks, report, "aa-svd", opts)
+            with opts.timer("covariance"):
+                st.add(x, xp)
+        with opts.timer("factorize"):
+            _factorize_group(module, names, g, st.finalize(), ranks, report, "aa-svd", opts)
     if whole:
         return shifted
     new_shifted = [_run(module, inp, hp).detach() for inp, hp in zip(inputs, shifted)]
@@ -608,33 +754,71 @@ def _stage_anchored(module, names, groups, inputs, shifted, ranks, report, opts,
 
 
 def _factorize_group(module, names, group, stats, ranks, report, method, opts):
-    factor = _methods.group_factor(method, stats, opts.damping)
-    if method == "zs-svd" and opts.zs.phase == "spectra":
-        _zs_spectra(module, names, group, factor, opts.zs)
+    """Factorize the group's layers and install them. Distributed: the run's ``i``-th layer is
+    computed by rank ``i % world``, which broadcasts its factors and errors; every rank installs the
+    same layers and reports the same numbers."""
+    spectra = method == "zs-svd" and opts.zs.phase == "spectra"
+    first = len(opts.zs.candidates) if spectra else len(report.layers)  # the run's layer index
+    mine = [j for j in range(len(group)) if _dist.owns(first + j)]
+    factor = _methods.group_factor(method, stats, opts.damping) if mine else None
+    if spectra:
+        _zs_spectra(module, names, group, factor, opts.zs, first)
         return
-    for full in group:
+    distributed = _dist.is_distributed()
+    jobs, results, failure = [], [], None
+    for j, full in enumerate(group):
+        lin = module.get_submodule(names[full])
+        W = lin.weight.detach()
+        rank = ranks[full]
+        # [error before, error after, 1 if the owner failed]; U, V: filled by the owner's broadcast
+        info = torch.zeros(3, dtype=torch.float64, device=W.device)
+        U = V = None
+        if j not in mine and rank is not None:
+            U = torch.empty(lin.out_features, rank, dtype=W.dtype, device=W.device)
+            V = torch.empty(rank, lin.in_features, dtype=W.dtype, device=W.device)
+        elif j in mine:
+            try:
+                before = after = _methods.relative_error(W, W, stats)
+                if rank is not None:
+                    if method == "zs-svd":
+                        U, V = _zs_factors(W, factor, rank, opts.zs.chunk_grads.get(full))
+                    else:
+                        U, V = _methods.factorize(method, W, stats, rank, alpha=opts.alpha,
+                                                  damping=opts.damping, factor=factor)
+                    U, V = U.contiguous(), V.contiguous()
+                    after = _methods.relative_error(W, (U.to(torch.float64) @ V.to(torch.float64)), stats)
+                info = torch.tensor([before, after, 0.0], dtype=torch.float64, device=W.device)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the others were told
+                if not distributed:
+                    raise
+                failure = failure or e
+                info[2] = 1.0
+                if rank is not None:  # something to broadcast in the factors' place
+                    U = torch.zeros(lin.out_features, rank, dtype=W.dtype, device=W.device)
+                    V = torch.zeros(rank, lin.in_features, dtype=W.dtype, device=W.device)
+        results.append((U, V, info))
+        jobs.append((_dist.owner(first + j), [info] + ([] if U is None else [U, V])))
+    _dist.broadcast_from_owners(jobs)
+    if failure is not None:
+        raise failure
+    for j, (full, (U, V, info)) in enumerate(zip(group, results)):
         rel = names[full]
         lin = module.get_submodule(rel)
         m, n = lin.out_features, lin.in_features
-        W = lin.weight.detach()
-        dense_params = W.numel() + (0 if lin.bias is None else lin.bias.numel())
-        before = _methods.relative_error(W, W, stats)
-        rank = ranks[full]
-        if rank is None:
+        dense_params = m * n + (0 if lin.bias is None else lin.bias.numel())
+        before, after, failed = info.tolist()
+        if failed:
+            raise PrehabError(f"the factorization of layer '{full}' failed on rank "
+                              f"{_dist.owner(first + j)}; see the error raised there")
+        if U is None:
             report.layers.append(LayerReport(full, m, n, None, dense_params, dense_params, before,
                                              before, group=group[0]))
             continue
-        if method == "zs-svd":
-            U, V = _zs_factors(W, factor, rank, opts.zs.chunk_grads.get(full))
-        else:
-            U, V = _methods.factorize(method, W, stats, rank, alpha=opts.alpha, damping=opts.damping,
-                                      factor=factor)
-        after = _methods.relative_error(W, (U.to(torch.float64) @ V.to(torch.float64)), stats)
         if not (math.isfinite(after) and torch.isfinite(U).all() and torch.isfinite(V).all()):
             raise PrehabError(f"factorization of layer '{full}' produced non-finite values")
         new = LowRankLinear.from_factors(U, V, lin.bias)
         _replace(module, rel, new)
-        report.layers.append(LayerReport(full, m, n, rank, dense_params, new.num_params, before,
+        report.layers.append(LayerReport(full, m, n, ranks[full], dense_params, new.num_params, before,
                                          after, group=group[0]))
     if stats.tokens < stats.gram_x.shape[0]:
         report.short_calibration.append(group[0])
@@ -690,53 +874,92 @@ def _task_gradients(model, names, batches, task, samples, chunks) -> _ZSContext:
             w.requires_grad_(False)
 
 
+def _gradient_plan(batches, samples) -> tuple:
+    """Which sequences enter the task gradient: the first ``samples`` in the global order, as
+    ``(mine, taken)``: ``mine`` = ``[(local batch, sequences taken, global batch)]`` of this rank,
+    ``taken`` = sequences taken per global batch. Distributed, the global order is rank 0's batch 0,
+    rank 1's batch 0, ..., rank 0's batch 1, ...: the order of the batches before an interleaved
+    sharding ``batches[rank::world]``."""
+    sizes = [int(b["input_ids"].shape[0]) if "input_ids" in b else 1 for b in batches]
+    per_rank = _dist.all_gather_objects(sizes)
+    me = _dist.rank()
+    mine, taken, seen = [], [], 0
+    for i in range(max(len(s_) for s_ in per_rank)):
+        for r, rank_sizes in enumerate(per_rank):
+            if seen >= samples:
+                return mine, taken
+            if i >= len(rank_sizes):
+                continue
+            take = min(rank_sizes[i], samples - seen)
+            if r == me:
+                mine.append((i, take, len(taken)))
+            taken.append(take)
+            seen += take
+    return mine, taken
+
+
 def _task_gradients_of(model, names, weights, batches, task, samples, chunks) -> _ZSContext:
+    """The sums of ``n · gradient`` over this rank's planned batches, summed over the ranks, over
+    the global sequence count (and the same per chunk of global batches, round robin)."""
     from .tasks import default_task
 
     loss_fn = default_task(model, task, encoder="contrastive")
+    plan, taken = _gradient_plan(batches, samples)
     total = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-    groups: list = []  # per chunk: (sums, sequences)
-    seen, b = 0, 0
-    for batch in batches:
-        if seen >= samples:
-            break
-        part = _take_sequences(batch, samples - seen)
-        n = int(part["input_ids"].shape[0]) if "input_ids" in part else 1
-        loss = loss_fn(model, part)
-        if not torch.isfinite(loss):
-            raise PrehabError(f"the task loss is {float(loss)} on calibration batch {b}; check the "
-                              "model and data")
-        gs = torch.autograd.grad(loss, weights, allow_unused=True)
-        if chunks:
-            if len(groups) < chunks:
-                groups.append(([torch.zeros_like(t) for t in total], 0))
-            sums, cnt = groups[b % chunks]
-            for s_, g in zip(sums, gs):
-                if g is not None:
-                    s_.add_(g.float(), alpha=n)
-            groups[b % chunks] = (sums, cnt + n)
-        for t, g in zip(total, gs):
-            if g is not None:
-                t.add_(g.float(), alpha=n)
-        seen += n
-        b += 1
+    # per chunk: sums; chunk c holds the global batches g with g % chunks == c
+    groups = [[torch.zeros_like(t) for t in total] for _ in range(min(chunks, len(taken)))]
+    error = None
+    try:
+        for i, n, g in plan:
+            part = _take_sequences(batches[i], n)
+            loss = loss_fn(model, part)
+            if not torch.isfinite(loss):
+                raise PrehabError(f"the task loss is {float(loss.detach())} on calibration batch {i}; "
+                                  "check the model and data")
+            gs = torch.autograd.grad(loss, weights, allow_unused=True)
+            if chunks:
+                for s_, gr in zip(groups[g % chunks], gs):
+                    if gr is not None:
+                        s_.add_(gr.float(), alpha=n)
+            for t, gr in zip(total, gs):
+                if gr is not None:
+                    t.add_(gr.float(), alpha=n)
+    except PrehabError as e:
+        error = e
+    _dist.raise_together(error, "the task gradient of zs-svd")
+    seen = sum(taken)
     if seen == 0:
         raise PrehabError("no calibration sequences for the task gradient")
+    _dist.all_reduce_sum(*total, *(t for sums in groups for t in sums))
+    counts = [sum(taken[c::chunks]) for c in range(len(groups))]
     grads = {name: t / seen for name, t in zip(names, total)}
     chunk_grads = {}
     if chunks:
         for i, name in enumerate(names):
-            chunk_grads[name] = torch.stack([sums[i] / max(cnt, 1) for sums, cnt in groups])
+            chunk_grads[name] = torch.stack([sums[i] / max(cnt, 1) for sums, cnt in zip(groups, counts)])
     return _ZSContext(task=loss_fn, grads=grads, chunk_grads=chunk_grads, samples=seen)
 
 
-def _zs_spectra(module, names, group, factor, zs: _ZSContext):
+def _zs_spectra(module, names, group, factor, zs: _ZSContext, first: int = 0):
+    """σ and ΔL of the group's layers; distributed, layer ``first + j`` is computed by its owner rank
+    and broadcast, so every rank holds the same candidates."""
     from .zs_svd import MatrixCandidates, break_even_rank, whitened_spectrum
 
-    for full in group:
+    spectra, jobs = [], []
+    for j, full in enumerate(group):
+        lin = module.get_submodule(names[full])
+        if _dist.owns(first + j):
+            sigma, delta = whitened_spectrum(lin.weight, factor, zs.grads[full])
+            sigma, delta = sigma.contiguous(), delta.contiguous()
+        else:  # filled by the owner's broadcast
+            k = min(lin.out_features, lin.in_features)
+            sigma, delta = (torch.empty(k, dtype=torch.float64, device=lin.weight.device) for _ in "sd")
+        spectra.append((sigma, delta))
+        jobs.append((_dist.owner(first + j), [sigma, delta]))
+    _dist.broadcast_from_owners(jobs)
+    for full, (sigma, delta) in zip(group, spectra):
         lin = module.get_submodule(names[full])
         m, n = lin.out_features, lin.in_features
-        sigma, delta = whitened_spectrum(lin.weight, factor, zs.grads[full])
         min_rank = max(1, math.floor(zs.min_rank_fraction * break_even_rank(m, n)))
         zs.candidates.append(MatrixCandidates(full, m, n, sigma.cpu(), delta.cpu(),
                                               min(min_rank, min(m, n))))

@@ -15,6 +15,10 @@
 The whitening factors stay fixed during training (the compression that follows re-measures the
 covariances of the fine-tuned model). Then compress with a whitening method (``svd-llm``, ``aa-svd``,
 ``zs-svd``), optionally followed by :func:`prehab_svd.rehab.rehab`.
+
+Under an initialized ``torch.distributed`` process group, every rank calls ``prehab`` with its shard of
+the batches: the covariances are summed over the ranks, training is data-parallel (DDP) and each rank
+computes the regularizer of its own layers only (:mod:`prehab_svd.distributed`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from . import distributed as _dist
 from . import ops
 from .compression import _as_batch, _check_finite, _select_tokens, _token_mask
 from .errors import PrehabError
@@ -104,6 +109,7 @@ def layer_input_grams(model: nn.Module, names: list, batches: list, *, dtype=tor
 
     One forward pass per batch with hooks; layers that receive the very same input tensor in a forward
     share one accumulator (q/k/v, gate/up). Padded positions (attention_mask 0) are excluded.
+    Distributed, each rank passes its shard of the batches and gets the grams of all of them.
     """
     modules = {n: model.get_submodule(n) for n in names}
     accs: dict = {}  # group key (first layer's name) -> CovarianceAccumulator
@@ -140,6 +146,12 @@ def layer_input_grams(model: nn.Module, names: list, batches: list, *, dtype=tor
     missing = [n for n in names if n not in group_of]
     if missing:
         raise PrehabError(f"target layers never ran on the calibration data: {missing}")
+    if _dist.is_distributed():  # each rank saw its shard: sum the raw sums and the token counts
+        keys = sorted(accs)
+        for key in keys:
+            accs[key].tokens = _dist.all_reduce_count(
+                accs[key].tokens, same=[len(keys), accs[key].d], what="the targeted layers' inputs")
+        _dist.all_reduce_sum(*(accs[key].gram(normalize=False) for key in keys))
     grams = {key: acc.gram().to(torch.float64) for key, acc in accs.items()}
     return {n: (grams[group_of[n]], accs[group_of[n]].tokens) for n in names}
 
@@ -159,34 +171,52 @@ class WhitenedTargets:
 
     ``values(kind)`` returns the per-layer surrogate values (differentiable w.r.t. the weights) in the
     order of ``names``; the stable-rank states are kept between calls (warm start).
+
+    ``owned``: hold only these of ``names`` (a rank's shard of the layers; their ``factors`` suffice).
+    Each still gets the cold power-iteration start it would have in the stack of all ``names`` of its
+    shape, so its values do not depend on how the layers are split over ranks.
     """
 
-    def __init__(self, model: nn.Module, names: list, factors: dict, *, backend: str = "auto"):
-        self.names = list(names)
+    def __init__(self, model: nn.Module, names: list, factors: dict, *, backend: str = "auto",
+                 owned=None):
+        keep = set(names if owned is None else owned)
+        self.names = [n for n in names if n in keep]
         self.backend = backend
-        self._groups = []  # (names, [linear modules], L stack)
+        self._groups = []  # (names, [linear modules], L stack, cold start [B, n] or None)
         by_shape: dict = {}
-        for n in self.names:
+        for n in names:
             lin = model.get_submodule(n)
             by_shape.setdefault(tuple(lin.weight.shape), []).append(n)
-        for shape, group in by_shape.items():
+        for shape, full in by_shape.items():
+            group = [n for n in full if n in keep]
+            if not group:
+                continue
             lins = [model.get_submodule(n) for n in group]
             w = lins[0].weight
             Ls = torch.stack([factors[n].to(device=w.device, dtype=torch.float32) for n in group])
-            self._groups.append((group, lins, Ls))
+            start = None
+            if len(group) < len(full):  # the rows of the whole stack's seeded start
+                cold, _ = ops.reference.power_start(None, len(full), shape[1], w.device,
+                                                    ops.reference.compute_dtype(w.dtype), None)
+                start = cold[[full.index(n) for n in group]]
+            self._groups.append((group, lins, Ls, start))
         self._state: dict = {}  # (kind, group index) -> state [B, n]
 
     def values(self, kind: str, *, grad: bool = True) -> torch.Tensor:
         out = {}
-        for gi, (group, lins, Ls) in enumerate(self._groups):
+        for gi, (group, lins, Ls, start) in enumerate(self._groups):
             W = torch.stack([lin.weight for lin in lins])
             if not grad:
                 W = W.detach()
-            state = self._state.get((kind, gi)) if kind == "stable" else None
+            state, iters = (self._state.get((kind, gi)), None) if kind == "stable" else (None, None)
+            if kind == "stable" and state is None and start is not None:
+                state, iters = start, ops.reference.STABLE_ITERS_COLD
             if grad:
-                val, new_state = ops.stable_rank_loss(W, Ls, kind=kind, state=state, backend=self.backend)
+                val, new_state = ops.stable_rank_loss(W, Ls, kind=kind, state=state, iters=iters,
+                                                      backend=self.backend)
             else:
-                val, _g, new_state = ops.stable_rank(W, Ls, kind=kind, state=state, backend=self.backend)
+                val, _g, new_state = ops.stable_rank(W, Ls, kind=kind, state=state, iters=iters,
+                                                     backend=self.backend)
             if kind == "stable":
                 self._state[(kind, gi)] = new_state.detach()
             for n, v in zip(group, val.unbind(0)):
@@ -196,11 +226,21 @@ class WhitenedTargets:
     def spectra(self) -> list:
         """Per-layer singular values of W·L now (fp64 SVD, on the CPU), in the order of ``names``."""
         res = {}
-        for group, lins, Ls in self._groups:
+        for group, lins, Ls, _start in self._groups:
             for n, lin, L in zip(group, lins, Ls):
                 M = lin.weight.detach().to(torch.float64) @ L.to(torch.float64)
                 res[n] = torch.linalg.svdvals(M).cpu()
         return [res[n] for n in self.names]
+
+
+def _all_spectra(targets_w, names: list) -> list:
+    """Singular values of every layer's W·L, in the order of ``names``: this rank computes those of
+    its ``targets_w`` (None: none), the others come from their owners."""
+    mine = dict(zip(targets_w.names, targets_w.spectra())) if targets_w is not None else {}
+    merged = {}
+    for part in _dist.all_gather_objects(mine):
+        merged.update(part)
+    return [merged[n] for n in names]
 
 
 def stable_rank_of(spectrum: torch.Tensor) -> float:
@@ -251,6 +291,7 @@ def prehab(
     exclude=None,
     damping: float = 0.0,
     backend: str = "auto",
+    parallel: str = "ddp",
     log_every: int = 0,
     callback=None,
     progress: bool = False,
@@ -272,6 +313,11 @@ def prehab(
         dtype: None (fp32) or torch.bfloat16/float16 to train under autocast.
         train_mode: run with dropout (model.train()); default False keeps the model in eval mode.
         damping: relative damping of the covariances before the whitening factor.
+        parallel: under an initialized ``torch.distributed`` process group (call ``prehab`` on every
+            rank, each with its shard of ``calibration`` and ``data``): ``"ddp"`` trains data-parallel
+            with DistributedDataParallel, each rank computing the regularizer of its own layers
+            (layer i on rank i % world); see :mod:`prehab_svd.distributed`. ``"fsdp"`` (FSDP2, for
+            models that do not fit one device) is not implemented yet.
         log_every: print a log line every so many steps (0: never); callback(step: PrehabStep) is
             called after every step.
 
@@ -290,13 +336,19 @@ def prehab(
         raise PrehabError(f"lam_start must be > 0, got {lam_start!r}")
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise PrehabError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    if parallel == "fsdp":
+        raise PrehabError(
+            "parallel='fsdp' (FSDP2 sharding for models that do not fit one device) is not implemented "
+            "yet; use parallel='ddp' (every rank holds the whole model) or a device with more memory")
+    if parallel != "ddp":
+        raise PrehabError(f"parallel must be 'ddp' (or, later, 'fsdp'), got {parallel!r}")
     device = next(model.parameters()).device
     calib = [_as_batch(b, device) for b in calibration]
-    if not calib:
-        raise PrehabError("the calibration data is empty; pass at least one batch")
     train_batches = [_as_batch(b, device) for b in data]
-    if not train_batches:
-        raise PrehabError("the training data is empty; pass at least one batch")
+    _dist.raise_together(
+        PrehabError("the calibration data is empty; pass at least one batch") if not calib else
+        PrehabError("the training data is empty; pass at least one batch") if not train_batches else
+        None, "prehab's input check")
     plan = plan_targets(model, targets, exclude)
     names = plan.targets
     if not names:
@@ -310,11 +362,15 @@ def prehab(
     model.eval()
     try:
         grams = layer_input_grams(model, names, calib)
-        factors = {n: _square_factor(g, damping) for n, (g, _tok) in grams.items()}
+        # Distributed, each rank regularizes its own layers (i % world): factors, power-iteration
+        # states and spectra of those only. Without a process group, it owns them all.
+        world = _dist.world_size()
+        own = [n for i, n in enumerate(names) if _dist.owns(i)]
+        factors = {n: _square_factor(grams[n][0], damping) for n in own}
         report = PrehabReport(surrogate=surrogate, layers=list(names),
                               calibration_tokens=next(iter(grams.values()))[1])
-        targets_w = WhitenedTargets(model, names, factors, backend=backend)
-        report.spectra_before = targets_w.spectra()
+        targets_w = WhitenedTargets(model, names, factors, backend=backend, owned=own) if own else None
+        report.spectra_before = _all_spectra(targets_w, names)
         report.stable_rank_before = [stable_rank_of(sp) for sp in report.spectra_before]
         loss_fn = default_task(model, task)
         model.train(train_mode)
@@ -322,37 +378,64 @@ def prehab(
         opt = _make_optimizer(optimizer, params, lr, weight_decay)
         autocast = (torch.autocast(device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16)
                     else None)
+
+        def losses(m, batch):
+            """The task loss and this rank's surrogate values (one call, so DDP sees both)."""
+            if autocast is not None:
+                with autocast:
+                    task_loss = loss_fn(m, batch)
+            else:
+                task_loss = loss_fn(m, batch)
+            vals = targets_w.values(surrogate) if targets_w is not None else None
+            return task_loss, vals
+
+        step_fn = _dist.data_parallel(_dist.LossModule(model, losses), device)
         stream = itertools.cycle(train_batches)
         for step in step_range(steps, progress, "prehab"):
             batch = next(stream)
             lam_t = lambda_schedule(step, float(lam), float(lam_start), warmup_steps)
             opt.zero_grad(set_to_none=True)
-            if autocast is not None:
-                with autocast:
-                    task_loss = loss_fn(model, batch)
+            task_loss, vals = step_fn(batch)
+            if world == 1:
+                if not torch.isfinite(task_loss):
+                    raise PrehabError(f"the task loss is {task_loss.item()} at step {step + 1}; lower "
+                                      "the learning rate or train in float32")
+                reg = vals.mean()
+                # the logged stable rank is the one of the weights this step starts from
+                sr = (vals if surrogate == "stable" else targets_w.values("stable", grad=False)).mean().item()
+                loss = task_loss.float() + lam_t * reg
+                logged = (task_loss.item(), reg.item(), sr, loss.item())
             else:
-                task_loss = loss_fn(model, batch)
-            if not torch.isfinite(task_loss):
-                raise PrehabError(f"the task loss is {task_loss.item()} at step {step + 1}; lower the "
-                                  "learning rate or train in float32")
-            vals = targets_w.values(surrogate)
-            reg = vals.mean()
-            # the logged stable rank is the one of the weights this step starts from
-            sr = (vals if surrogate == "stable" else targets_w.values("stable", grad=False)).mean().item()
-            loss = task_loss.float() + lam_t * reg
+                # DDP averages the gradients over the ranks: the own-layer regularizer times the world
+                # size gives each layer's regularizer gradient once, as in the single-process mean.
+                reg = vals.sum() * (world / len(names)) if vals is not None else task_loss.new_zeros(())
+                reg_own = sr_own = 0.0
+                if vals is not None:
+                    reg_own = vals.sum().item()
+                    sr_own = reg_own if surrogate == "stable" else targets_w.values(
+                        "stable", grad=False).sum().item()
+                task_sum, reg_sum, sr_sum = _dist.all_reduce_floats([task_loss.item(), reg_own, sr_own])
+                task_g = task_sum / world
+                if not math.isfinite(task_g):  # the same verdict on every rank
+                    raise PrehabError(f"the task loss is {task_g} (mean over the ranks) at step "
+                                      f"{step + 1}; lower the learning rate or train in float32")
+                loss = task_loss.float() + lam_t * reg
+                mean_reg = reg_sum / len(names)
+                logged = (task_g, mean_reg, sr_sum / len(names), task_g + lam_t * mean_reg)
             loss.backward()
-            if grad_clip is not None:
+            if grad_clip is not None:  # after DDP's averaging: the same on every rank
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
-            rec = PrehabStep(step=step + 1, task_loss=task_loss.item(), surrogate=reg.item(),
-                             stable_rank=sr, lam=lam_t, loss=loss.item())
+            rec = PrehabStep(step=step + 1, task_loss=logged[0], surrogate=logged[1],
+                             stable_rank=logged[2], lam=lam_t, loss=logged[3])
             report.steps.append(rec)
             if callback is not None:
                 callback(rec)
             if log_every and (step + 1) % log_every == 0:
                 print(f"prehab step {rec.step}/{steps}: task {rec.task_loss:.4f}  "
                       f"{surrogate} {rec.surrogate:.3f}  stable rank {rec.stable_rank:.3f}  λ {lam_t:.3g}")
-        report.spectra_after = targets_w.spectra()
+        del step_fn  # DDP's gradient hooks go with it
+        report.spectra_after = _all_spectra(targets_w, names)
         report.stable_rank_after = [stable_rank_of(sp) for sp in report.spectra_after]
     finally:
         model.train(was_training)

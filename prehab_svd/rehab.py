@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from . import distributed as _dist
 from .compression import _as_batch
 from .errors import PrehabError
 from .layers import LowRankLinear
@@ -97,6 +98,9 @@ def rehab(
     Args:
         model: a compressed model (after :func:`prehab_svd.compress`).
         data: training batches (dicts of model inputs or LongTensors of ids), cycled for ``steps``.
+            Under an initialized ``torch.distributed`` process group, call ``rehab`` on every rank
+            with that rank's shard: data-parallel training with DistributedDataParallel, every rank
+            ends with the same model (see :mod:`prehab_svd.distributed`).
         task: "auto" (cross-entropy for a causal LM, distillation to ``reference`` for an encoder),
             "causal_lm", "distill", "contrastive", or a callable loss(model, batch).
         reference: the uncompressed original model, the target of the "distill" task (required for
@@ -126,8 +130,8 @@ def rehab(
         raise PrehabError("the model has no LowRankLinear layers: compress it first")
     device = next(model.parameters()).device
     batches = [_as_batch(b, device) for b in data]
-    if not batches:
-        raise PrehabError("the training data is empty; pass at least one batch")
+    _dist.raise_together(None if batches else PrehabError(
+        "the training data is empty; pass at least one batch (on every rank)"), "rehab's input check")
     if callable(task):
         loss_fn = task
     elif task in (None, "auto", "distill") and (task == "distill" or not is_causal_model(model)):
@@ -148,12 +152,16 @@ def rehab(
     target_modules = [f"{n}.down" for n in names] + [f"{n}.up" for n in names]
     config = peft.LoraConfig(r=lora_rank, lora_alpha=float(lora_alpha if lora_alpha else 2 * lora_rank),
                              lora_dropout=lora_dropout, target_modules=target_modules, bias="none")
-    peft_model, finished = None, False
+    peft_model, step_fn, finished = None, None, False
+    world = _dist.world_size()
     try:
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
             warnings.filterwarnings("ignore", category=FutureWarning)
             peft_model = peft.get_peft_model(model, config)
         model.eval()
+        # Distributed: DDP (its construction gives every rank rank 0's random adapter init); each
+        # rank trains on its shard of the data, the gradients are averaged over the ranks.
+        step_fn = _dist.data_parallel(_dist.LossModule(model, loss_fn), device)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         report.trainable_params = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -161,19 +169,21 @@ def rehab(
         for step in step_range(steps, progress, "rehab"):
             batch = next(stream)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch)
-            if not math.isfinite(loss.item()):
-                raise PrehabError(f"the task loss is {float(loss)} at rehab step {step + 1}; lower the "
+            loss = step_fn(batch)
+            logged = loss.item() if world == 1 else _dist.all_reduce_floats([loss.item()])[0] / world
+            if not math.isfinite(logged):  # distributed: the mean over the ranks, the same everywhere
+                raise PrehabError(f"the task loss is {logged} at rehab step {step + 1}; lower the "
                                   "learning rate")
             loss.backward()
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
-            report.steps.append({"step": step + 1, "task_loss": loss.item()})
+            report.steps.append({"step": step + 1, "task_loss": logged})
             if log_every and (step + 1) % log_every == 0:
-                print(f"rehab step {step + 1}/{steps}: task {loss.item():.4f}")
+                print(f"rehab step {step + 1}/{steps}: task {logged:.4f}")
         finished = True
     finally:
+        step_fn = None  # DDP's gradient hooks go before the adapters are merged
         if peft_model is not None:
             with torch.no_grad():
                 if finished:

@@ -1,0 +1,137 @@
+"""Run by test_distributed.py under torchrun (2 gloo ranks on the CPU), and in-process for the
+single-process reference: compress (several methods), one Prehab run and one rehab run of tiny
+Llamas, each rank passing its shard of the batches.
+
+Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 _distributed_worker.py OUT
+writes OUT/rank{r}.pt (torch.save of plain dicts and tensors).
+"""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import tiny_model, token_batches  # noqa: E402
+
+SHAPE = dict(layers=2, hidden=64, intermediate=128)
+F64 = {"stats_dtype": torch.float64}
+# (name, method, keyword arguments): what is compared
+COMPRESS = [
+    ("svd-llm", "svd-llm", {}),
+    ("asvd", "asvd", {}),
+    ("aa-svd-fp32", "aa-svd", {}),
+    ("svd-llm-fp64", "svd-llm", F64),
+    ("aa-svd", "aa-svd", F64),
+    ("zs-svd", "zs-svd", {"correction": True, "correction_grads": 2, **F64}),
+]
+KEEP = 0.5
+PREHAB = dict(steps=2, lam=2.0, warmup_steps=0, optimizer="sgd", lr=0.05, grad_clip=0.5)
+REHAB = dict(steps=2, lr=1e-2, lora_rank=2)
+
+
+def calibration():
+    """4 batches of 2 sequences; the last has a padded tail, so the ranks' token counts differ."""
+    return token_batches(n=4, batch=2, tokens=24, seed=1, pad_last=5)
+
+
+def training(parts: int = 1, part: int = 0):
+    """2 global batches of 4 sequences (no padding: every rank's share of the loss weighs the same);
+    ``part`` of ``parts``: that slice of every batch's sequences, as one rank of ``parts`` gets."""
+    out = []
+    for b in token_batches(n=2, batch=4, tokens=16, seed=2):
+        k = 4 // parts
+        out.append({key: v[part * k:(part + 1) * k] for key, v in b.items()})
+    return out
+
+
+def _state(model) -> dict:
+    """A copy of the state dict (rehab changes the factors in place afterwards)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def recipe(rank: int = 0, world: int = 1) -> dict:
+    """Everything compared, on this rank's shard (``world == 1``: all the data)."""
+    from prehab_svd import compress
+    from prehab_svd.rehab import rehab
+
+    shard = calibration()[rank::world]
+    out = {}
+    for name, method, kwargs in COMPRESS:
+        model = tiny_model("llama", **SHAPE)
+        report = compress(model, method, KEEP, shard, **kwargs)
+        out[name] = {"state": _state(model), "report": report.to_dict()}
+        if name == "svd-llm":
+            torch.manual_seed(123)  # the adapters' random init (rank 0's, broadcast by DDP)
+            rep = rehab(model, training(world, rank), **REHAB)
+            out["rehab"] = {"state": _state(model), "report": rep.to_dict()}
+    out["prehab"] = prehab_run(rank, world)
+    return out
+
+
+def prehab_run(rank: int = 0, world: int = 1, lam: float = PREHAB["lam"]) -> dict:
+    from prehab_svd.prehab import prehab
+
+    model = tiny_model("llama", **SHAPE)
+    rep = prehab(model, calibration()[rank::world], training(world, rank), **{**PREHAB, "lam": lam})
+    return {"state": _state(model), "report": rep.to_dict()}
+
+
+def errors(rank: int) -> dict:
+    """Messages of the errors every rank must raise when rank 1 alone has bad input (no rank may be
+    left waiting in a collective)."""
+    from prehab_svd import PrehabError, compress
+
+    out = {}
+    mine = calibration()[rank::2]
+    for name, run in {
+        "compress, rank 1 without calibration":
+            lambda: compress(tiny_model("llama", **SHAPE), "svd-llm", KEEP, mine if rank == 0 else []),
+        "zs-svd, a non-finite task loss on rank 1":
+            lambda: compress(tiny_model("llama", **SHAPE), "zs-svd", KEEP, mine,
+                             task=lambda m, b: torch.tensor(float("nan") if rank == 1 else 1.0,
+                                                            requires_grad=True)),
+        "svd-llm, a factorization fails on rank 1": lambda: _failing_factorization(rank, mine),
+    }.items():
+        try:
+            run()
+            out[name] = "no error"
+        except PrehabError as e:
+            out[name] = str(e)
+    return out
+
+
+def _failing_factorization(rank, batches):
+    from prehab_svd import PrehabError, compress, methods
+
+    original = methods.factorize
+
+    def factorize(*args, **kwargs):
+        if rank == 1:
+            raise PrehabError("injected failure")
+        return original(*args, **kwargs)
+
+    methods.factorize = factorize
+    try:
+        compress(tiny_model("llama", **SHAPE), "svd-llm", KEEP, batches)
+    finally:
+        methods.factorize = original
+
+
+def main(out_dir: str):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        results = recipe(rank, world)
+        results["errors"] = errors(rank)
+        path = os.path.join(out_dir, f"rank{rank}.pt")
+        torch.save(results, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
