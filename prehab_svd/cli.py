@@ -1,4 +1,4 @@
-"""The ``prehab-svd`` command: ``compress``, ``prehab``, ``eval``, ``demo`` and ``kernels``.
+"""The ``prehab-svd`` command: ``compress``, ``prehab``, ``eval``, ``demo``, ``kernels`` and ``profile``.
 
 Every user mistake ends with one line ``prehab-svd: error: ...`` and exit status 2, no traceback, and
 no partial output folder.
@@ -50,9 +50,9 @@ def is_causal_lm(config) -> bool:
 
 
 def _config_is_causal(path: Path) -> bool:
-    import transformers
+    from .io import read_config
 
-    return is_causal_lm(transformers.AutoConfig.from_pretrained(str(path), local_files_only=True))
+    return is_causal_lm(read_config(path))
 
 
 def _quiet_transformers():
@@ -67,9 +67,11 @@ def load_model(path: Path, dtype: str = "auto"):
     import torch
     import transformers
 
-    from .io import META_FILE, load_compressed
+    from safetensors import SafetensorError
 
-    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    from .io import META_FILE, load_compressed, read_config
+
+    config = read_config(path)  # a PrehabError naming config.json when transformers cannot read it
     causal = is_causal_lm(config)
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     if (path / META_FILE).is_file():
@@ -77,8 +79,15 @@ def load_model(path: Path, dtype: str = "auto"):
     else:
         kw = {}
         if dtype != "auto":
-            kw["dtype"] = getattr(torch, dtype)
-        model = cls.from_pretrained(str(path), local_files_only=True, **kw)
+            kw["dtype"] = getattr(torch, dtype, None)
+            if not isinstance(kw["dtype"], torch.dtype):
+                raise PrehabError(f"unknown --dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+        try:
+            model = cls.from_pretrained(str(path), local_files_only=True, **kw)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PrehabError(f"the model in '{path}' could not be loaded ({why}); its weight files may be "
+                              "damaged or not match config.json") from None
     model.eval()
     return model, causal
 
@@ -135,6 +144,7 @@ def cmd_compress(args) -> int:
     if out.exists() and not args.overwrite:
         raise PrehabError(f"output folder '{out}' already exists; choose another --out or pass --overwrite")
     _check_ratio(args.keep_ratio)
+    _check_low_memory_flags(args)
     path = resolve_model_path(args.model)
     causal = _config_is_causal(path)
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else path)
@@ -148,6 +158,8 @@ def cmd_compress(args) -> int:
         texts = data.load_texts(args.data, split="train")
         rehab_batches = _training_batches(tokenizer, texts, causal, args, args.rehab_samples,
                                           skip=args.num_samples)
+    if args.low_memory:
+        return _compress_low_memory(args, path, out, causal, tokenizer, calibration)
     model, causal = load_model(path, args.dtype)
     model.to(args.device)
     original = copy.deepcopy(model) if args.rehab and not causal else None
@@ -167,6 +179,52 @@ def cmd_compress(args) -> int:
         extra["rehab"] = rep.to_dict()
     save_compressed(model, out, report, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra,
                     extra_files={"ranks.png": lambda p: _plot_ranks(report, p)})
+    print(f"saved to {out} (ranks plot: {out / 'ranks.png'})")
+    return 0
+
+
+def _check_low_memory_flags(args) -> None:
+    if not args.low_memory:
+        if args.resume is not None:
+            raise PrehabError("--resume / --no-resume apply to --low-memory compression only")
+        return
+    if args.rehab:
+        raise PrehabError("--rehab fine-tunes the whole compressed model, which --low-memory never holds "
+                          "in memory; drop --low-memory, or run rehab on the saved model afterwards")
+    if args.no_calibration:
+        raise PrehabError("--low-memory needs calibration data; drop --no-calibration")
+
+
+def _compress_low_memory(args, path: Path, out: Path, causal: bool, tokenizer, calibration) -> int:
+    """--low-memory: one block in memory at a time, read from the safetensors; resumable."""
+    import torch
+    import transformers
+
+    from .streaming import checkpoint_dir, compress_pretrained
+
+    dtype = None
+    if args.dtype != "auto":
+        dtype = getattr(torch, args.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise PrehabError(f"--dtype {args.dtype!r} is not a torch dtype (float32, bfloat16, float16, ...)")
+    try:
+        report = compress_pretrained(
+            path, out, args.method, args.keep_ratio, calibration, resume=args.resume is not False,
+            overwrite=args.overwrite, device=args.device, dtype=dtype, targets=args.targets,
+            exclude=args.exclude, alpha=args.alpha, damping=args.damping,
+            stats_dtype=torch.float64 if args.fp64_stats else torch.float32,
+            model_class=transformers.AutoModelForCausalLM if causal else transformers.AutoModel,
+            tokenizer=tokenizer, extra={"base_model": str(path.resolve()), "original_model": _original_of(path)},
+            extra_files={"ranks.png": lambda p, rep: _plot_ranks(rep, p)}, progress=not args.quiet)
+    except KeyboardInterrupt:
+        if checkpoint_dir(out).is_dir():
+            print(f"prehab-svd: the finished blocks are kept in {checkpoint_dir(out)}; run the same "
+                  "command again to continue from there", file=sys.stderr)
+        raise
+    print(report.table())
+    if "resumed_at_block" in report.details:
+        print(f"resumed at block {report.details['resumed_at_block']} from the checkpoint in "
+              f"{checkpoint_dir(out)}")
     print(f"saved to {out} (ranks plot: {out / 'ranks.png'})")
     return 0
 
@@ -434,6 +492,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    """Run one stage under torch.profiler: write a Chrome trace, print the top ops with achieved
+    TFLOP/s and GB/s against the device's measured peaks (see prehab_svd/profiling.py)."""
+    import json as _json
+
+    from .profiling import profile_stage
+
+    opts = {k: v for k, v in dict(
+        in_features=args.in_features, out_features=args.out_features, rank=args.rank, tokens=args.tokens,
+        keep_ratio=args.keep_ratio, backend=args.backend, batch_size=args.batch_size, seq_len=args.seq_len,
+        model=args.model, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
+        heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab).items() if v is not None}
+    if args.keep_ratio is not None:
+        _check_ratio(args.keep_ratio)
+    res = profile_stage(args.stage, args.trace, device=args.device, dtype=args.dtype, steps=args.steps,
+                        warmup=args.warmup, overwrite=args.overwrite, **opts)
+    print(res.table(args.top))
+    if args.json:
+        print(_json.dumps(res.to_dict()))
+    return 0
+
+
 def cmd_kernels(args) -> int:
     """Compile every Triton kernel ahead of time for sm_<arch>; no GPU needed. Also report the CUDA
     extension: built or not (and why), its architectures, and per kernel registers, shared memory and
@@ -503,6 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rehab-lr", type=float, default=1e-4)
     c.add_argument("--rehab-samples", type=int, default=512, help="training sequences for rehab")
     c.add_argument("--lora-rank", type=int, default=8)
+    c.add_argument("--low-memory", action="store_true",
+                   help="read the model's safetensors one block at a time (peak memory: one block plus "
+                        "its statistics, whatever the model size); writes a checkpoint after every block "
+                        "to OUT.partial/, so a killed run continues where it stopped. Not for zs-svd or "
+                        "--rehab")
+    c.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --low-memory: continue from OUT.partial/ when it holds a checkpoint of the "
+                        "same command (default), or discard it (--no-resume)")
     common_data(c, 8)
     c.set_defaults(func=cmd_compress)
 
@@ -555,6 +643,40 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kernels", help="compile every Triton kernel for a GPU target, no GPU needed")
     k.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
     k.set_defaults(func=cmd_kernels)
+
+    pf = sub.add_parser("profile", help="profile a stage under torch.profiler: Chrome trace + top ops")
+    pf.add_argument("stage", choices=["calibration", "lowrank", "decode"],
+                    help="calibration: covariances over one batch; lowrank: one LowRankLinear forward; "
+                         "decode: one decode step of a compressed model")
+    pf.add_argument("--trace", required=True, help="Chrome trace file to write (open in Perfetto)")
+    pf.add_argument("--overwrite", action="store_true")
+    pf.add_argument("--device", default="cpu")
+    pf.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on cuda, float32 on cpu")
+    pf.add_argument("--steps", type=int, default=3, help="profiled repetitions of the stage")
+    pf.add_argument("--warmup", type=int, default=2)
+    pf.add_argument("--top", type=int, default=15, help="rows of the table")
+    pf.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    pf.add_argument("--in-features", type=int, default=None, help="lowrank (default 4096)")
+    pf.add_argument("--out-features", type=int, default=None, help="lowrank (default 4096)")
+    pf.add_argument("--rank", type=int, default=None, help="lowrank (default: from --keep-ratio)")
+    pf.add_argument("--tokens", type=int, default=None, help="lowrank (default 16)")
+    pf.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda"],
+                    help="lowrank: the op backend")
+    pf.add_argument("--keep-ratio", type=float, default=None,
+                    help="lowrank rank / decode compression (default 0.6; decode 1.0 = dense)")
+    pf.add_argument("--batch-size", type=int, default=None, help="calibration (4) / decode (1) sequences")
+    pf.add_argument("--seq-len", type=int, default=None, help="calibration tokens per sequence / decode "
+                                                             "prompt length (default 256 / 128)")
+    pf.add_argument("--model", default=None, help="calibration/decode: a local model folder instead of "
+                                                  "a random LLaMA-shaped one")
+    pf.add_argument("--hidden", type=int, default=None, help="random model: hidden size (256)")
+    pf.add_argument("--intermediate", type=int, default=None, help="random model: MLP size (688)")
+    pf.add_argument("--layers", type=int, default=None, help="random model: blocks (2)")
+    pf.add_argument("--heads", type=int, default=None, help="random model: attention heads (4)")
+    pf.add_argument("--kv-heads", type=int, default=None, help="random model: key/value heads (2)")
+    pf.add_argument("--vocab", type=int, default=None, help="random model: vocabulary (1024)")
+    pf.set_defaults(func=cmd_profile)
     return p
 
 

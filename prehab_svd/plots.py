@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_ranks", "plot_spectra"]
+__all__ = ["plot_ranks", "plot_spectra", "plot_throughput"]
 
 
 def _pyplot():
@@ -29,6 +29,7 @@ def _save(fig, path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=130, format="png")
+        os.chmod(tmp, 0o644)  # mkstemp creates the file private; a plot is for reading
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -98,6 +99,54 @@ def plot_spectra(names, before, after, path, *, max_layers: int = 12) -> Path:
     ax.set_ylabel("σᵢ / σ₁ of W·L (whitened)")
     ax.set_title("whitened spectra before (dashed) and after (solid) Prehab", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_throughput(rows, path, *, title: str = "") -> Path:
+    """Throughput (tokens/s) against tokens per call, log-log, one panel per layer shape, one line per
+    variant (e.g. dense ``nn.Linear``, two-matmul low-rank, the fused ``LowRankLinear`` path).
+
+    ``rows``: dicts with ``m``, ``n`` (the layer's out, in), ``tokens``, ``variant``, ``tokens_per_s``
+    and optionally ``rank``; rows without a throughput are skipped."""
+    plt = _pyplot()
+    from matplotlib.ticker import NullLocator
+
+    rows = [r for r in rows if r.get("tokens_per_s")]
+    shapes = sorted({(r["m"], r["n"]) for r in rows}, key=lambda s: (s[0] * s[1], s))
+    if not shapes:
+        from .errors import PrehabError
+
+        raise PrehabError("no rows with a throughput (tokens_per_s) to plot; run the layer sweep first")
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.6 * len(shapes), 4.0), squeeze=False)
+    styles = {"dense": ("k", "-", "s"), "two-matmul": ("#d62728", "--", "o")}
+    cmap = plt.get_cmap("tab10")
+    variants = sorted({r["variant"] for r in rows}, key=lambda v: (v not in styles, v))
+    for ax, (m, n) in zip(axes[0], shapes):
+        ranks = sorted({r.get("rank") for r in rows if (r["m"], r["n"]) == (m, n) and r.get("rank")})
+        for i, v in enumerate(variants):
+            pts = sorted((r["tokens"], r["tokens_per_s"]) for r in rows if (r["m"], r["n"]) == (m, n)
+                         and r["variant"] == v)
+            if not pts:
+                continue
+            color, ls, marker = styles.get(v, (cmap(2 + i % 8), "-", "^"))
+            ax.plot([t for t, _ in pts], [y for _, y in pts], ls, color=color, marker=marker, ms=4, lw=1.3,
+                    label=v)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ticks = sorted({r["tokens"] for r in rows if (r["m"], r["n"]) == (m, n)})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("tokens per call")
+        ax.set_title(f"W {m}x{n}" + (f", rank {ranks[0]}" if len(ranks) == 1 else ""), fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("tokens / s")
+    axes[0][-1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     try:
         return _save(fig, path)
