@@ -311,6 +311,23 @@ def test_tf32_output_rounding(nan_outputs):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["stable", "nuclear"])
+@pytest.mark.parametrize("e", [40, -40])
+def test_extreme_scales_through_the_public_op(kind, e):
+    """Weights scaled by 2^±40 (M = W L beyond fp32's range for ‖MᵀMv‖²): the op rescales by a power
+    of two before the kernel, so the value is unchanged and the gradient scales by 2^-e exactly
+    (the kernel alone returned 0 for the stable rank here)."""
+    g = gen("scale", kind, e)
+    W = randn(2, 13, 9, g=g)
+    L = make_L(2, 9, "batched", g)
+    v0, g0, _ = ops.stable_rank(W, L, kind=kind, iters=20, backend="triton")
+    v, grad, _ = ops.stable_rank(W * 2.0 ** e, L, kind=kind, iters=20, backend="triton")
+    assert torch.isfinite(v).all() and torch.isfinite(grad).all()
+    assert rel(v, v0) <= 1e-6 and rel(grad * 2.0 ** e, g0) <= 1e-6
+    ref_v, ref_g, _ = ops.stable_rank(W, L, kind=kind, iters=20, backend="torch")  # same start
+    assert rel(v, ref_v) <= 1e-5 and rel(grad * 2.0 ** e, ref_g) <= 1e-4
+
+
 def test_public_dispatch_and_loss_backward():
     impl = _registry.get_impl("stable_rank", "triton", torch.device(DEV), torch.float32)
     assert impl.__name__ == "triton_stable_rank"

@@ -51,6 +51,16 @@ def _covariance_update_fake(G, x, C, y, backend):
 # ---------------------------------------------------------------------------------------------
 # stable_rank
 # ---------------------------------------------------------------------------------------------
+def _pow2_normalized(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A·2^-e, 2^-e) per matrix of A [..., m, n], with 2^e the power of two just above max |A|;
+    e = 0 (A itself) when |e| <= 16 or A is zero or not finite."""
+    amax = A.detach().abs().amax(dim=(-2, -1), keepdim=True).float()
+    _, e = torch.frexp(amax)
+    e = torch.where(torch.isfinite(amax) & (amax > 0) & (e.abs() > 16), e, torch.zeros_like(e))
+    scale = torch.ldexp(torch.ones_like(amax), -e)
+    return A * scale.to(A.dtype), scale
+
+
 @torch.library.custom_op("prehab_svd::stable_rank", mutates_args=())
 def stable_rank_op(
     W: torch.Tensor,
@@ -61,7 +71,16 @@ def stable_rank_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = _registry.get_impl("stable_rank", backend, W.device, W.dtype)
+    # Both surrogates are scale-invariant, their W-gradients homogeneous of degree -1: a W or L whose
+    # largest entry is outside [2^-16, 2^16] is scaled by a power of two (exact) to max |entry| in
+    # [0.5, 1) before any backend sees it, so no fp32 product of the kernels over- or underflows
+    # (unscaled, the value silently came out 0 beyond about 1e±9), and the gradient is scaled back.
+    # Weights of ordinary size are passed through untouched.
+    W, w_scale = _pow2_normalized(W)
+    if L is not None:
+        L, _ = _pow2_normalized(L)
     value, grad, new_state = impl(W, L, kind, state, iters)
+    grad = grad * w_scale.to(grad.dtype)
     # custom ops must not return views of their inputs
     if state is not None and new_state.untyped_storage().data_ptr() == state.untyped_storage().data_ptr():
         new_state = new_state.clone()
