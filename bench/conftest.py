@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 # A smoke run (--benchmark-disable) only checks that every case runs. On a shared, oversubscribed CPU,
 # OpenMP threads spin-waiting at barriers made one LAPACK SVD 40x slower (measured on the 2-core dev
@@ -73,45 +72,14 @@ def timed(benchmark, device):
 # device peaks and the achieved-rate report
 # ---------------------------------------------------------------------------------------------
 
-_PEAKS: dict = {}
-
-
-def _best_time(fn, device, reps: int = 5) -> float:
-    fn()
-    synchronize(device)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def measure_peaks(device: torch.device) -> dict:
-    """Achievable matmul FLOP/s and copy bandwidth on this device (cached per session)."""
-    key = str(device)
-    if key in _PEAKS:
-        return _PEAKS[key]
-    if device.type == "cuda":
-        n, dtype, nbytes = 8192, torch.bfloat16, 1 << 30
-    else:
-        n, dtype, nbytes = 1536, torch.float32, 1 << 27
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t_mm = _best_time(lambda: torch.mm(a, b), device)
-    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    t_copy = _best_time(lambda: dst.copy_(src), device)
-    peaks = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "matmul_dtype": str(dtype).replace("torch.", ""),
-        "matmul_gflops": 2 * n**3 / t_mm / 1e9,
-        "copy_gbps": 2 * nbytes / t_copy / 1e9,  # read + write
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    _PEAKS[key] = peaks
+    """Achievable matmul FLOP/s and copy bandwidth on this device (the library's measurement, cached
+    per process), with the keys the tables below use."""
+    from prehab_svd.profiling import measure_peaks as _measure
+
+    peaks = dict(_measure(device))
+    peaks["matmul_gflops"] = peaks["matmul_tflops"] * 1e3
+    peaks.update(torch=torch.__version__, threads=torch.get_num_threads())
     return peaks
 
 
