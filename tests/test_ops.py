@@ -611,6 +611,38 @@ def stand_in_triton():
                                  priority=previous.priority, replace=True)
 
 
+def test_lowrank_linear_layer_fast_path(stand_in_triton, monkeypatch):
+    """LowRankLinear calls the torch backend's GEMMs directly when "auto" resolves to it (the same
+    numbers as the op, no custom-op cost) and goes through the op for any other backend, under
+    autocast, and for a bad input (with the op's clear error)."""
+    from prehab_svd import LowRankLinear
+
+    calls, support = stand_in_triton
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    torch.manual_seed(5)
+    layer = LowRankLinear(11, 7, 3)
+    x = torch.randn(2, 5, 11, requires_grad=True)
+    layer(x)
+    assert len(calls) == 1  # auto picks the registered "triton": the op path
+    support["ok"] = False  # now auto resolves to torch: the direct path, same numbers as the op
+    y = layer(x)
+    assert len(calls) == 1
+    assert torch.equal(y, ops.lowrank_linear(x, layer.U, layer.V, layer.bias, backend="torch"))
+    y.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, layer.U, layer.V, layer.bias)]
+    for t in (x, layer.U, layer.V, layer.bias):
+        t.grad = None
+    ops.lowrank_linear(x, layer.U, layer.V, layer.bias, backend="torch").square().sum().backward()
+    for g, t in zip(grads, (x, layer.U, layer.V, layer.bias)):
+        assert torch.allclose(g, t.grad, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    with pytest.raises(PrehabError, match=r"x must be \[\.\.\., 11\]"):
+        layer(torch.randn(2, 12))
+    with pytest.raises(PrehabError, match="dtype"):
+        layer(torch.randn(2, 11, dtype=torch.float64))
+
+
 def test_registered_backend_is_dispatched(stand_in_triton, monkeypatch):
     calls, support = stand_in_triton
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
