@@ -282,8 +282,9 @@ def cmd_prehab(args) -> int:
     model.to(args.device)
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.train_dtype]
     report = prehab(model, calibration, train, steps=args.steps, lam=args.lam, lam_start=args.lam_start,
-                    warmup_steps=args.warmup_steps, surrogate=args.surrogate, task=args.task, lr=args.lr,
-                    optimizer=args.optimizer, grad_clip=args.grad_clip if args.grad_clip > 0 else None,
+                    warmup_steps=args.warmup_steps, surrogate=args.surrogate,
+                    keep_ratio=args.keep_ratio, task=args.task, lr=args.lr, optimizer=args.optimizer,
+                    grad_clip=args.grad_clip if args.grad_clip > 0 else None,
                     dtype=dtype, targets=args.targets, exclude=args.exclude, damping=args.damping,
                     log_every=0 if args.quiet else args.log_every, progress=not args.quiet)
     print(report.summary())
@@ -602,7 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--lam", type=float, default=10.0, help="weight of the rank surrogate after warm-up")
     pr.add_argument("--lam-start", type=float, default=1e-3, help="its weight at step 1")
     pr.add_argument("--warmup-steps", type=int, default=10)
-    pr.add_argument("--surrogate", choices=["stable", "nuclear"], default="stable")
+    pr.add_argument("--surrogate", choices=["stable", "nuclear", "tail"], default="stable",
+                    help="tail: the whitened energy beyond the rank of --keep-ratio (needs it)")
+    pr.add_argument("--keep-ratio", type=float, default=None,
+                    help="with --surrogate tail: the keep ratio the compression after Prehab will use")
     pr.add_argument("--task", default="auto", choices=["auto", "causal_lm", "distill", "contrastive"],
                     help="auto: cross-entropy for a causal LM, distillation to the original for an encoder")
     pr.add_argument("--lr", type=float, default=2e-5)

@@ -9,7 +9,11 @@
    the stable rank ``‖M‖_F²/σ₁²`` (default) or the nuclear surrogate ``‖M‖_*²/‖M‖_F²``, computed by the
    batched op :func:`prehab_svd.ops.stable_rank_loss` on the stack of each weight shape, with the power
    iteration warm-started from the previous step's singular vectors; λ_t rises exponentially from
-   ``lam_start`` to ``lam`` over ``warmup_steps``, then stays at ``lam``;
+   ``lam_start`` to ``lam`` over ``warmup_steps``, then stays at ``lam``. Or, with
+   ``surrogate="tail"`` and the planned ``keep_ratio``, fine-tunes on the task loss alone and after
+   every step shrinks each layer's whitened tail beyond rank r (the part svd-llm will cut) by the
+   proximal step of that penalty; its plain gradient hardly moves the tail, which lives in the
+   inputs' low-variance directions where the gradient in W is scaled down by the whitening;
 3. logs per step the task loss, the surrogate, and the mean stable rank of the whitened weights.
 
 The whitening factors stay fixed during training (the compression that follows re-measures the
@@ -36,7 +40,7 @@ from . import ops
 from .compression import _as_batch, _check_finite, _select_tokens, _token_mask
 from .errors import PrehabError
 from .linalg import whitening_factor
-from .models import plan_targets
+from .models import plan_targets, rank_for
 from .tasks import default_task, step_range
 
 __all__ = ["prehab", "PrehabReport", "PrehabStep", "layer_input_grams", "WhitenedTargets",
@@ -47,7 +51,7 @@ __all__ = ["prehab", "PrehabReport", "PrehabStep", "layer_input_grams", "Whitene
 class PrehabStep:
     step: int
     task_loss: float
-    surrogate: float  # mean over layers of the penalised surrogate (stable or nuclear)
+    surrogate: float  # mean over layers of the penalised surrogate (stable, nuclear or tail)
     stable_rank: float  # mean stable rank of the whitened weights W·L
     lam: float
     loss: float
@@ -178,10 +182,11 @@ class WhitenedTargets:
     """
 
     def __init__(self, model: nn.Module, names: list, factors: dict, *, backend: str = "auto",
-                 owned=None):
+                 owned=None, keep_ratio: float | None = None):
         keep = set(names if owned is None else owned)
         self.names = [n for n in names if n in keep]
         self.backend = backend
+        self.keep_ratio = keep_ratio
         self._groups = []  # (names, [linear modules], L stack, cold start [B, n] or None)
         by_shape: dict = {}
         for n in names:
@@ -208,6 +213,10 @@ class WhitenedTargets:
             W = torch.stack([lin.weight for lin in lins])
             if not grad:
                 W = W.detach()
+            if kind == "tail":
+                for n, v in zip(group, self._tail(W, Ls).unbind(0)):
+                    out[n] = v
+                continue
             state, iters = (self._state.get((kind, gi)), None) if kind == "stable" else (None, None)
             if kind == "stable" and state is None and start is not None:
                 state, iters = start, ops.reference.STABLE_ITERS_COLD
@@ -222,6 +231,41 @@ class WhitenedTargets:
             for n, v in zip(group, val.unbind(0)):
                 out[n] = v
         return torch.stack([out[n] for n in self.names])
+
+    def _top_left(self, M: torch.Tensor) -> torch.Tensor:
+        """The top-r left singular vectors [B, m, r] of the stack M (fp64 SVD), r from keep_ratio."""
+        r = rank_for(M.shape[1], M.shape[2], self.keep_ratio)
+        return torch.linalg.svd(M.detach().double(), full_matrices=False).U[..., :r].to(M.dtype)
+
+    def _tail(self, W: torch.Tensor, Ls: torch.Tensor) -> torch.Tensor:
+        """Tail energy fraction ``Σ_{i>r} σᵢ²(M) / ‖M‖_F²`` of each ``M = W·L`` in the stack, r the
+        rank ``keep_ratio`` gives the shape (0 where that shape stays dense): svd-llm's relative
+        truncation error of the layer at rank r. Differentiable: with the top-r subspace U_r held
+        fixed, autograd gives the exact gradient ``2(M_tail − t·M)/‖M‖_F²`` wherever σ_r > σ_{r+1}
+        (U_r maximizes ‖U_rᵀM‖_F², so its own derivative does not contribute)."""
+        if rank_for(W.shape[1], W.shape[2], self.keep_ratio) is None:
+            return W.new_zeros(W.shape[0], dtype=torch.float32)
+        M = W.float() @ Ls
+        Ur = self._top_left(M)
+        tail = M - Ur @ (Ur.mT @ M)
+        return tail.square().sum((-2, -1)) / M.square().sum((-2, -1)).clamp_min(1e-30)
+
+    @torch.no_grad()
+    def shrink_tail(self, frac: float) -> None:
+        """The proximal step of the tail penalty: remove ``frac`` of every weight's whitened tail,
+        ``W ← W − frac·(I − U_r U_rᵀ) W`` with U_r the top-r left singular vectors of ``W·L``.
+
+        That is ``M ← M_r + (1 − frac)·M_tail`` for ``M = W·L`` (the tail is ``(I − U_r U_rᵀ) W·L``,
+        so no inverse of L is needed); ``frac = 1`` would be svd-llm's truncation itself."""
+        for group, lins, Ls, _start in self._groups:
+            W = torch.stack([lin.weight for lin in lins])
+            if rank_for(W.shape[1], W.shape[2], self.keep_ratio) is None:
+                continue
+            Wf = W.float()
+            Ur = self._top_left(Wf @ Ls)
+            new = Wf - frac * (Wf - Ur @ (Ur.mT @ Wf))
+            for lin, w in zip(lins, new.unbind(0)):
+                lin.weight.copy_(w.to(lin.weight.dtype))
 
     def spectra(self) -> list:
         """Per-layer singular values of W·L now (fp64 SVD, on the CPU), in the order of ``names``."""
@@ -280,6 +324,7 @@ def prehab(
     lam_start: float = 1e-3,
     warmup_steps: int = 10,
     surrogate: str = "stable",
+    keep_ratio: float | None = None,
     task=None,
     lr: float = 2e-5,
     optimizer="adamw",
@@ -304,8 +349,14 @@ def prehab(
         data: training batches, cycled for ``steps`` steps.
         steps: optimizer steps. lam: the surrogate's weight after warm-up; lam_start: its weight at
             step 1 (exponential warm-up over ``warmup_steps``).
-        surrogate: "stable" (‖WL‖_F²/σ₁², power iteration warm-started) or "nuclear"
-            (‖WL‖_*²/‖WL‖_F², Newton–Schulz).
+        surrogate: "stable" (‖WL‖_F²/σ₁², power iteration warm-started), "nuclear"
+            (‖WL‖_*²/‖WL‖_F², Newton–Schulz) or "tail" (Σ_{i>r}σᵢ²/‖WL‖_F², the fraction of the
+            whitened energy that truncation to the rank of ``keep_ratio`` would drop: svd-llm's
+            relative error of the layer; needs ``keep_ratio``). "tail" is not added to the loss:
+            after each optimizer step on the task loss, its proximal step removes the fraction
+            λ_t/(1+λ_t) of every layer's whitened tail (``W ← W − f·(I − U_r U_rᵀ) W``), so λ is a
+            rate per step (0.01 removes about 63% of the tail over 100 steps), not a weight.
+        keep_ratio: the compression planned after Prehab (surrogate "tail" only).
         task: "auto" (cross-entropy for a causal LM, embedding distillation to the original model for
             an encoder), "causal_lm", "distill", "contrastive", or a callable loss(model, batch).
         lr, optimizer ("adamw", "adam", "sgd" or a callable params -> optimizer), weight_decay,
@@ -328,8 +379,15 @@ def prehab(
     t0 = time.perf_counter()
     _check_positive_int("steps", steps)
     _check_positive_int("warmup_steps", warmup_steps, allow_zero=True)
-    if surrogate not in ("stable", "nuclear"):
-        raise PrehabError(f"surrogate must be 'stable' or 'nuclear', got {surrogate!r}")
+    if surrogate not in ("stable", "nuclear", "tail"):
+        raise PrehabError(f"surrogate must be 'stable', 'nuclear' or 'tail', got {surrogate!r}")
+    if surrogate == "tail":
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) \
+                or not 0 < keep_ratio < 1:
+            raise PrehabError("surrogate='tail' needs keep_ratio, the fraction of parameters the "
+                              f"compression after Prehab keeps, in (0, 1); got {keep_ratio!r}")
+    elif keep_ratio is not None:
+        raise PrehabError(f"keep_ratio is only used by surrogate='tail' (got surrogate={surrogate!r})")
     if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
         raise PrehabError(f"lam must be a finite number >= 0, got {lam!r}")
     if not (isinstance(lam_start, (int, float)) and lam_start > 0):
@@ -369,7 +427,8 @@ def prehab(
         factors = {n: _square_factor(grams[n][0], damping) for n in own}
         report = PrehabReport(surrogate=surrogate, layers=list(names),
                               calibration_tokens=next(iter(grams.values()))[1])
-        targets_w = WhitenedTargets(model, names, factors, backend=backend, owned=own) if own else None
+        targets_w = (WhitenedTargets(model, names, factors, backend=backend, owned=own,
+                                     keep_ratio=keep_ratio) if own else None)
         report.spectra_before = _all_spectra(targets_w, names)
         report.stable_rank_before = [stable_rank_of(sp) for sp in report.spectra_before]
         loss_fn = default_task(model, task)
@@ -379,6 +438,12 @@ def prehab(
         autocast = (torch.autocast(device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16)
                     else None)
 
+        # "tail" is applied by its proximal step after each optimizer step, not through the loss:
+        # its gradient in W is scaled by the whitening factor, so the whitened tail (which lives in
+        # the inputs' low-variance directions) would hardly move (measured on MiniLM).
+        penalised = surrogate != "tail"
+        owner_of = {n: _dist.owner(i) for i, n in enumerate(names)}
+
         def losses(m, batch):
             """The task loss and this rank's surrogate values (one call, so DDP sees both)."""
             if autocast is not None:
@@ -386,7 +451,7 @@ def prehab(
                     task_loss = loss_fn(m, batch)
             else:
                 task_loss = loss_fn(m, batch)
-            vals = targets_w.values(surrogate) if targets_w is not None else None
+            vals = targets_w.values(surrogate, grad=penalised) if targets_w is not None else None
             return task_loss, vals
 
         step_fn = _dist.data_parallel(_dist.LossModule(model, losses), device)
@@ -426,6 +491,11 @@ def prehab(
             if grad_clip is not None:  # after DDP's averaging: the same on every rank
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
+            if not penalised:
+                if targets_w is not None:
+                    targets_w.shrink_tail(lam_t / (1.0 + lam_t))
+                _dist.broadcast_from_owners([(owner_of[n], [model.get_submodule(n).weight.data])
+                                             for n in names])
             rec = PrehabStep(step=step + 1, task_loss=logged[0], surrogate=logged[1],
                              stable_rank=logged[2], lam=lam_t, loss=logged[3])
             report.steps.append(rec)

@@ -66,14 +66,15 @@ def recipe(rank: int = 0, world: int = 1) -> dict:
             rep = rehab(model, training(world, rank), **REHAB)
             out["rehab"] = {"state": _state(model), "report": rep.to_dict()}
     out["prehab"] = prehab_run(rank, world)
+    out["prehab-tail"] = prehab_run(rank, world, lam=0.3, surrogate="tail", keep_ratio=KEEP)
     return out
 
 
-def prehab_run(rank: int = 0, world: int = 1, lam: float = PREHAB["lam"]) -> dict:
+def prehab_run(rank: int = 0, world: int = 1, lam: float = PREHAB["lam"], **kw) -> dict:
     from prehab_svd.prehab import prehab
 
     model = tiny_model("llama", **SHAPE)
-    rep = prehab(model, calibration()[rank::world], training(world, rank), **{**PREHAB, "lam": lam})
+    rep = prehab(model, calibration()[rank::world], training(world, rank), **{**PREHAB, "lam": lam, **kw})
     return {"state": _state(model), "report": rep.to_dict()}
 
 

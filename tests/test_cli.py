@@ -167,11 +167,27 @@ def test_prehab_then_zs_svd_with_rehab(tiny_llama_dir, tmp_path, capsys):
     assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["perplexity"] > 1
 
 
+def test_prehab_tail_surrogate(tiny_llama_dir, tmp_path, capsys):
+    """--surrogate tail --keep-ratio: the logged surrogate is the whitened tail fraction, and falls."""
+    pre = tmp_path / "prehab"
+    code, stdout, _ = run(["prehab", tiny_llama_dir, "--out", pre, "--steps", 6, "--lr", 1e-3, "--lam", 0.2,
+                           "--warmup-steps", 0, "--surrogate", "tail", "--keep-ratio", 0.4,
+                           "--num-samples", 4, "--train-samples", 4, "--seq-len", 32, "--batch-size", 2,
+                           "--quiet"], capsys)
+    assert code == 0, stdout
+    log = json.loads((pre / "prehab_log.json").read_text())
+    assert log["surrogate"] == "tail"
+    tails = [s["surrogate"] for s in log["steps"]]
+    assert 0 < tails[-1] < 0.6 * tails[0] < 1
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["prehab", "minilm", "--out", "{out}", "--surrogate", "trace"], None),  # argparse: exit 2
     (["prehab", "minilm", "--out", "{out}", "--steps", "0", "--num-samples", "8", "--train-samples", "8"],
      "steps must be a positive int"),
     (["prehab", "minilm", "--out", "{out}", "--train-samples", "100000"], "fewer than the 100000"),
+    (["prehab", "minilm", "--out", "{out}", "--surrogate", "tail", "--num-samples", "8", "--train-samples",
+      "8"], "surrogate='tail' needs keep_ratio"),
 ])
 def test_prehab_user_errors(argv, msg, tmp_path, capsys):
     out = tmp_path / "out"

@@ -143,6 +143,20 @@ def test_ddp_prehab_steps_match_the_single_process_steps_on_the_global_batch(run
     assert rep["stable_rank_after"] == pytest.approx(ref["stable_rank_after"], rel=1e-5)
 
 
+def test_ddp_tail_prehab_matches_the_single_process_run(runs):
+    """surrogate="tail": each rank shrinks the tails of its own layers after the step and broadcasts
+    them; the result equals one process's, and the shrinking did something (the tail fell)."""
+    single, ranks = runs
+    diff, where = _max_rel_diff(ranks[0]["prehab-tail"]["state"], single["prehab-tail"]["state"])
+    assert diff <= 1e-5, (where, diff)
+    diff1, _ = _max_rel_diff(ranks[1]["prehab-tail"]["state"], ranks[0]["prehab-tail"]["state"])
+    assert diff1 == 0
+    rep, ref = ranks[0]["prehab-tail"]["report"], single["prehab-tail"]["report"]
+    for a, b in zip(rep["steps"], ref["steps"]):
+        assert a["surrogate"] == pytest.approx(b["surrogate"], rel=1e-5)
+    assert ref["steps"][1]["surrogate"] < 0.9 * ref["steps"][0]["surrogate"]
+
+
 def test_ddp_rehab_matches_the_single_process_rehab(runs):
     single, ranks = runs
     diff, where = _max_rel_diff(ranks[0]["rehab"]["state"], single["rehab"]["state"])

@@ -113,6 +113,45 @@ def test_surrogate_gradient_matches_autograd_through_float64_svd(make_model, mak
         assert (w.grad - W.grad).norm() < 1e-4 * W.grad.norm(), n
 
 
+def test_tail_surrogate_value_and_gradient_match_float64_svd(make_model, make_batches):
+    """surrogate="tail": Σ_{i>r}σᵢ²/‖WL‖_F² at the rank keep_ratio gives each shape, its gradient
+    (top-r subspace held fixed) equal to autograd through a float64 SVD."""
+    from prehab_svd.models import rank_for
+    from prehab_svd.prehab import _square_factor
+
+    model = make_model("llama").double()
+    batches = make_batches(n=2, batch=2)
+    names = plan_targets(model).targets
+    grams = layer_input_grams(model, names, batches)
+    factors = {n: _square_factor(g, 0.0) for n, (g, _t) in grams.items()}
+    wt = WhitenedTargets(model, names, factors, keep_ratio=0.45)
+    vals = wt.values("tail")
+    vals.sum().backward()
+    for n, v in zip(names, vals):
+        w = model.get_submodule(n).weight
+        L = factors[n].to(torch.float32).to(torch.float64)
+        W = w.detach().clone().requires_grad_(True)
+        s = torch.linalg.svdvals(W @ L)
+        r = rank_for(w.shape[0], w.shape[1], 0.45)
+        ref = s[r:].square().sum() / s.square().sum()
+        ref.backward()
+        assert 0 < ref < 1 and abs(v.item() - ref.item()) < 1e-5 * ref.item(), n
+        cos = torch.nn.functional.cosine_similarity(w.grad.flatten(), W.grad.flatten(), dim=0)
+        assert cos > 0.9999 and (w.grad - W.grad).norm() < 1e-4 * W.grad.norm(), n
+
+
+def test_tail_prehab_lowers_the_truncation_error(make_model, make_batches):
+    """A short Prehab with the tail surrogate lowers svd-llm's calibration error at that keep ratio."""
+    batches = make_batches(n=3, batch=2)
+    model = make_model("llama")
+    plain = copy.deepcopy(model)
+    report = prehab(model, batches, batches, steps=15, lam=1.0, lam_start=1e-2, warmup_steps=3, lr=3e-3,
+                    surrogate="tail", keep_ratio=0.4)
+    assert report.steps[-1].surrogate < 0.7 * report.steps[0].surrogate
+    err = [sum(r.rel_error_after for r in compress(m, "svd-llm", 0.4, batches).layers) for m in (model, plain)]
+    assert err[0] < 0.7 * err[1]
+
+
 @pytest.mark.parametrize("surrogate", ["stable", "nuclear"])
 def test_short_prehab_lowers_the_mean_whitened_stable_rank(surrogate, make_model, make_batches):
     model = make_model("llama")
@@ -150,6 +189,9 @@ def test_prehab_with_lambda_zero_is_plain_fine_tuning(make_model, make_batches):
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(steps=0), "steps"),
     (dict(surrogate="trace"), "surrogate"),
+    (dict(surrogate="tail"), "needs keep_ratio"),
+    (dict(surrogate="tail", keep_ratio=1.0), "needs keep_ratio"),
+    (dict(keep_ratio=0.5), "only used by surrogate='tail'"),
     (dict(lam=-1.0), "lam"),
     (dict(optimizer="lion"), "optimizer"),
     (dict(targets=["*.nothing"]), "no nn.Linear"),
