@@ -603,10 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--lam", type=float, default=10.0, help="weight of the rank surrogate after warm-up")
     pr.add_argument("--lam-start", type=float, default=1e-3, help="its weight at step 1")
     pr.add_argument("--warmup-steps", type=int, default=10)
-    pr.add_argument("--surrogate", choices=["stable", "nuclear", "tail"], default="stable",
-                    help="tail: the whitened energy beyond the rank of --keep-ratio (needs it)")
+    pr.add_argument("--surrogate", choices=["stable", "nuclear", "tail", "compressed"], default="stable",
+                    help="tail: shrink the whitened energy beyond the rank of --keep-ratio; compressed: "
+                         "add the task loss of the model svd-llm would make at --keep-ratio (both need it)")
     pr.add_argument("--keep-ratio", type=float, default=None,
-                    help="with --surrogate tail: the keep ratio the compression after Prehab will use")
+                    help="with --surrogate tail/compressed: the keep ratio of the compression after Prehab")
     pr.add_argument("--task", default="auto", choices=["auto", "causal_lm", "distill", "contrastive"],
                     help="auto: cross-entropy for a causal LM, distillation to the original for an encoder")
     pr.add_argument("--lr", type=float, default=2e-5)

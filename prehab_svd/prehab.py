@@ -13,7 +13,9 @@
    ``surrogate="tail"`` and the planned ``keep_ratio``, fine-tunes on the task loss alone and after
    every step shrinks each layer's whitened tail beyond rank r (the part svd-llm will cut) by the
    proximal step of that penalty; its plain gradient hardly moves the tail, which lives in the
-   inputs' low-variance directions where the gradient in W is scaled down by the whitening;
+   inputs' low-variance directions where the gradient in W is scaled down by the whitening. Or, with
+   ``surrogate="compressed"``, fine-tunes on ``task(model) + λ_t·task(model compressed by svd-llm at
+   keep_ratio)``, the compressed weights ``U_r U_rᵀ W`` recomputed from W·L at every step;
 3. logs per step the task loss, the surrogate, and the mean stable rank of the whitened weights.
 
 The whitening factors stay fixed during training (the compression that follows re-measures the
@@ -27,12 +29,15 @@ computes the regularizer of its own layers only (:mod:`prehab_svd.distributed`).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as _dist
@@ -51,7 +56,7 @@ __all__ = ["prehab", "PrehabReport", "PrehabStep", "layer_input_grams", "Whitene
 class PrehabStep:
     step: int
     task_loss: float
-    surrogate: float  # mean over layers of the penalised surrogate (stable, nuclear or tail)
+    surrogate: float  # mean over layers of the surrogate (stable, nuclear, tail); "compressed": its task loss
     stable_rank: float  # mean stable rank of the whitened weights W·L
     lam: float
     loss: float
@@ -94,6 +99,9 @@ class PrehabReport:
             lines.append(f"task loss {first.task_loss:.4f} (step 1) -> {last.task_loss:.4f} "
                          f"(step {last.step})")
         return "\n".join(lines)
+
+
+SURROGATES = ("stable", "nuclear", "tail", "compressed")
 
 
 def lambda_schedule(step: int, lam: float, lam_start: float, warmup_steps: int) -> float:
@@ -250,6 +258,29 @@ class WhitenedTargets:
         tail = M - Ur @ (Ur.mT @ M)
         return tail.square().sum((-2, -1)) / M.square().sum((-2, -1)).clamp_min(1e-30)
 
+    @contextmanager
+    def truncated(self):
+        """Within the block, every held layer computes with ``U_r U_rᵀ W`` instead of ``W``: svd-llm's
+        rank-r compression of it (``(W·L)_r L⁻¹``, the truncation of the whitened weight mapped
+        back), with U_r (the top-r left singular vectors of ``W·L``) fixed at entry. Gradients reach W
+        through the projection (U_r held constant). Layers that stay dense at ``keep_ratio`` are
+        left as they are."""
+        patched = []
+        with torch.no_grad():
+            for group, lins, Ls, _start in self._groups:
+                W = torch.stack([lin.weight for lin in lins]).float()
+                if rank_for(W.shape[1], W.shape[2], self.keep_ratio) is None:
+                    continue
+                for lin, Ur in zip(lins, self._top_left(W @ Ls).unbind(0)):
+                    patched.append((lin, Ur))
+        try:
+            for lin, Ur in patched:
+                lin.forward = functools.partial(_projected_linear, lin, Ur)
+            yield
+        finally:
+            for lin, _Ur in patched:
+                lin.__dict__.pop("forward", None)
+
     @torch.no_grad()
     def shrink_tail(self, frac: float) -> None:
         """The proximal step of the tail penalty: remove ``frac`` of every weight's whitened tail,
@@ -275,6 +306,11 @@ class WhitenedTargets:
                 M = lin.weight.detach().to(torch.float64) @ L.to(torch.float64)
                 res[n] = torch.linalg.svdvals(M).cpu()
         return [res[n] for n in self.names]
+
+
+def _projected_linear(lin: nn.Linear, Ur: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    W = lin.weight
+    return F.linear(x, (Ur @ (Ur.mT @ W.to(Ur.dtype))).to(W.dtype), lin.bias)
 
 
 def _all_spectra(targets_w, names: list) -> list:
@@ -356,6 +392,11 @@ def prehab(
             after each optimizer step on the task loss, its proximal step removes the fraction
             λ_t/(1+λ_t) of every layer's whitened tail (``W ← W − f·(I − U_r U_rᵀ) W``), so λ is a
             rate per step (0.01 removes about 63% of the tail over 100 steps), not a weight.
+            "compressed": the task loss of the model as svd-llm would compress it at ``keep_ratio``
+            (every W replaced by ``U_r U_rᵀ W``, U_r the top-r left singular vectors of W·L, held
+            fixed within the step), so training minimizes ``task(dense) + λ·task(compressed)``: the
+            dense model stays close to the original while the compressed one improves. Costs a
+            second forward/backward and the SVD of every W·L per step. λ 1 is a good start.
         keep_ratio: the compression planned after Prehab (surrogate "tail" only).
         task: "auto" (cross-entropy for a causal LM, embedding distillation to the original model for
             an encoder), "causal_lm", "distill", "contrastive", or a callable loss(model, batch).
@@ -379,15 +420,16 @@ def prehab(
     t0 = time.perf_counter()
     _check_positive_int("steps", steps)
     _check_positive_int("warmup_steps", warmup_steps, allow_zero=True)
-    if surrogate not in ("stable", "nuclear", "tail"):
-        raise PrehabError(f"surrogate must be 'stable', 'nuclear' or 'tail', got {surrogate!r}")
-    if surrogate == "tail":
+    if surrogate not in SURROGATES:
+        raise PrehabError(f"surrogate must be one of {', '.join(map(repr, SURROGATES))}, got {surrogate!r}")
+    if surrogate in ("tail", "compressed"):
         if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) \
                 or not 0 < keep_ratio < 1:
-            raise PrehabError("surrogate='tail' needs keep_ratio, the fraction of parameters the "
+            raise PrehabError(f"surrogate={surrogate!r} needs keep_ratio, the fraction of parameters the "
                               f"compression after Prehab keeps, in (0, 1); got {keep_ratio!r}")
     elif keep_ratio is not None:
-        raise PrehabError(f"keep_ratio is only used by surrogate='tail' (got surrogate={surrogate!r})")
+        raise PrehabError("keep_ratio is only used by surrogate='tail' or 'compressed' (got "
+                          f"surrogate={surrogate!r})")
     if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
         raise PrehabError(f"lam must be a finite number >= 0, got {lam!r}")
     if not (isinstance(lam_start, (int, float)) and lam_start > 0):
@@ -443,14 +485,25 @@ def prehab(
         # the inputs' low-variance directions) would hardly move (measured on MiniLM).
         penalised = surrogate != "tail"
         owner_of = {n: _dist.owner(i) for i, n in enumerate(names)}
+        # "compressed": the regularizer is the task loss of the whole model as svd-llm would compress
+        # it, so every rank needs every layer's projection (computed alike on each rank).
+        project = None
+        if surrogate == "compressed":
+            every = {n: factors[n] if n in factors else _square_factor(grams[n][0], damping) for n in names}
+            project = WhitenedTargets(model, names, every, keep_ratio=keep_ratio)
+
+        def task_of(m, batch):
+            if autocast is not None:
+                with autocast:
+                    return loss_fn(m, batch)
+            return loss_fn(m, batch)
 
         def losses(m, batch):
             """The task loss and this rank's surrogate values (one call, so DDP sees both)."""
-            if autocast is not None:
-                with autocast:
-                    task_loss = loss_fn(m, batch)
-            else:
-                task_loss = loss_fn(m, batch)
+            task_loss = task_of(m, batch)
+            if project is not None:
+                with project.truncated():
+                    return task_loss, task_of(m, batch).float().reshape(1)
             vals = targets_w.values(surrogate, grad=penalised) if targets_w is not None else None
             return task_loss, vals
 
@@ -473,10 +526,14 @@ def prehab(
             else:
                 # DDP averages the gradients over the ranks: the own-layer regularizer times the world
                 # size gives each layer's regularizer gradient once, as in the single-process mean.
-                reg = vals.sum() * (world / len(names)) if vals is not None else task_loss.new_zeros(())
+                # ("compressed" is a task loss of this rank's batch: averaged by DDP like the task.)
+                per_layer = project is None
+                reg = (vals.sum() * (world / len(names) if per_layer else 1.0) if vals is not None
+                       else task_loss.new_zeros(()))
                 reg_own = sr_own = 0.0
                 if vals is not None:
                     reg_own = vals.sum().item()
+                if targets_w is not None:
                     sr_own = reg_own if surrogate == "stable" else targets_w.values(
                         "stable", grad=False).sum().item()
                 task_sum, reg_sum, sr_sum = _dist.all_reduce_floats([task_loss.item(), reg_own, sr_own])
@@ -485,7 +542,7 @@ def prehab(
                     raise PrehabError(f"the task loss is {task_g} (mean over the ranks) at step "
                                       f"{step + 1}; lower the learning rate or train in float32")
                 loss = task_loss.float() + lam_t * reg
-                mean_reg = reg_sum / len(names)
+                mean_reg = reg_sum / (len(names) if per_layer else world)
                 logged = (task_g, mean_reg, sr_sum / len(names), task_g + lam_t * mean_reg)
             loss.backward()
             if grad_clip is not None:  # after DDP's averaging: the same on every rank

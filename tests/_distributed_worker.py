@@ -67,6 +67,7 @@ def recipe(rank: int = 0, world: int = 1) -> dict:
             out["rehab"] = {"state": _state(model), "report": rep.to_dict()}
     out["prehab"] = prehab_run(rank, world)
     out["prehab-tail"] = prehab_run(rank, world, lam=0.3, surrogate="tail", keep_ratio=KEEP)
+    out["prehab-compressed"] = prehab_run(rank, world, lam=1.0, surrogate="compressed", keep_ratio=KEEP)
     return out
 
 

@@ -157,6 +157,21 @@ def test_ddp_tail_prehab_matches_the_single_process_run(runs):
     assert ref["steps"][1]["surrogate"] < 0.9 * ref["steps"][0]["surrogate"]
 
 
+def test_ddp_compressed_prehab_matches_the_single_process_run(runs):
+    """surrogate="compressed": each rank runs the compressed forward on its shard (every rank
+    projects every layer alike); DDP's averaged step equals one process's step on the global batch,
+    and the logged compressed-model loss is the global mean."""
+    single, ranks = runs
+    diff, where = _max_rel_diff(ranks[0]["prehab-compressed"]["state"], single["prehab-compressed"]["state"])
+    assert diff <= 1e-5, (where, diff)
+    moved, _ = _max_rel_diff(single["prehab-lam0"]["state"], single["prehab-compressed"]["state"])
+    assert moved > 1e-3  # the compressed loss moved the weights (beyond what the task alone does)
+    rep, ref = ranks[0]["prehab-compressed"]["report"], single["prehab-compressed"]["report"]
+    for a, b in zip(rep["steps"], ref["steps"]):
+        for key in ("task_loss", "surrogate", "stable_rank", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
 def test_ddp_rehab_matches_the_single_process_rehab(runs):
     single, ranks = runs
     diff, where = _max_rel_diff(ranks[0]["rehab"]["state"], single["rehab"]["state"])

@@ -152,6 +152,55 @@ def test_tail_prehab_lowers_the_truncation_error(make_model, make_batches):
     assert err[0] < 0.7 * err[1]
 
 
+def test_truncated_forward_is_the_svd_llm_compressed_model(make_model, make_batches):
+    """Inside WhitenedTargets.truncated() the model computes what svd-llm's compression at that keep
+    ratio computes (same calibration), and the layers are restored afterwards."""
+    from prehab_svd.prehab import _square_factor
+
+    model = make_model("llama")
+    batches = make_batches(n=3, batch=2)
+    names = plan_targets(model).targets
+    grams = layer_input_grams(model, names, batches)
+    wt = WhitenedTargets(model, names, {n: _square_factor(g, 0.0) for n, (g, _t) in grams.items()},
+                         keep_ratio=0.4)
+    compressed = copy.deepcopy(model)
+    compress(compressed, "svd-llm", 0.4, batches)
+    with torch.no_grad():
+        want, dense = compressed(**batches[0]).logits, model(**batches[0]).logits
+        with wt.truncated():
+            got = model(**batches[0]).logits
+        again = model(**batches[0]).logits
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (dense - want).abs().max() > 1e-2 * want.abs().max()  # the truncation does change it
+    assert torch.equal(again, dense)
+    assert all("forward" not in model.get_submodule(n).__dict__ for n in names)
+
+
+def test_compressed_surrogate_makes_svd_llm_closer_to_the_original(make_model, make_batches):
+    """surrogate="compressed" with a distillation task (logits to the original's): after a short
+    Prehab, svd-llm at that keep ratio lands much closer to the original than svd-llm of the
+    original itself, while the dense model stays closer still."""
+    batches = make_batches(n=3, batch=2)
+    original = make_model("llama")
+    tuned, plain = copy.deepcopy(original), copy.deepcopy(original)
+
+    def distance(m, batch):
+        with torch.no_grad():
+            ref = original(**batch).logits
+        return (m(**batch).logits - ref).square().mean() / ref.square().mean()
+
+    report = prehab(tuned, batches, batches, steps=20, lam=1.0, warmup_steps=0, lr=3e-4,
+                    surrogate="compressed", keep_ratio=0.4, task=distance)
+    assert report.steps[-1].surrogate < 0.5 * report.steps[0].surrogate
+    compress(tuned, "svd-llm", 0.4, batches)
+    compress(plain, "svd-llm", 0.4, batches)
+    with torch.no_grad():
+        after = sum(distance(tuned, b) for b in batches).item()
+        before = sum(distance(plain, b) for b in batches).item()
+    assert after < 0.5 * before
+    assert report.steps[-1].task_loss < 0.5 * report.steps[-1].surrogate
+
+
 @pytest.mark.parametrize("surrogate", ["stable", "nuclear"])
 def test_short_prehab_lowers_the_mean_whitened_stable_rank(surrogate, make_model, make_batches):
     model = make_model("llama")
@@ -191,7 +240,8 @@ def test_prehab_with_lambda_zero_is_plain_fine_tuning(make_model, make_batches):
     (dict(surrogate="trace"), "surrogate"),
     (dict(surrogate="tail"), "needs keep_ratio"),
     (dict(surrogate="tail", keep_ratio=1.0), "needs keep_ratio"),
-    (dict(keep_ratio=0.5), "only used by surrogate='tail'"),
+    (dict(keep_ratio=0.5), "only used by surrogate='tail' or 'compressed'"),
+    (dict(surrogate="compressed"), "needs keep_ratio"),
     (dict(lam=-1.0), "lam"),
     (dict(optimizer="lion"), "optimizer"),
     (dict(targets=["*.nothing"]), "no nn.Linear"),
