@@ -364,10 +364,23 @@ DEMO_DEFAULT = ("svd", "asvd", "svd-llm", "aa-svd", "zs-svd", "prehab+aa-svd")
 # train on built-in sentences disjoint from the calibration and held-out ones.
 # Prehab: the best of the settings measured on MiniLM (results/prehab_minilm.md) -- it still does not
 # beat compression without Prehab there.
-DEMO_PREHAB = dict(steps=100, lam=0.005, surrogate="nuclear", lr=0.05, optimizer="sgd")
+# Prehab for the demo: task(dense) + λ·task(the model svd-llm makes at the smallest demo keep ratio),
+# the setting measured in results/prehab_minilm.md.
+DEMO_PREHAB = dict(steps=100, lam=1.0, surrogate="compressed", lr=1e-4, optimizer="adamw")
 DEMO_REHAB = dict(steps=100, lr=1e-4, lora_rank=8)
 DEMO_ZS = dict(grad_samples=64)  # min_rank_fraction: the default, 0.75·keep_ratio
 DEMO_TRAIN = dict(batch_size=16, max_length=64)
+
+
+def demo_prehab_options(options, ratios) -> dict:
+    """The demo's Prehab settings with ``options`` applied; a surrogate that compresses at a planned
+    keep ratio ("tail", "compressed") targets the smallest of ``ratios`` unless told otherwise."""
+    opts = dict(DEMO_PREHAB, **(options or {}))
+    if opts.get("surrogate") in ("tail", "compressed"):
+        opts.setdefault("keep_ratio", min(ratios))
+    else:
+        opts.pop("keep_ratio", None)
+    return opts
 
 
 def parse_demo_method(name: str) -> tuple[bool, str, bool]:
@@ -390,8 +403,8 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
 
     ``keep_ratio`` may be a list (every method at every ratio). A method is
     ``[prehab+]METHOD[+rehab]``: "prehab+" first fine-tunes a copy of the model with Prehab
-    (distillation to the original's embeddings + a rank surrogate; done once and shared, and reported
-    as the row "prehab (dense)"), "+rehab" ends with LoRA recovery (distillation to the original).
+    (distillation to the original's embeddings + the task loss of the model svd-llm makes at the
+    smallest keep ratio; done once and shared, and reported as the row "prehab (dense)"), "+rehab" ends with LoRA recovery (distillation to the original).
     ``artifacts``, a dict, receives the reports: ``(method, keep_ratio) -> CompressionReport`` and
     ``"prehab" -> PrehabReport``.
     """
@@ -416,7 +429,7 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
                                   max_length=max_length)
     held = data.sentence_batches(tokenizer, eval_texts[:num_eval], batch_size=batch_size,
                                  max_length=max_length)
-    pre_opts = dict(DEMO_PREHAB, **(prehab_options or {}))
+    pre_opts = demo_prehab_options(prehab_options, ratios)
     re_opts = dict(DEMO_REHAB, **(rehab_options or {}))
     zs_opts = dict(DEMO_ZS, **(zs_options or {}))
     n_train = DEMO_TRAIN["batch_size"] * max(pre_opts["steps"], re_opts["steps"])

@@ -92,6 +92,13 @@ def test_console_script_entry_point(tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_demo_prehab_targets_the_smallest_keep_ratio():
+    assert cli.demo_prehab_options(None, [0.6, 0.4]) == dict(cli.DEMO_PREHAB, keep_ratio=0.4)
+    assert cli.demo_prehab_options({"keep_ratio": 0.5}, [0.6, 0.4])["keep_ratio"] == 0.5
+    nuclear = cli.demo_prehab_options({"surrogate": "nuclear", "lam": 0.005}, [0.6])
+    assert nuclear["surrogate"] == "nuclear" and "keep_ratio" not in nuclear
+
+
 def test_demo_orders_methods():
     """The embedded demo at its defaults (256 calibration, 512 held-out sentences of the built-in
     corpus, keep_ratio 0.6): AA-SVD >= SVD-LLM > ASVD > SVD in embedding fidelity.

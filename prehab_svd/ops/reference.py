@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "compute_dtype",
@@ -206,11 +207,9 @@ def stable_rank(
 def lowrank_linear(
     x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """y = (x Vᵀ) Uᵀ + bias, two GEMMs through the rank-r bottleneck."""
-    x2 = x.reshape(-1, x.shape[-1])
-    t = torch.mm(x2, V.mT)
-    y = torch.mm(t, U.mT) if bias is None else torch.addmm(bias, t, U.mT)
-    return y.reshape(*x.shape[:-1], U.shape[0])
+    """y = (x Vᵀ) Uᵀ + bias, two GEMMs through the rank-r bottleneck (``F.linear``: the same BLAS
+    calls as ``mm``/``addmm`` on the flattened tokens, with the least host work per call)."""
+    return F.linear(F.linear(x, V), U, bias)
 
 
 def lowrank_linear_backward(
