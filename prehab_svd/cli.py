@@ -359,7 +359,7 @@ def _check_ratio(r: float):
         raise PrehabError(str(e).replace("keep_ratio", "--keep-ratio", 1)) from None
 
 
-DEMO_DEFAULT = ("svd", "asvd", "svd-llm", "aa-svd", "zs-svd", "prehab+aa-svd")
+DEMO_DEFAULT = ("svd", "asvd", "svd-llm", "aa-svd", "zs-svd", "prehab+svd-llm", "prehab+aa-svd")
 # The demo's training settings (how they were chosen: results/methods_minilm.md). Prehab and rehab
 # train on built-in sentences disjoint from the calibration and held-out ones.
 # Prehab: the best of the settings measured on MiniLM (results/prehab_minilm.md) -- it still does not

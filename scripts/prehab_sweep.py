@@ -1,4 +1,4 @@
-"""Prehab settings on the real all-MiniLM-L6-v2: does Prehab + svd-llm beat svd-llm alone?
+"""Prehab settings on the real all-MiniLM-L6-v2: does Prehab + a method beat the method alone?
 
 For each setting (a JSON dict of ``prehab()`` keyword arguments, plus optional "bs"/"ml": training
 batch size and max tokens), fine-tunes a copy of MiniLM with Prehab (distillation to the original's
@@ -7,8 +7,10 @@ calibration and the 512 held-out ones), then compresses it with each method at k
 0.4, and prints the held-out embedding fidelity to the ORIGINAL model (cosine, nearest-neighbour
 agreement). BASE=1 also prints the methods without Prehab. METHODS=svd-llm,aa-svd picks methods.
 
-Usage: BASE=1 python scripts/prehab_sweep.py '{"surrogate": "nuclear", "lam": 0.005, "lr": 0.05,
-       "optimizer": "sgd", "steps": 100}' ...        (about 10 minutes per nuclear setting, 2 cores)
+Usage: BASE=1 METHODS=svd-llm,aa-svd python scripts/prehab_sweep.py '{"surrogate": "compressed",
+       "keep_ratio": 0.6, "lam": 1.0, "lr": 1e-4, "optimizer": "adamw", "steps": 100}' ...
+       (about 6 minutes of training per setting on 2 cores, and 1-2 minutes per compression;
+       results/prehab_minilm.md has the settings measured)
 """
 
 import copy
