@@ -489,8 +489,12 @@ def prehab(
         # it, so every rank needs every layer's projection (computed alike on each rank).
         project = None
         if surrogate == "compressed":
-            every = {n: factors[n] if n in factors else _square_factor(grams[n][0], damping) for n in names}
-            project = WhitenedTargets(model, names, every, keep_ratio=keep_ratio)
+            if targets_w is not None and len(own) == len(names):  # one process: the same stacks
+                project = targets_w
+            else:
+                every = {n: factors[n] if n in factors else _square_factor(grams[n][0], damping)
+                         for n in names}
+                project = WhitenedTargets(model, names, every, keep_ratio=keep_ratio)
 
         def task_of(m, batch):
             if autocast is not None:

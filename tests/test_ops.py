@@ -249,6 +249,19 @@ def test_stable_rank_matches_svd_oracle(kind, B, m, n, dtype, whiten):
     assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("e", [-20, 20])
+def test_stable_rank_of_16_bit_weights_far_from_unit_scale(e):
+    """fp16 W near 2^-20 (and bf16 near 2^20): the op's power-of-two rescaling keeps its scale in
+    fp32 (2^20 does not fit fp16), so the answer is that of the same numbers in fp32."""
+    torch.manual_seed(7)
+    dtype = torch.float16 if e < 0 else torch.bfloat16
+    W = (torch.randn(2, 9, 6) * 2.0 ** e).to(dtype)
+    v, g, _ = ops.stable_rank(W, kind="stable", iters=30, backend="torch")
+    v32, g32, _ = ops.stable_rank(W.float(), kind="stable", iters=30, backend="torch")
+    assert torch.isfinite(v).all() and torch.isfinite(g).all()
+    assert torch.allclose(v, v32, rtol=1e-5) and torch.allclose(g, g32, rtol=1e-4, atol=1e-6 * g32.abs().max())
+
+
 @pytest.mark.parametrize("kind", ["stable", "nuclear"])
 def test_stable_rank_unbatched(kind):
     g = gen("sr2d", kind)

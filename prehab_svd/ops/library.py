@@ -51,16 +51,6 @@ def _covariance_update_fake(G, x, C, y, backend):
 # ---------------------------------------------------------------------------------------------
 # stable_rank
 # ---------------------------------------------------------------------------------------------
-def _pow2_normalized(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A·2^-e, 2^-e) per matrix of A [..., m, n], with 2^e the power of two just above max |A|;
-    e = 0 (A itself) when |e| <= 16 or A is zero or not finite."""
-    amax = A.detach().abs().amax(dim=(-2, -1), keepdim=True).float()
-    _, e = torch.frexp(amax)
-    e = torch.where(torch.isfinite(amax) & (amax > 0) & (e.abs() > 16), e, torch.zeros_like(e))
-    scale = torch.ldexp(torch.ones_like(amax), -e)
-    return A * scale.to(A.dtype), scale
-
-
 @torch.library.custom_op("prehab_svd::stable_rank", mutates_args=())
 def stable_rank_op(
     W: torch.Tensor,
@@ -75,10 +65,10 @@ def stable_rank_op(
     # largest entry is outside [2^-16, 2^16] is scaled by a power of two (exact) to max |entry| in
     # [0.5, 1) before any backend sees it, so no fp32 product of the kernels over- or underflows
     # (unscaled, the value silently came out 0 beyond about 1e±9), and the gradient is scaled back.
-    # Weights of ordinary size are passed through untouched.
-    W, w_scale = _pow2_normalized(W)
+    # Weights of ordinary size are multiplied by 1. (The reference also normalizes M = W L itself.)
+    W, w_scale = reference.pow2_normalized(W, keep_within=16)
     if L is not None:
-        L, _ = _pow2_normalized(L)
+        L, _ = reference.pow2_normalized(L, keep_within=16)
     value, grad, new_state = impl(W, L, kind, state, iters)
     grad = grad * w_scale.to(grad.dtype)
     # custom ops must not return views of their inputs

@@ -162,6 +162,18 @@ def _nuclear_value_grad(M: torch.Tensor, iters: Optional[int]) -> tuple[torch.Te
     return value, grad
 
 
+def pow2_normalized(A: torch.Tensor, keep_within: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A·2^-e, 2^-e)`` per matrix of A [..., m, n], with 2^e the power of two just above max |A|
+    (exact scaling; the scale is in fp32, or fp64 for fp64 A, so 16-bit A never overflows it).
+    ``e = 0`` (A itself) when ``|e| <= keep_within`` or A is zero or not finite."""
+    wd = torch.promote_types(A.dtype, torch.float32)
+    amax = A.detach().abs().amax(dim=(-2, -1), keepdim=True).to(wd)
+    _, e = torch.frexp(amax)
+    e = torch.where(torch.isfinite(amax) & (amax > 0) & (e.abs() > keep_within), e, torch.zeros_like(e))
+    scale = torch.ldexp(torch.ones_like(amax), -e)
+    return (A.to(wd) * scale).to(A.dtype), scale  # no host sync to test whether e is 0
+
+
 def stable_rank(
     W: torch.Tensor,
     L: Optional[torch.Tensor],
@@ -184,9 +196,7 @@ def stable_rank(
     # Both surrogates are scale-invariant and their gradients homogeneous of degree -1, so they run
     # on M·2^-e with 2^e ≈ max|M| (exact: a power of two). Unscaled, fp32 ‖MᵀMv‖² and ‖M‖_F² over- or
     # underflow for |M| beyond about 1e±9 and the value silently came out 0.
-    _, e = torch.frexp(M.abs().amax(dim=(1, 2)))
-    inv = torch.ldexp(torch.ones_like(M[:, 0, 0]), -e)[:, None, None]  # 1 for a zero (or NaN) M
-    M = M * inv
+    M, inv = pow2_normalized(M)
     if kind == "stable":
         value, grad_M, new_state = _stable_value_grad(M, state, iters)
     elif kind == "nuclear":
