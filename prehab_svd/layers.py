@@ -117,12 +117,11 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int):
         """Plain truncated SVD of ``linear.weight`` (computed in float64), balanced factors."""
-        from .linalg import balanced_factors, truncated_svd
+        from .linalg import balanced_factors, check_rank, truncated_svd
 
         if not isinstance(linear, nn.Linear):
             raise PrehabError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        if not isinstance(rank, int) or rank < 1:
-            raise PrehabError(f"rank must be a positive integer, got {rank!r}")
+        rank = check_rank(rank)
         W = linear.weight.detach()
         U, S, Vh = truncated_svd(W.to(torch.float64), rank)
         A, B = balanced_factors(U, S, Vh, rank, W.dtype, W.device)

@@ -85,3 +85,6 @@ def test_bad_arguments():
         LowRankLinear.from_factors(torch.randn(4, 2), torch.randn(2, 5), torch.randn(3))
     with pytest.raises(PrehabError, match="nn.Linear"):
         LowRankLinear.from_linear(nn.ReLU(), 2)
+    for bad in (0, True, 2.0):  # the same rank check as the closed forms (linalg.check_rank)
+        with pytest.raises(PrehabError, match="rank must be a positive integer"):
+            LowRankLinear.from_linear(nn.Linear(4, 4), bad)
