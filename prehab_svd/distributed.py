@@ -35,6 +35,9 @@ What is distributed, and how:
   rank ``i % world`` and scaled by the world size, so that after DDP's averaging the update equals the
   single-process update on the global batch (when every rank's batch carries the same weight in the
   task loss, e.g. the same number of scored tokens). Logged numbers are global on every rank.
+  ``prehab(..., parallel="fsdp")`` (or a model already sharded with FSDP2's ``fully_shard``) shards
+  the parameters, gradients and optimizer state instead, for a model that does not fit one device;
+  the regularizer is still computed per layer on its owner (:mod:`prehab_svd.fsdp`).
 
 An error raised on one rank only (say, NaN activations in its shard) leaves the other ranks waiting in
 their next collective until the process group's timeout; under ``torchrun`` the failed worker ends the

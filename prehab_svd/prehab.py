@@ -23,8 +23,9 @@ covariances of the fine-tuned model). Then compress with a whitening method (``s
 ``zs-svd``), optionally followed by :func:`prehab_svd.rehab.rehab`.
 
 Under an initialized ``torch.distributed`` process group, every rank calls ``prehab`` with its shard of
-the batches: the covariances are summed over the ranks, training is data-parallel (DDP) and each rank
-computes the regularizer of its own layers only (:mod:`prehab_svd.distributed`).
+the batches: the covariances are summed over the ranks, training is data-parallel (DDP, or FSDP2 with
+the parameters sharded: :mod:`prehab_svd.fsdp`) and each rank computes the regularizer of its own
+layers only (:mod:`prehab_svd.distributed`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as _dist
+from . import fsdp as _fsdp
 from . import ops
 from .compression import _as_batch, _check_finite, _select_tokens, _token_mask
 from .errors import PrehabError
@@ -187,6 +189,10 @@ class WhitenedTargets:
     ``owned``: hold only these of ``names`` (a rank's shard of the layers; their ``factors`` suffice).
     Each still gets the cold power-iteration start it would have in the stack of all ``names`` of its
     shape, so its values do not depend on how the layers are split over ranks.
+
+    ``weights``: None reads (and, for ``shrink_tail``, writes) each layer's ``weight``; a dict
+    ``{name: full weight}`` is used instead where the layers' own weights are not whole tensors (FSDP2
+    shards; :mod:`prehab_svd.fsdp` gathers them), and ``shrink_tail`` replaces its entries.
     """
 
     def __init__(self, model: nn.Module, names: list, factors: dict, *, backend: str = "auto",
@@ -195,6 +201,7 @@ class WhitenedTargets:
         self.names = [n for n in names if n in keep]
         self.backend = backend
         self.keep_ratio = keep_ratio
+        self.weights: dict | None = None
         self._groups = []  # (names, [linear modules], L stack, cold start [B, n] or None)
         by_shape: dict = {}
         for n in names:
@@ -215,10 +222,15 @@ class WhitenedTargets:
             self._groups.append((group, lins, Ls, start))
         self._state: dict = {}  # (kind, group index) -> state [B, n]
 
+    def _stack(self, group: list, lins: list) -> torch.Tensor:
+        if self.weights is not None:
+            return torch.stack([self.weights[n] for n in group])
+        return torch.stack([lin.weight for lin in lins])
+
     def values(self, kind: str, *, grad: bool = True) -> torch.Tensor:
         out = {}
         for gi, (group, lins, Ls, start) in enumerate(self._groups):
-            W = torch.stack([lin.weight for lin in lins])
+            W = self._stack(group, lins)
             if not grad:
                 W = W.detach()
             if kind == "tail":
@@ -265,14 +277,8 @@ class WhitenedTargets:
         back), with U_r (the top-r left singular vectors of ``W·L``) fixed at entry. Gradients reach W
         through the projection (U_r held constant). Layers that stay dense at ``keep_ratio`` are
         left as they are."""
-        patched = []
-        with torch.no_grad():
-            for group, lins, Ls, _start in self._groups:
-                W = torch.stack([lin.weight for lin in lins]).float()
-                if rank_for(W.shape[1], W.shape[2], self.keep_ratio) is None:
-                    continue
-                for lin, Ur in zip(lins, self._top_left(W @ Ls).unbind(0)):
-                    patched.append((lin, Ur))
+        lin_of = {n: lin for group, lins, _Ls, _start in self._groups for n, lin in zip(group, lins)}
+        patched = [(lin_of[n], Ur) for n, Ur in self.projections().items()]
         try:
             for lin, Ur in patched:
                 lin.forward = functools.partial(_projected_linear, lin, Ur)
@@ -289,22 +295,36 @@ class WhitenedTargets:
         That is ``M ← M_r + (1 − frac)·M_tail`` for ``M = W·L`` (the tail is ``(I − U_r U_rᵀ) W·L``,
         so no inverse of L is needed); ``frac = 1`` would be svd-llm's truncation itself."""
         for group, lins, Ls, _start in self._groups:
-            W = torch.stack([lin.weight for lin in lins])
+            W = self._stack(group, lins)
             if rank_for(W.shape[1], W.shape[2], self.keep_ratio) is None:
                 continue
             Wf = W.float()
             Ur = self._top_left(Wf @ Ls)
-            new = Wf - frac * (Wf - Ur @ (Ur.mT @ Wf))
-            for lin, w in zip(lins, new.unbind(0)):
-                lin.weight.copy_(w.to(lin.weight.dtype))
+            new = (Wf - frac * (Wf - Ur @ (Ur.mT @ Wf))).to(W.dtype)
+            for n, lin, w in zip(group, lins, new.unbind(0)):
+                if self.weights is not None:
+                    self.weights[n] = w
+                else:
+                    lin.weight.copy_(w)
+
+    @torch.no_grad()
+    def projections(self) -> dict:
+        """``{name: U_r}`` for the held layers that the compression at ``keep_ratio`` truncates: the
+        top-r left singular vectors of their ``W·L`` now (fp32), as :meth:`truncated` uses them."""
+        out = {}
+        for group, lins, Ls, _start in self._groups:
+            W = self._stack(group, lins).float()
+            if rank_for(W.shape[1], W.shape[2], self.keep_ratio) is None:
+                continue
+            out.update(zip(group, self._top_left(W @ Ls).unbind(0)))
+        return out
 
     def spectra(self) -> list:
         """Per-layer singular values of W·L now (fp64 SVD, on the CPU), in the order of ``names``."""
         res = {}
         for group, lins, Ls, _start in self._groups:
-            for n, lin, L in zip(group, lins, Ls):
-                M = lin.weight.detach().to(torch.float64) @ L.to(torch.float64)
-                res[n] = torch.linalg.svdvals(M).cpu()
+            for n, W, L in zip(group, self._stack(group, lins).detach().unbind(0), Ls):
+                res[n] = torch.linalg.svdvals(W.to(torch.float64) @ L.to(torch.float64)).cpu()
         return [res[n] for n in self.names]
 
 
@@ -329,6 +349,81 @@ def stable_rank_of(spectrum: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def _own_stable_rank_sum(targets_w, surrogate: str, reg_own: float) -> float:
+    """The sum of the whitened stable ranks of this rank's layers (for the log): ``reg_own`` itself
+    for the stable surrogate, else computed (0 for a rank without layers)."""
+    if targets_w is None:
+        return 0.0
+    return reg_own if surrogate == "stable" else targets_w.values("stable", grad=False).sum().item()
+
+
+def _fsdp_losses_and_grads(model, names, owner_of, targets_w, surrogate, keep_ratio, task_of, batch,
+                           lam_t):
+    """One Prehab step's forward and backward passes on an FSDP2-sharded model; leaves the whole
+    step's gradient (task + λ·regularizer) in the parameters' gradient shards.
+
+    ``targets_w.weights`` holds the owned layers' whole weights (gathered by the caller). Returns
+    (this rank's task loss, the sum of its own layers' surrogate values or, for "compressed", its
+    compressed-model loss, the sum of its own layers' whitened stable ranks).
+
+    * "stable"/"nuclear": FSDP reduce-scatters the task gradient; each owner differentiates
+      ``λ/len(names)·Σ R`` of its layers with respect to their whole weights and scatters that
+      gradient into the shards (added, not averaged: each layer's regularizer counts once).
+    * "tail": the task gradient only (the proximal step follows the optimizer step).
+    * "compressed": after the task backward, the projected layers' task gradients are set aside;
+      each owner scatters its layers' projected weights ``U_r U_rᵀ W`` into the shards, the model
+      runs forward and backward on ``λ·task``, the weights are restored, and each owner maps its
+      layers' gradients back through the projection (``U_r U_rᵀ G``, U_r fixed: the chain rule of
+      the single-process ``task(U_r U_rᵀ W)``) and scatters them; the task gradients are added
+      back. The other parameters accumulate both backward passes' gradients as they are.
+    """
+    task_loss = task_of(model, batch)
+    task_loss.float().backward()
+    full = targets_w.weights if targets_w is not None else {}
+    reg_own = 0.0
+    if surrogate in ("stable", "nuclear"):
+        grads = {}
+        if targets_w is not None:
+            for w in full.values():
+                w.requires_grad_(True)
+            vals = targets_w.values(surrogate)
+            (vals.sum() * (lam_t / len(names))).backward()
+            grads = {n: w.grad for n, w in full.items()}
+            reg_own = vals.sum().item()
+            for w in full.values():
+                w.requires_grad_(False)
+        _fsdp.scatter_from_owners(model, names, owner_of, grads, into="grad", add=True)
+    elif surrogate == "tail":
+        if targets_w is not None:
+            reg_own = targets_w.values("tail", grad=False).sum().item()
+    else:
+        projected = [n for n in names  # the same list on every rank: from the shapes alone
+                     if rank_for(*model.get_submodule(n).weight.shape, keep_ratio) is not None]
+        Urs = targets_w.projections() if targets_w is not None else {}
+        weights = {n: model.get_submodule(n).weight for n in projected}
+        saved_w = _fsdp.local_copies(weights)
+        saved_g = _fsdp.local_copies({n: p.grad for n, p in weights.items()})
+        for p in weights.values():
+            p.grad = None
+        _fsdp.scatter_from_owners(model, projected, owner_of,
+                                  {n: Ur @ (Ur.mT @ full[n].to(Ur.dtype)) for n, Ur in Urs.items()},
+                                  into="weight")
+        try:
+            c_loss = task_of(model, batch).float()
+            (lam_t * c_loss).backward()
+        finally:
+            _fsdp.restore_local(weights, saved_w)
+        g = _fsdp.gather_to_owners(model, projected, owner_of, of="grad")
+        _fsdp.scatter_from_owners(model, projected, owner_of,
+                                  {n: Urs[n] @ (Urs[n].mT @ gn.to(Urs[n].dtype)) for n, gn in g.items()},
+                                  into="grad")
+        with torch.no_grad():
+            for n, p in weights.items():
+                p.grad.to_local().add_(saved_g[n])
+        reg_own = c_loss.item()
+    return task_loss, reg_own, _own_stable_rank_sum(targets_w, surrogate, reg_own)
 
 
 def _make_optimizer(optimizer, params, lr, weight_decay):
@@ -372,7 +467,7 @@ def prehab(
     exclude=None,
     damping: float = 0.0,
     backend: str = "auto",
-    parallel: str = "ddp",
+    parallel: str = "auto",
     log_every: int = 0,
     callback=None,
     progress: bool = False,
@@ -408,8 +503,14 @@ def prehab(
         parallel: under an initialized ``torch.distributed`` process group (call ``prehab`` on every
             rank, each with its shard of ``calibration`` and ``data``): ``"ddp"`` trains data-parallel
             with DistributedDataParallel, each rank computing the regularizer of its own layers
-            (layer i on rank i % world); see :mod:`prehab_svd.distributed`. ``"fsdp"`` (FSDP2, for
-            models that do not fit one device) is not implemented yet.
+            (layer i on rank i % world); see :mod:`prehab_svd.distributed`. ``"fsdp"``: FSDP2, the
+            parameters, gradients and optimizer state sharded over the ranks, for a model that does
+            not fit one device; a model already sharded with ``fully_shard`` is used as it is, a
+            whole one is sharded in place (each block, then the root) and stays sharded; the
+            regularizer of layer i is still computed on rank i % world only (see
+            :mod:`prehab_svd.fsdp`). ``"auto"`` (default): ``"fsdp"`` for a model whose parameters
+            are DTensors, else ``"ddp"``. Without a process group, a whole model trains in this
+            process whatever ``parallel`` says.
         log_every: print a log line every so many steps (0: never); callback(step: PrehabStep) is
             called after every step.
 
@@ -436,12 +537,14 @@ def prehab(
         raise PrehabError(f"lam_start must be > 0, got {lam_start!r}")
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise PrehabError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-    if parallel == "fsdp":
-        raise PrehabError(
-            "parallel='fsdp' (FSDP2 sharding for models that do not fit one device) is not implemented "
-            "yet; use parallel='ddp' (every rank holds the whole model) or a device with more memory")
-    if parallel != "ddp":
-        raise PrehabError(f"parallel must be 'ddp' (or, later, 'fsdp'), got {parallel!r}")
+    if parallel not in ("auto", "ddp", "fsdp"):
+        raise PrehabError(f"parallel must be 'auto', 'ddp' or 'fsdp', got {parallel!r}")
+    sharded = _fsdp.is_sharded(model)
+    if sharded and parallel == "ddp":
+        raise PrehabError("the model's parameters are DTensors (sharded with FSDP2's fully_shard): "
+                          "use parallel='fsdp' (or 'auto'), or pass the model unsharded")
+    # FSDP: a sharded model, or a whole one under a process group with parallel="fsdp"
+    use_fsdp = sharded or (parallel == "fsdp" and _dist.is_distributed())
     device = next(model.parameters()).device
     calib = [_as_batch(b, device) for b in calibration]
     train_batches = [_as_batch(b, device) for b in data]
@@ -467,13 +570,35 @@ def prehab(
         world = _dist.world_size()
         own = [n for i, n in enumerate(names) if _dist.owns(i)]
         factors = {n: _square_factor(grams[n][0], damping) for n in own}
+        owner_of = {n: _dist.owner(i) for i, n in enumerate(names)}
         report = PrehabReport(surrogate=surrogate, layers=list(names),
                               calibration_tokens=next(iter(grams.values()))[1])
+        loss_fn = default_task(model, task)  # before sharding: a distillation target copies the model
+        if use_fsdp:
+            if not sharded:
+                _fsdp.shard(model, device)
+            _fsdp.check_sharding(model, names)
         targets_w = (WhitenedTargets(model, names, factors, backend=backend, owned=own,
                                      keep_ratio=keep_ratio) if own else None)
-        report.spectra_before = _all_spectra(targets_w, names)
+
+        @contextmanager
+        def whole_weights():
+            """FSDP: the owned layers' whole weights in ``targets_w.weights`` within the block."""
+            if not use_fsdp:
+                yield
+                return
+            full = _fsdp.gather_to_owners(model, names, owner_of)
+            if targets_w is not None:
+                targets_w.weights = full
+            try:
+                yield
+            finally:
+                if targets_w is not None:
+                    targets_w.weights = None
+
+        with whole_weights():
+            report.spectra_before = _all_spectra(targets_w, names)
         report.stable_rank_before = [stable_rank_of(sp) for sp in report.spectra_before]
-        loss_fn = default_task(model, task)
         model.train(train_mode)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = _make_optimizer(optimizer, params, lr, weight_decay)
@@ -484,11 +609,11 @@ def prehab(
         # its gradient in W is scaled by the whitening factor, so the whitened tail (which lives in
         # the inputs' low-variance directions) would hardly move (measured on MiniLM).
         penalised = surrogate != "tail"
-        owner_of = {n: _dist.owner(i) for i, n in enumerate(names)}
         # "compressed": the regularizer is the task loss of the whole model as svd-llm would compress
-        # it, so every rank needs every layer's projection (computed alike on each rank).
+        # it, so every rank needs every layer's projection (computed alike on each rank). Under FSDP
+        # the owners project their layers and scatter the projected weights instead.
         project = None
-        if surrogate == "compressed":
+        if surrogate == "compressed" and not use_fsdp:
             if targets_w is not None and len(own) == len(names):  # one process: the same stacks
                 project = targets_w
             else:
@@ -511,14 +636,32 @@ def prehab(
             vals = targets_w.values(surrogate, grad=penalised) if targets_w is not None else None
             return task_loss, vals
 
-        step_fn = _dist.data_parallel(_dist.LossModule(model, losses), device)
+        def global_log(step, task_loss, reg_own, sr_own, per_layer):
+            """(task, surrogate, stable rank, loss) as the means over the global batch and all the
+            layers, from this rank's task loss and sums over its own layers (per_layer False: its
+            compressed-model loss); raise on every rank if the task loss is not finite."""
+            task_sum, reg_sum, sr_sum = _dist.all_reduce_floats([task_loss.item(), reg_own, sr_own])
+            task_g = task_sum / world
+            if not math.isfinite(task_g):  # the same verdict on every rank
+                raise PrehabError(f"the task loss is {task_g} (mean over the ranks) at step "
+                                  f"{step + 1}; lower the learning rate or train in float32")
+            mean_reg = reg_sum / (len(names) if per_layer else world)
+            return task_g, mean_reg, sr_sum / len(names), task_g + lam_t * mean_reg
+
+        step_fn = None if use_fsdp else _dist.data_parallel(_dist.LossModule(model, losses), device)
         stream = itertools.cycle(train_batches)
         for step in step_range(steps, progress, "prehab"):
             batch = next(stream)
             lam_t = lambda_schedule(step, float(lam), float(lam_start), warmup_steps)
             opt.zero_grad(set_to_none=True)
-            task_loss, vals = step_fn(batch)
-            if world == 1:
+            if use_fsdp:  # the backward passes happen inside: gradients are ready
+                with whole_weights():
+                    task_loss, reg_own, sr_own = _fsdp_losses_and_grads(
+                        model, names, owner_of, targets_w, surrogate, keep_ratio, task_of, batch, lam_t)
+                logged = global_log(step, task_loss, reg_own, sr_own, surrogate != "compressed")
+                loss = None
+            elif world == 1:
+                task_loss, vals = step_fn(batch)
                 if not torch.isfinite(task_loss):
                     raise PrehabError(f"the task loss is {task_loss.item()} at step {step + 1}; lower "
                                       "the learning rate or train in float32")
@@ -531,32 +674,33 @@ def prehab(
                 # DDP averages the gradients over the ranks: the own-layer regularizer times the world
                 # size gives each layer's regularizer gradient once, as in the single-process mean.
                 # ("compressed" is a task loss of this rank's batch: averaged by DDP like the task.)
+                task_loss, vals = step_fn(batch)
                 per_layer = project is None
                 reg = (vals.sum() * (world / len(names) if per_layer else 1.0) if vals is not None
                        else task_loss.new_zeros(()))
-                reg_own = sr_own = 0.0
-                if vals is not None:
-                    reg_own = vals.sum().item()
-                if targets_w is not None:
-                    sr_own = reg_own if surrogate == "stable" else targets_w.values(
-                        "stable", grad=False).sum().item()
-                task_sum, reg_sum, sr_sum = _dist.all_reduce_floats([task_loss.item(), reg_own, sr_own])
-                task_g = task_sum / world
-                if not math.isfinite(task_g):  # the same verdict on every rank
-                    raise PrehabError(f"the task loss is {task_g} (mean over the ranks) at step "
-                                      f"{step + 1}; lower the learning rate or train in float32")
+                reg_own = vals.sum().item() if vals is not None else 0.0
+                sr_own = _own_stable_rank_sum(targets_w, surrogate, reg_own)
                 loss = task_loss.float() + lam_t * reg
-                mean_reg = reg_sum / (len(names) if per_layer else world)
-                logged = (task_g, mean_reg, sr_sum / len(names), task_g + lam_t * mean_reg)
-            loss.backward()
-            if grad_clip is not None:  # after DDP's averaging: the same on every rank
+                logged = global_log(step, task_loss, reg_own, sr_own, per_layer)
+            if loss is not None:
+                loss.backward()
+            if grad_clip is not None:  # after DDP's averaging (FSDP's reduce-scatter): the same on every rank
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
             if not penalised:
-                if targets_w is not None:
-                    targets_w.shrink_tail(lam_t / (1.0 + lam_t))
-                _dist.broadcast_from_owners([(owner_of[n], [model.get_submodule(n).weight.data])
-                                             for n in names])
+                frac = lam_t / (1.0 + lam_t)
+                if use_fsdp:  # the owners shrink their layers' whole weights and scatter the shards
+                    with whole_weights():
+                        if targets_w is not None:
+                            targets_w.shrink_tail(frac)
+                        _fsdp.scatter_from_owners(model, names, owner_of,
+                                                  targets_w.weights if targets_w is not None else {},
+                                                  into="weight")
+                else:
+                    if targets_w is not None:
+                        targets_w.shrink_tail(frac)
+                    _dist.broadcast_from_owners([(owner_of[n], [model.get_submodule(n).weight.data])
+                                                 for n in names])
             rec = PrehabStep(step=step + 1, task_loss=logged[0], surrogate=logged[1],
                              stable_rank=logged[2], lam=lam_t, loss=logged[3])
             report.steps.append(rec)
@@ -566,7 +710,8 @@ def prehab(
                 print(f"prehab step {rec.step}/{steps}: task {rec.task_loss:.4f}  "
                       f"{surrogate} {rec.surrogate:.3f}  stable rank {rec.stable_rank:.3f}  λ {lam_t:.3g}")
         del step_fn  # DDP's gradient hooks go with it
-        report.spectra_after = _all_spectra(targets_w, names)
+        with whole_weights():
+            report.spectra_after = _all_spectra(targets_w, names)
         report.stable_rank_after = [stable_rank_of(sp) for sp in report.spectra_after]
     finally:
         model.train(was_training)

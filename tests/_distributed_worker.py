@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_model, token_batches  # noqa: E402
 
 SHAPE = dict(layers=2, hidden=64, intermediate=128)
+ODD = dict(layers=2, hidden=40, intermediate=75)
 F64 = {"stats_dtype": torch.float64}
 # (name, method, keyword arguments): what is compared
 COMPRESS = [
@@ -68,15 +69,49 @@ def recipe(rank: int = 0, world: int = 1) -> dict:
     out["prehab"] = prehab_run(rank, world)
     out["prehab-tail"] = prehab_run(rank, world, lam=0.3, surrogate="tail", keep_ratio=KEEP)
     out["prehab-compressed"] = prehab_run(rank, world, lam=1.0, surrogate="compressed", keep_ratio=KEEP)
+    out["prehab-nuclear"] = prehab_run(rank, world, lam=1.0, surrogate="nuclear")
+    if world > 1:  # FSDP2: the same runs with the parameters sharded over the ranks
+        out["fsdp"] = prehab_run(rank, world, parallel="fsdp")
+        out["fsdp-tail"] = prehab_run(rank, world, lam=0.3, surrogate="tail", keep_ratio=KEEP,
+                                      parallel="fsdp")
+        out["fsdp-compressed"] = prehab_run(rank, world, lam=1.0, surrogate="compressed",
+                                            keep_ratio=KEEP, parallel="fsdp")
+        # sharded by the caller (each block, then the root), found by parallel="auto"
+        out["fsdp-nuclear-presharded"] = prehab_run(rank, world, lam=1.0, surrogate="nuclear",
+                                                    preshard=True)
+    # an odd width: FSDP splits gate/up's 75 rows as 38 + 37 (the same model in one process too)
+    out["prehab-odd"] = prehab_run(rank, world, shape=ODD)
+    if world > 1:
+        out["fsdp-odd"] = prehab_run(rank, world, shape=ODD, parallel="fsdp")
     return out
 
 
-def prehab_run(rank: int = 0, world: int = 1, lam: float = PREHAB["lam"], **kw) -> dict:
+def prehab_run(rank: int = 0, world: int = 1, lam: float = PREHAB["lam"], preshard: bool = False,
+               shape: dict = SHAPE, **kw) -> dict:
+    from prehab_svd import fsdp
     from prehab_svd.prehab import prehab
 
-    model = tiny_model("llama", **SHAPE)
+    model = tiny_model("llama", **shape)
+    if preshard:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     rep = prehab(model, calibration()[rank::world], training(world, rank), **{**PREHAB, "lam": lam, **kw})
-    return {"state": _state(model), "report": rep.to_dict()}
+    out = {"report": rep.to_dict()}
+    if fsdp.is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # what a rank holds: the rows of its shard of every weight
+        out["local_rows"] = {n: p.to_local().shape[0] for n, p in model.named_parameters() if p.dim() == 2}
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        out["state"] = {k: v.detach().clone() for k, v in full.items()}
+    else:
+        out["state"] = _state(model)
+    return out
 
 
 def errors(rank: int) -> dict:
@@ -94,6 +129,8 @@ def errors(rank: int) -> dict:
                              task=lambda m, b: torch.tensor(float("nan") if rank == 1 else 1.0,
                                                             requires_grad=True)),
         "svd-llm, a factorization fails on rank 1": lambda: _failing_factorization(rank, mine),
+        "prehab, a sharded model with parallel='ddp'": lambda: _sharded_prehab(rank, "ddp", root=True),
+        "prehab, the blocks sharded but not the root": lambda: _sharded_prehab(rank, "auto", root=False),
     }.items():
         try:
             run()
@@ -101,6 +138,21 @@ def errors(rank: int) -> dict:
         except PrehabError as e:
             out[name] = str(e)
     return out
+
+
+def _sharded_prehab(rank, parallel, root):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from prehab_svd.prehab import prehab
+
+    model = tiny_model("llama", **SHAPE)
+    mesh = init_device_mesh("cpu", (2,))
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    if root:
+        fully_shard(model, mesh=mesh)
+    prehab(model, calibration()[rank::2], training(2, rank), parallel=parallel, **PREHAB)
 
 
 def _failing_factorization(rank, batches):

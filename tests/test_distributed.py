@@ -172,6 +172,40 @@ def test_ddp_compressed_prehab_matches_the_single_process_run(runs):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
+@pytest.mark.parametrize("name,ref,tol", [
+    ("fsdp", "prehab", 1e-5),  # whole model sharded by prehab, stable surrogate
+    ("fsdp-tail", "prehab-tail", 1e-5),
+    ("fsdp-compressed", "prehab-compressed", 1e-5),
+    ("fsdp-nuclear-presharded", "prehab-nuclear", 1e-5),  # sharded by the caller, parallel="auto"
+    ("fsdp-odd", "prehab-odd", 1e-5),  # uneven shards: 75 rows as 38 + 37
+])
+def test_fsdp_prehab_matches_the_single_process_run(runs, name, ref, tol):
+    """FSDP2: parameters sharded over the 2 ranks, each layer's regularizer (its gradient, its tail
+    shrinkage, its projection) computed on its owner and scattered into the shards; the gathered
+    model equals one process's on the global batch, bitwise the same on both ranks, and the logged
+    numbers are the global ones."""
+    single, ranks = runs
+    diff, where = _max_rel_diff(ranks[0][name]["state"], single[ref]["state"])
+    assert diff <= tol, (where, diff)
+    diff1, _ = _max_rel_diff(ranks[1][name]["state"], ranks[0][name]["state"])
+    assert diff1 == 0
+    if name != "fsdp-odd":  # (a different model)
+        moved, _ = _max_rel_diff(single["prehab-lam0"]["state"], single[ref]["state"])
+        assert moved > 1e-3  # the regularizer moved the weights far beyond the tolerance
+    rep, want = ranks[0][name]["report"], single[ref]["report"]
+    assert len(rep["steps"]) == len(want["steps"]) == 2
+    for a, b in zip(rep["steps"], want["steps"]):
+        for key in ("task_loss", "surrogate", "stable_rank", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    assert rep["stable_rank_before"] == pytest.approx(want["stable_rank_before"], rel=1e-6)
+    assert rep["stable_rank_after"] == pytest.approx(want["stable_rank_after"], rel=1e-5)
+    # each rank held half of every weight's rows (ceil on rank 0), not the whole model
+    for r in range(WORLD):
+        for pname, rows in ranks[r][name]["local_rows"].items():
+            full = single[ref]["state"][pname].shape[0]
+            assert rows == (full + 1) // 2 if r == 0 else full - (full + 1) // 2, pname
+
+
 def test_ddp_rehab_matches_the_single_process_rehab(runs):
     single, ranks = runs
     diff, where = _max_rel_diff(ranks[0]["rehab"]["state"], single["rehab"]["state"])
@@ -194,6 +228,9 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs):
     key = "svd-llm, a factorization fails on rank 1"  # rank 1 owns q_proj's neighbour k_proj
     assert e1[key] == "injected failure"
     assert "layer 'model.layers.0.self_attn.k_proj' failed on rank 1" in e0[key]
+    for e in (e0, e1):  # checks every rank makes alike
+        assert "use parallel='fsdp'" in e["prehab, a sharded model with parallel='ddp'"]
+        assert "apply fully_shard to the root module" in e["prehab, the blocks sharded but not the root"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +254,16 @@ def test_helpers_without_a_process_group():
         pdist.raise_together(PrehabError("boom"), "x")
 
 
-@pytest.mark.parametrize("parallel,msg", [("fsdp", "not implemented"), ("zero", "must be 'ddp'")])
-def test_prehab_parallel_option(parallel, msg, make_model, make_batches):
-    with pytest.raises(PrehabError, match=msg):
-        prehab(make_model("llama"), make_batches(), make_batches(), steps=1, parallel=parallel)
+def test_prehab_parallel_option(make_model, make_batches):
+    with pytest.raises(PrehabError, match="must be 'auto', 'ddp' or 'fsdp'"):
+        prehab(make_model("llama"), make_batches(), make_batches(), steps=1, parallel="zero")
+    # without a process group, every choice trains the whole model in this process alike
+    states = []
+    for parallel in ("auto", "ddp", "fsdp"):
+        model = make_model("llama")
+        prehab(model, make_batches(), make_batches(), steps=2, lr=1e-3, parallel=parallel)
+        states.append(model.state_dict())
+    for s in states[1:]:
+        assert all(torch.equal(s[k], states[0][k]) for k in s)
+    assert not torch.equal(states[0]["model.layers.0.mlp.up_proj.weight"],
+                           make_model("llama").state_dict()["model.layers.0.mlp.up_proj.weight"])

@@ -1,0 +1,180 @@
+"""FSDP2 for Prehab: train a model whose parameters are sharded over the ranks (``fully_shard``).
+
+``prehab(model, ..., parallel="fsdp")`` on every rank of an initialized default process group trains
+the model with its parameters, gradients and optimizer state sharded over the ranks (PyTorch's FSDP2,
+:func:`torch.distributed.fsdp.fully_shard`), for a model that does not fit one device with an
+optimizer. The model may come in
+
+* already sharded by the caller (every parameter a ``DTensor`` on a 1-D mesh over all the ranks; the
+  caller chooses the devices, mixed precision, offload, wrapping): used as it is; ``parallel="auto"``
+  (the default) picks FSDP for such a model;
+* whole on every rank: :func:`shard` applies ``fully_shard`` to each transformer block and then to
+  the root, on a 1-D mesh of all the ranks, in place.
+
+Either way the model stays sharded afterwards (FSDP2 has no public way back). To compress it, gather
+its full state dict and save it, for example on rank 0::
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # rank 0 holds the full tensors (on the CPU): model.save_pretrained(dir, state_dict=state) ...
+
+then compress from disk one block at a time (:func:`prehab_svd.compress_pretrained`), or load it whole
+on each rank and call ``compress`` there.
+
+The rank regularizer of layer ``i`` is computed once, on its owner ``i % world``: every step each
+target weight is gathered whole (``DTensor.full_tensor()``, an all-gather, one layer at a time; the
+owner keeps its own layers' weights), the owner computes the regularizer and its gradient, and the
+gradient is scattered back from the owner into the layer's gradient shards
+(``distribute_tensor(..., src_data_rank=owner)``) after FSDP's own reduce-scatter of the task
+gradients. The ``"tail"`` surrogate's proximal step and the ``"compressed"`` surrogate's projected
+weights travel the same way (gather to the owner, compute there, scatter the shards). What a rank
+holds beyond its shards is the whole weights of its own layers (1/world of the targets), their
+gradients and, for ``"compressed"``, their projections ``U_r``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+import torch.distributed as dist
+
+from . import distributed as _dist
+from .errors import PrehabError
+from .models import find_block_list
+
+__all__ = ["is_sharded", "shard", "reshard", "check_sharding", "gather_to_owners", "scatter_from_owners",
+           "local_copies", "restore_local"]
+
+
+def _dtensor_type():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when some parameter of ``model`` is a ``DTensor`` (sharded with FSDP2 or another
+    ``torch.distributed.tensor`` scheme)."""
+    if not dist.is_available():
+        return False
+    dtensor = _dtensor_type()
+    return any(isinstance(p, dtensor) for p in model.parameters())
+
+
+def shard(model: nn.Module, device: torch.device) -> None:
+    """``fully_shard`` each transformer block of ``model`` and then ``model`` itself (the embeddings,
+    the final norm and the head), on a 1-D mesh of every rank of the default process group, in
+    place. Each block is then one all-gather in the forward and one reduce-scatter in the backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if device.type == "meta":
+        raise PrehabError("the model is on the meta device: materialize its weights first")
+    mesh = init_device_mesh(device.type, (_dist.world_size(),))
+    found = find_block_list(model)
+    for block in (found[1] if found is not None else []):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def reshard(model: nn.Module) -> None:
+    """Return every FSDP module's parameters to their shards. FSDP2 leaves the root module's
+    parameters whole after a forward pass (``reshard_after_forward`` is False for the root: the
+    backward pass would gather them again at once), e.g. after a calibration pass under no_grad."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def check_sharding(model: nn.Module, names: Iterable[str]) -> None:
+    """Every parameter of ``model`` sharded, and the targets' weights on a 1-D mesh of all the ranks
+    (the layers are owned by global rank ``i % world``), or a :class:`PrehabError` saying so."""
+    reshard(model)
+    dtensor = _dtensor_type()
+    plain = [n for n, p in model.named_parameters() if not isinstance(p, dtensor)]
+    if plain:
+        raise PrehabError(
+            f"parallel='fsdp' with a partly sharded model: {len(plain)} parameters are not DTensors "
+            f"(first: {plain[0]!r}); apply fully_shard to the root module too, or pass the model "
+            "unsharded and let prehab shard it")
+    world = _dist.world_size()
+    for n in names:
+        mesh = model.get_submodule(n).weight.device_mesh
+        if mesh.ndim != 1 or mesh.size() != world:
+            raise PrehabError(
+                f"parallel='fsdp' needs the target weights on a 1-D mesh of all {world} ranks; "
+                f"{n}.weight is on a mesh of shape {tuple(mesh.shape)} (HSDP and tensor parallelism "
+                "are not supported)")
+
+
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    return model.get_submodule(name).weight
+
+
+@torch.no_grad()
+def gather_to_owners(model: nn.Module, names: list, owner_of: dict, *, of: str = "weight") -> dict:
+    """``{name: whole weight}`` (``of="grad"``: whole gradient) for the layers of ``names`` this rank
+    owns: detached plain tensors, one all-gather per layer on every rank, in the order of ``names``."""
+    me = _dist.rank()
+    reshard(model)
+    out = {}
+    for n in names:
+        p = _weight(model, n)
+        t = p if of == "weight" else p.grad
+        if t is None:
+            raise PrehabError(f"{n}.weight has no gradient after the backward pass; a target layer "
+                              "must take part in the task loss")
+        full = t.full_tensor()
+        if owner_of[n] == me:
+            out[n] = full
+        del full
+    return out
+
+
+@torch.no_grad()
+def scatter_from_owners(model: nn.Module, names: list, owner_of: dict, values: dict, *, into: str,
+                        add: bool = False) -> None:
+    """For each layer of ``names`` (in order, on every rank), scatter its owner's whole tensor
+    ``values[name]`` over the shards of the layer's weight (``into="weight"``) or gradient
+    (``into="grad"``): overwrite them, or with ``add`` add to them (a missing gradient is set).
+    A rank passes ``values`` for the layers it owns only."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if into not in ("weight", "grad"):
+        raise ValueError(into)
+    reshard(model)
+    for n in names:
+        p = _weight(model, n)
+        src = owner_of[n]
+        full = values.get(n)
+        if full is None:  # not the owner: the receive side of the scatter
+            full = torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device)
+        part = distribute_tensor(full.to(p.dtype).contiguous(), p.device_mesh, p.placements,
+                                 src_data_rank=src)
+        if into == "weight":
+            p.copy_(part)
+        elif p.grad is None:
+            p.grad = part
+        elif add:
+            p.grad.add_(part)
+        else:
+            p.grad.copy_(part)
+
+
+def local_copies(tensors: dict) -> dict:
+    """``{name: clone of the local shard}`` of DTensors (or of plain tensors)."""
+    dtensor = _dtensor_type()
+    return {n: (t.to_local() if isinstance(t, dtensor) else t).detach().clone() for n, t in tensors.items()}
+
+
+@torch.no_grad()
+def restore_local(tensors: dict, saved: dict) -> None:
+    """Write back the local shards saved by :func:`local_copies`."""
+    dtensor = _dtensor_type()
+    for n, t in tensors.items():
+        (t.to_local() if isinstance(t, dtensor) else t).copy_(saved[n])
