@@ -12,14 +12,18 @@ optimizer. The model may come in
   the root, on a 1-D mesh of all the ranks, in place.
 
 Either way the model stays sharded afterwards (FSDP2 has no public way back). To compress it, gather
-its full state dict and save it, for example on rank 0::
+its whole state dict on rank 0 (on the CPU) with :func:`full_state_dict` and save it::
 
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # rank 0 holds the full tensors (on the CPU): model.save_pretrained(dir, state_dict=state) ...
+    state = prehab_svd.fsdp.full_state_dict(model)     # every rank calls it; rank 0 gets the tensors
+    if dist.get_rank() == 0:
+        with torch.device("meta"):                     # a skeleton of the class, without weights
+            skeleton = AutoModelForCausalLM.from_config(model.config)
+        skeleton.save_pretrained("prehabbed/", state_dict=state)
 
-then compress from disk one block at a time (:func:`prehab_svd.compress_pretrained`), or load it whole
-on each rank and call ``compress`` there.
+then compress from disk one block at a time (:func:`prehab_svd.compress_pretrained`, one process),
+or load it whole on each rank and call ``compress`` there. ``rehab(..., parallel="fsdp")`` shards a
+compressed model the same way (see :func:`prehab_svd.rehab.rehab`); :func:`full_state_dict` gives
+its layers their ``LowRankLinear`` names back.
 
 The rank regularizer of layer ``i`` is computed once, on its owner ``i % world``: every step each
 target weight is gathered whole (``DTensor.full_tensor()``, an all-gather, one layer at a time; the
@@ -46,7 +50,7 @@ from .errors import PrehabError
 from .models import find_block_list
 
 __all__ = ["is_sharded", "shard", "reshard", "check_sharding", "gather_to_owners", "scatter_from_owners",
-           "local_copies", "restore_local"]
+           "local_copies", "restore_local", "merge_lora_shards", "full_state_dict"]
 
 
 def _dtensor_type():
@@ -178,3 +182,46 @@ def restore_local(tensors: dict, saved: dict) -> None:
     dtensor = _dtensor_type()
     for n, t in tensors.items():
         (t.to_local() if isinstance(t, dtensor) else t).copy_(saved[n])
+
+
+@torch.no_grad()
+def merge_lora_shards(peft_model: nn.Module, adapter: str = "default") -> None:
+    """Merge every LoRA adapter of a sharded ``peft`` model into its base weight's shards, in place:
+    ``W += scaling · B A`` computed on each rank for its own rows only (``W`` and ``B`` share the
+    row split; ``A``, rank × in, is gathered whole). The factors are never gathered."""
+    from peft.tuners.lora import LoraLayer
+
+    dtensor = _dtensor_type()
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+            continue
+        W = module.get_base_layer().weight
+        A = module.lora_A[adapter].weight
+        B = module.lora_B[adapter].weight
+        if not (isinstance(W, dtensor) and isinstance(B, dtensor)) or W.placements != B.placements \
+                or W.device_mesh != B.device_mesh or any(not pl.is_shard(0) for pl in W.placements):
+            raise PrehabError(f"{name}: the base weight and lora_B must both be sharded by rows on one "
+                              "mesh to merge in place")
+        A_full = A.full_tensor() if isinstance(A, dtensor) else A
+        B_local, W_local = B.to_local(), W.to_local()
+        delta = (B_local.float() @ A_full.float()) * module.scaling[adapter]
+        W_local.add_(delta.to(W_local.dtype))
+
+
+def full_state_dict(model: nn.Module, *, rank0_only: bool = True) -> dict:
+    """The whole state dict of a sharded model, on the CPU: on rank 0 only (``rank0_only``, the
+    others get ``{}``) or on every rank. The layers that :func:`prehab_svd.rehab.rehab` leaves as
+    ``down``/``up`` pairs come back under the ``LowRankLinear`` names (``V``, ``U``, ``bias``), so
+    the dict loads into a compressed skeleton (:func:`prehab_svd.io.apply_ranks`) for
+    :func:`prehab_svd.save_compressed`. A collective: call it on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from .rehab import _FactorPair
+
+    reshard(model)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
+    pairs = [n for n, m in model.named_modules() if isinstance(m, _FactorPair)]
+    rename = {}
+    for n in pairs:
+        rename.update({f"{n}.down.weight": f"{n}.V", f"{n}.up.weight": f"{n}.U", f"{n}.up.bias": f"{n}.bias"})
+    return {rename.get(k, k): v.detach().cpu() for k, v in state.items()}

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import distributed as _dist
+from . import fsdp as _fsdp
 from .compression import _as_batch
 from .errors import PrehabError
 from .layers import LowRankLinear
@@ -90,6 +91,7 @@ def rehab(
     weight_decay: float = 0.0,
     grad_clip: float | None = 1.0,
     layers=None,
+    parallel: str = "ddp",
     log_every: int = 0,
     progress: bool = False,
 ) -> RehabReport:
@@ -107,6 +109,17 @@ def rehab(
             it: distilling toward the compressed model itself would teach nothing).
         lr: AdamW learning rate of the adapters. lora_rank / lora_alpha (default 2·rank) / lora_dropout:
             the LoRA configuration. layers: names of the LowRankLinear layers to adapt (default all).
+        parallel: under a process group, ``"ddp"`` (every rank holds the whole model) or ``"fsdp"``
+            (FSDP2, for a compressed model that does not fit one device): pass the model whole;
+            after the adapters are attached (rank 0's initialization on every rank), each block and
+            then the root are sharded in place with ``fully_shard``; after training each adapter is
+            merged into its factor's shards where they lie (``U += s·B A`` row by row, only ``A``
+            gathered whole). The model stays sharded, and each adapted layer stays in its training
+            form, a pair of linears ``down`` (V) and ``up`` (U, bias) computing ``up(down(x))``:
+            FSDP2 keeps its own references to the modules it shards, so they cannot be swapped back.
+            :func:`prehab_svd.fsdp.full_state_dict` gathers it with the ``LowRankLinear`` names
+            (``.V``, ``.U``, ``.bias``) for saving. Without a process group, ``parallel`` changes
+            nothing.
 
     Returns:
         a :class:`RehabReport` with the per-step task loss.
@@ -120,6 +133,13 @@ def rehab(
         raise PrehabError(f"steps must be a positive int, got {steps!r}")
     if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
         raise PrehabError(f"lora_rank must be a positive int, got {lora_rank!r}")
+    if parallel not in ("ddp", "fsdp"):
+        raise PrehabError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+    if _fsdp.is_sharded(model):
+        raise PrehabError("rehab needs the compressed model whole (its parameters are DTensors): FSDP2 "
+                          "would keep pointing at the LowRankLinear layers that rehab replaces while "
+                          "training; pass it unsharded with parallel='fsdp' and rehab shards it")
+    use_fsdp = parallel == "fsdp" and _dist.is_distributed()
     names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
     if layers is not None:
         unknown = sorted(set(layers) - set(names))
@@ -146,7 +166,7 @@ def rehab(
     for n in names:
         pairs[n] = _FactorPair(model.get_submodule(n))
         _swap(model, n, pairs[n])
-    requires = {p: p.requires_grad for p in model.parameters()}
+    requires = {n: p.requires_grad for n, p in model.named_parameters()}  # by name: FSDP replaces them
     was_training = model.training
     report = RehabReport(layers=len(names), lora_rank=lora_rank)
     target_modules = [f"{n}.down" for n in names] + [f"{n}.up" for n in names]
@@ -159,9 +179,15 @@ def rehab(
             warnings.filterwarnings("ignore", category=FutureWarning)
             peft_model = peft.get_peft_model(model, config)
         model.eval()
-        # Distributed: DDP (its construction gives every rank rank 0's random adapter init); each
-        # rank trains on its shard of the data, the gradients are averaged over the ranks.
-        step_fn = _dist.data_parallel(_dist.LossModule(model, loss_fn), device)
+        # Distributed: DDP (its construction gives every rank rank 0's random adapter init), or FSDP
+        # (rank 0's init broadcast first, then the model sharded); each rank trains on its shard of
+        # the data, the gradients are averaged over the ranks.
+        if use_fsdp:
+            _dist.broadcast([p.data for p in peft_model.parameters() if p.requires_grad], src=0)
+            _fsdp.shard(model, device)
+            step_fn = _dist.LossModule(model, loss_fn)
+        else:
+            step_fn = _dist.data_parallel(_dist.LossModule(model, loss_fn), device)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         report.trainable_params = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -186,17 +212,18 @@ def rehab(
         step_fn = None  # DDP's gradient hooks go before the adapters are merged
         if peft_model is not None:
             with torch.no_grad():
-                if finished:
+                if finished and use_fsdp:
+                    _fsdp.merge_lora_shards(peft_model)  # into the factors' shards, in place
+                    peft_model.unload()
+                elif finished:
                     peft_model.merge_and_unload()  # merges the adapters into down/up, in place
                 else:
                     peft_model.unload()  # a failed run leaves the factors as they were
-        for n in names:
-            _swap(model, n, model.get_submodule(n).to_lowrank())
-        for p, r in requires.items():
-            p.requires_grad_(r)
-        for p in model.parameters():
-            if p not in requires:
-                p.requires_grad_(True)
+        if not use_fsdp:
+            for n in names:
+                _swap(model, n, model.get_submodule(n).to_lowrank())
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires.get(n, True))
         model.train(was_training)
     report.seconds = time.perf_counter() - t0
     return report

@@ -51,7 +51,7 @@ def _state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def recipe(rank: int = 0, world: int = 1) -> dict:
+def recipe(rank: int = 0, world: int = 1, out_dir: str | None = None) -> dict:
     """Everything compared, on this rank's shard (``world == 1``: all the data)."""
     from prehab_svd import compress
     from prehab_svd.rehab import rehab
@@ -66,12 +66,23 @@ def recipe(rank: int = 0, world: int = 1) -> dict:
             torch.manual_seed(123)  # the adapters' random init (rank 0's, broadcast by DDP)
             rep = rehab(model, training(world, rank), **REHAB)
             out["rehab"] = {"state": _state(model), "report": rep.to_dict()}
+    if world > 1:  # rehab with FSDP2: the compressed model sharded after the adapters are attached
+        from prehab_svd import fsdp
+
+        model = tiny_model("llama", **SHAPE)
+        compress(model, "svd-llm", KEEP, shard)
+        torch.manual_seed(123 if rank == 0 else 1000)  # rank 1 draws other adapters: rank 0's must win
+        rep = rehab(model, training(world, rank), parallel="fsdp", **REHAB)
+        out["fsdp-rehab"] = {"state": fsdp.full_state_dict(model, rank0_only=False),
+                             "rank0_only": fsdp.full_state_dict(model), "report": rep.to_dict()}
     out["prehab"] = prehab_run(rank, world)
     out["prehab-tail"] = prehab_run(rank, world, lam=0.3, surrogate="tail", keep_ratio=KEEP)
     out["prehab-compressed"] = prehab_run(rank, world, lam=1.0, surrogate="compressed", keep_ratio=KEEP)
     out["prehab-nuclear"] = prehab_run(rank, world, lam=1.0, surrogate="nuclear")
     if world > 1:  # FSDP2: the same runs with the parameters sharded over the ranks
-        out["fsdp"] = prehab_run(rank, world, parallel="fsdp")
+        saved = os.path.join(out_dir, "fsdp-prehabbed") if out_dir else None
+        out["fsdp"] = prehab_run(rank, world, parallel="fsdp", save_to=saved)
+        out["fsdp"]["saved"] = saved
         out["fsdp-tail"] = prehab_run(rank, world, lam=0.3, surrogate="tail", keep_ratio=KEEP,
                                       parallel="fsdp")
         out["fsdp-compressed"] = prehab_run(rank, world, lam=1.0, surrogate="compressed",
@@ -87,7 +98,7 @@ def recipe(rank: int = 0, world: int = 1) -> dict:
 
 
 def prehab_run(rank: int = 0, world: int = 1, lam: float = PREHAB["lam"], preshard: bool = False,
-               shape: dict = SHAPE, **kw) -> dict:
+               shape: dict = SHAPE, save_to: str | None = None, **kw) -> dict:
     from prehab_svd import fsdp
     from prehab_svd.prehab import prehab
 
@@ -103,12 +114,17 @@ def prehab_run(rank: int = 0, world: int = 1, lam: float = PREHAB["lam"], presha
     rep = prehab(model, calibration()[rank::world], training(world, rank), **{**PREHAB, "lam": lam, **kw})
     out = {"report": rep.to_dict()}
     if fsdp.is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         # what a rank holds: the rows of its shard of every weight
         out["local_rows"] = {n: p.to_local().shape[0] for n, p in model.named_parameters() if p.dim() == 2}
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-        out["state"] = {k: v.detach().clone() for k, v in full.items()}
+        out["state"] = fsdp.full_state_dict(model, rank0_only=False)
+        if save_to is not None:  # rank 0 writes the whole model, as a caller would before compressing
+            state = fsdp.full_state_dict(model)
+            if rank == 0:  # a skeleton on the meta device holds no weights (README's recipe)
+                import transformers
+
+                with torch.device("meta"):
+                    skeleton = transformers.AutoModelForCausalLM.from_config(model.config)
+                skeleton.save_pretrained(save_to, state_dict=state)
     else:
         out["state"] = _state(model)
     return out
@@ -131,6 +147,7 @@ def errors(rank: int) -> dict:
         "svd-llm, a factorization fails on rank 1": lambda: _failing_factorization(rank, mine),
         "prehab, a sharded model with parallel='ddp'": lambda: _sharded_prehab(rank, "ddp", root=True),
         "prehab, the blocks sharded but not the root": lambda: _sharded_prehab(rank, "auto", root=False),
+        "rehab, a sharded compressed model": lambda: _sharded_rehab(rank),
     }.items():
         try:
             run()
@@ -153,6 +170,16 @@ def _sharded_prehab(rank, parallel, root):
     if root:
         fully_shard(model, mesh=mesh)
     prehab(model, calibration()[rank::2], training(2, rank), parallel=parallel, **PREHAB)
+
+
+def _sharded_rehab(rank):
+    from prehab_svd import compress, fsdp
+    from prehab_svd.rehab import rehab
+
+    model = tiny_model("llama", **SHAPE)
+    compress(model, "svd-llm", KEEP, calibration()[rank::2])
+    fsdp.shard(model, torch.device("cpu"))
+    rehab(model, training(2, rank), parallel="fsdp", **REHAB)
 
 
 def _failing_factorization(rank, batches):
@@ -178,7 +205,7 @@ def main(out_dir: str):
     dist.init_process_group("gloo")
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        results = recipe(rank, world)
+        results = recipe(rank, world, out_dir)
         results["errors"] = errors(rank)
         path = os.path.join(out_dir, f"rank{rank}.pt")
         torch.save(results, path + ".tmp")

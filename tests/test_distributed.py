@@ -18,6 +18,9 @@ Tolerances, as ``max |distributed − single| ≤ tol · max |single|`` per tens
   the ranks and the reported errors only.
 * Prehab, rehab: fp32 training steps, one all-reduce of the gradients (measured 1e-7; rehab inherits
   svd-llm's 7.5e-6): tol 1e-5 and 1e-4.
+* FSDP2 Prehab (parameters sharded, the regularizer's gradient scattered from each layer's owner):
+  measured 1e-7 (stable), 3.3e-7 (nuclear), 5e-8 (compressed), 1.4e-6 (tail: its proximal step's SVD
+  sees the reduce-scattered update): tol 1e-5.
 """
 
 import pathlib
@@ -216,6 +219,39 @@ def test_ddp_rehab_matches_the_single_process_rehab(runs):
         assert a["task_loss"] == pytest.approx(b["task_loss"], rel=1e-5)
 
 
+def test_fsdp_prehab_saved_whole_compresses_from_disk_like_the_single_process_model(runs, tmp_path):
+    """The path for a model that fits no device: FSDP Prehab, the whole state dict gathered on rank
+    0 and saved, then compressed from disk block by block; equal to compressing the single-process
+    Prehab model in memory."""
+    from prehab_svd import compress, compress_pretrained, load_compressed
+
+    single, ranks = runs
+    stats = {"stats_dtype": torch.float64}
+    compress_pretrained(ranks[0]["fsdp"]["saved"], tmp_path / "c", "svd-llm", worker.KEEP,
+                        worker.calibration(), **stats)
+    got = load_compressed(tmp_path / "c").state_dict()
+    model = worker.tiny_model("llama", **worker.SHAPE)
+    model.load_state_dict(single["prehab"]["state"])
+    compress(model, "svd-llm", worker.KEEP, worker.calibration(), **stats)
+    diff, where = _max_rel_diff(got, model.state_dict())
+    assert diff <= 1e-4, (where, diff)
+
+
+def test_fsdp_rehab_matches_the_single_process_rehab(runs):
+    """rehab(parallel="fsdp"): the compressed model sharded over the ranks with rank 0's adapter
+    initialization (rank 1 drew different ones), the adapters merged into the factor shards in
+    place; gathered under the LowRankLinear names, it equals the single-process rehab."""
+    single, ranks = runs
+    for r in range(WORLD):
+        diff, where = _max_rel_diff(ranks[r]["fsdp-rehab"]["state"], single["rehab"]["state"])
+        assert diff <= 1e-4, (r, where, diff)
+    assert ranks[1]["fsdp-rehab"]["rank0_only"] == {}
+    r0 = ranks[0]["fsdp-rehab"]["rank0_only"]
+    assert all(torch.equal(r0[k], ranks[0]["fsdp-rehab"]["state"][k]) for k in r0)
+    for a, b in zip(ranks[0]["fsdp-rehab"]["report"]["steps"], single["rehab"]["report"]["steps"]):
+        assert a["task_loss"] == pytest.approx(b["task_loss"], rel=1e-5)
+
+
 def test_bad_input_on_one_rank_raises_on_every_rank(runs):
     _, ranks = runs
     e0, e1 = ranks[0]["errors"], ranks[1]["errors"]
@@ -231,6 +267,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs):
     for e in (e0, e1):  # checks every rank makes alike
         assert "use parallel='fsdp'" in e["prehab, a sharded model with parallel='ddp'"]
         assert "apply fully_shard to the root module" in e["prehab, the blocks sharded but not the root"]
+        assert "pass it unsharded with parallel='fsdp'" in e["rehab, a sharded compressed model"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +289,22 @@ def test_helpers_without_a_process_group():
     pdist.raise_together(None, "nothing")
     with pytest.raises(PrehabError, match="boom"):
         pdist.raise_together(PrehabError("boom"), "x")
+
+
+def test_rehab_parallel_option(make_model, make_batches):
+    from prehab_svd import compress
+    from prehab_svd.rehab import rehab
+
+    model = make_model("llama")
+    compress(model, "svd-llm", 0.5, make_batches())
+    with pytest.raises(PrehabError, match="must be 'ddp' or 'fsdp'"):
+        rehab(model, make_batches(), steps=1, parallel="auto")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    rehab(model, make_batches(), steps=2, lora_rank=2, lr=1e-2, parallel="fsdp")  # no group: as "ddp"
+    assert model.state_dict().keys() == before.keys()  # LowRankLinear layers again
+    assert not torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.U"],
+                           before["model.layers.0.mlp.up_proj.U"])
 
 
 def test_prehab_parallel_option(make_model, make_batches):
