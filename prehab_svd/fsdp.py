@@ -31,9 +31,11 @@ owner keeps its own layers' weights), the owner computes the regularizer and its
 gradient is scattered back from the owner into the layer's gradient shards
 (``distribute_tensor(..., src_data_rank=owner)``) after FSDP's own reduce-scatter of the task
 gradients. The ``"tail"`` surrogate's proximal step and the ``"compressed"`` surrogate's projected
-weights travel the same way (gather to the owner, compute there, scatter the shards). What a rank
-holds beyond its shards is the whole weights of its own layers (1/world of the targets), their
-gradients and, for ``"compressed"``, their projections ``U_r``.
+weights travel the same way (gather to the owner, compute there, scatter the shards). The layers
+are visited in rounds of :data:`GATHER_LAYERS_PER_RANK` per rank (:func:`rounds`): beyond its shards,
+a rank holds at most that many whole weights and their gradients at a time and, for
+``"compressed"``, the projections ``U_r`` of all its layers (``out × r`` each) through the backward
+pass.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from . import distributed as _dist
 from .errors import PrehabError
 from .models import find_block_list
 
-__all__ = ["is_sharded", "shard", "reshard", "check_sharding", "gather_to_owners", "scatter_from_owners",
+__all__ = ["is_sharded", "shard", "reshard", "check_sharding", "rounds", "gather_to_owners", "scatter_from_owners",
            "local_copies", "restore_local", "merge_lora_shards", "full_state_dict"]
 
 
@@ -114,6 +116,17 @@ def check_sharding(model: nn.Module, names: Iterable[str]) -> None:
                 f"parallel='fsdp' needs the target weights on a 1-D mesh of all {world} ranks; "
                 f"{n}.weight is on a mesh of shape {tuple(mesh.shape)} (HSDP and tensor parallelism "
                 "are not supported)")
+
+
+GATHER_LAYERS_PER_RANK = 4
+
+
+def rounds(names: list, world: int, per_rank: int = GATHER_LAYERS_PER_RANK) -> list:
+    """``names`` cut into runs of ``world · per_rank`` consecutive layers: with layer ``i`` owned by
+    rank ``i % world``, each run gives every rank ``per_rank`` layers to gather whole, so a rank
+    holds that many whole weights (and their gradients) at a time, not all of its layers'."""
+    step = max(1, world * per_rank)
+    return [names[i:i + step] for i in range(0, len(names), step)]
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:

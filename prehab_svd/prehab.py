@@ -180,6 +180,26 @@ def _square_factor(gram: torch.Tensor, damping: float) -> torch.Tensor:
     return torch.cat([f.R, f.R.new_zeros(d, d - k)], dim=1) if k < d else f.R
 
 
+def _whitening_factors(model, plan, calib: list, wanted: set, damping: float, blocks_per_pass: int):
+    """``({name: square whitening factor}, calibration tokens)`` for the ``wanted`` targets.
+
+    The input covariances are accumulated over the calibration batches ``blocks_per_pass`` blocks
+    at a time (one forward pass over the batches per group of blocks): only those blocks' statistics
+    exist at once (every rank accumulates every layer's, on its shard, before the all-reduce), and
+    each pass's Grams are dropped once the wanted factors are taken from them."""
+    stages = [list(st[2]) for st in plan.stages]
+    factors, tokens = {}, 0
+    for i in range(0, len(stages), blocks_per_pass):
+        part = [n for st in stages[i:i + blocks_per_pass] for n in st]
+        grams = layer_input_grams(model, part, calib)
+        tokens = next(iter(grams.values()))[1]
+        for n in part:
+            if n in wanted:
+                factors[n] = _square_factor(grams[n][0], damping)
+        del grams
+    return factors, tokens
+
+
 class WhitenedTargets:
     """The targeted weights grouped by shape, with their whitening factors and power-iteration states.
 
@@ -191,8 +211,10 @@ class WhitenedTargets:
     shape, so its values do not depend on how the layers are split over ranks.
 
     ``weights``: None reads (and, for ``shrink_tail``, writes) each layer's ``weight``; a dict
-    ``{name: full weight}`` is used instead where the layers' own weights are not whole tensors (FSDP2
-    shards; :mod:`prehab_svd.fsdp` gathers them), and ``shrink_tail`` replaces its entries.
+    ``{name: whole weight}`` is used instead where the layers' own weights are not whole tensors
+    (FSDP2 shards; :mod:`prehab_svd.fsdp` gathers them a few layers at a time). Then every method
+    works on the held layers present in the dict only (``values`` returns theirs, in the order of
+    ``names``), and ``shrink_tail`` replaces its entries.
     """
 
     def __init__(self, model: nn.Module, names: list, factors: dict, *, backend: str = "auto",
@@ -202,7 +224,9 @@ class WhitenedTargets:
         self.backend = backend
         self.keep_ratio = keep_ratio
         self.weights: dict | None = None
-        self._groups = []  # (names, [linear modules], L stack, cold start [B, n] or None)
+        # per shape: (held names, their linear modules, L stack, number of all names of the shape,
+        # each held name's row in the stack of all of them)
+        self._groups = []
         by_shape: dict = {}
         for n in names:
             lin = model.get_submodule(n)
@@ -214,32 +238,40 @@ class WhitenedTargets:
             lins = [model.get_submodule(n) for n in group]
             w = lins[0].weight
             Ls = torch.stack([factors[n].to(device=w.device, dtype=torch.float32) for n in group])
-            start = None
-            if len(group) < len(full):  # the rows of the whole stack's seeded start
-                cold, _ = ops.reference.power_start(None, len(full), shape[1], w.device,
-                                                    ops.reference.compute_dtype(w.dtype), None)
-                start = cold[[full.index(n) for n in group]]
-            self._groups.append((group, lins, Ls, start))
-        self._state: dict = {}  # (kind, group index) -> state [B, n]
+            self._groups.append((group, lins, Ls, len(full), [full.index(n) for n in group]))
+        self._state: dict = {}  # (kind, name) -> power-iteration state [n]
 
-    def _stack(self, group: list, lins: list) -> torch.Tensor:
-        if self.weights is not None:
-            return torch.stack([self.weights[n] for n in group])
-        return torch.stack([lin.weight for lin in lins])
+    def _present(self):
+        """Per shape group with layers present (all held ones, or those in ``weights``): (names,
+        linear modules, weight stack, L stack, all-names count, rows in the stack of all names)."""
+        for group, lins, Ls, n_all, rows in self._groups:
+            idx = list(range(len(group))) if self.weights is None else \
+                [i for i, n in enumerate(group) if n in self.weights]
+            if not idx:
+                continue
+            names = [group[i] for i in idx]
+            sub_lins = [lins[i] for i in idx]
+            W = torch.stack([self.weights[n] for n in names] if self.weights is not None
+                            else [lin.weight for lin in sub_lins])
+            yield (names, sub_lins, W, Ls if len(idx) == len(group) else Ls[idx], n_all,
+                   [rows[i] for i in idx])
 
     def values(self, kind: str, *, grad: bool = True) -> torch.Tensor:
         out = {}
-        for gi, (group, lins, Ls, start) in enumerate(self._groups):
-            W = self._stack(group, lins)
+        for names, _lins, W, Ls, n_all, rows in self._present():
             if not grad:
                 W = W.detach()
             if kind == "tail":
-                for n, v in zip(group, self._tail(W, Ls).unbind(0)):
-                    out[n] = v
+                out.update(zip(names, self._tail(W, Ls).unbind(0)))
                 continue
-            state, iters = (self._state.get((kind, gi)), None) if kind == "stable" else (None, None)
-            if kind == "stable" and state is None and start is not None:
-                state, iters = start, ops.reference.STABLE_ITERS_COLD
+            state = iters = None
+            if kind == "stable":
+                if all(("stable", n) in self._state for n in names):  # warm start
+                    state = torch.stack([self._state[("stable", n)] for n in names])
+                elif len(names) < n_all:  # part of the stack: its rows of the whole stack's start
+                    cold, _ = ops.reference.power_start(None, n_all, W.shape[2], W.device,
+                                                        ops.reference.compute_dtype(W.dtype), None)
+                    state, iters = cold[rows], ops.reference.STABLE_ITERS_COLD
             if grad:
                 val, new_state = ops.stable_rank_loss(W, Ls, kind=kind, state=state, iters=iters,
                                                       backend=self.backend)
@@ -247,10 +279,12 @@ class WhitenedTargets:
                 val, _g, new_state = ops.stable_rank(W, Ls, kind=kind, state=state, iters=iters,
                                                      backend=self.backend)
             if kind == "stable":
-                self._state[(kind, gi)] = new_state.detach()
-            for n, v in zip(group, val.unbind(0)):
-                out[n] = v
-        return torch.stack([out[n] for n in self.names])
+                for n, st in zip(names, new_state.detach().unbind(0)):
+                    self._state[("stable", n)] = st
+            out.update(zip(names, val.unbind(0)))
+        if not out:
+            return torch.zeros(0)
+        return torch.stack([out[n] for n in self.names if n in out])
 
     def _top_left(self, M: torch.Tensor) -> torch.Tensor:
         """The top-r left singular vectors [B, m, r] of the stack M (fp64 SVD), r from keep_ratio."""
@@ -277,7 +311,7 @@ class WhitenedTargets:
         back), with U_r (the top-r left singular vectors of ``W·L``) fixed at entry. Gradients reach W
         through the projection (U_r held constant). Layers that stay dense at ``keep_ratio`` are
         left as they are."""
-        lin_of = {n: lin for group, lins, _Ls, _start in self._groups for n, lin in zip(group, lins)}
+        lin_of = {n: lin for group, lins, *_rest in self._groups for n, lin in zip(group, lins)}
         patched = [(lin_of[n], Ur) for n, Ur in self.projections().items()]
         try:
             for lin, Ur in patched:
@@ -294,14 +328,13 @@ class WhitenedTargets:
 
         That is ``M ← M_r + (1 − frac)·M_tail`` for ``M = W·L`` (the tail is ``(I − U_r U_rᵀ) W·L``,
         so no inverse of L is needed); ``frac = 1`` would be svd-llm's truncation itself."""
-        for group, lins, Ls, _start in self._groups:
-            W = self._stack(group, lins)
+        for names, lins, W, Ls, _n_all, _rows in self._present():
             if rank_for(W.shape[1], W.shape[2], self.keep_ratio) is None:
                 continue
             Wf = W.float()
             Ur = self._top_left(Wf @ Ls)
             new = (Wf - frac * (Wf - Ur @ (Ur.mT @ Wf))).to(W.dtype)
-            for n, lin, w in zip(group, lins, new.unbind(0)):
+            for n, lin, w in zip(names, lins, new.unbind(0)):
                 if self.weights is not None:
                     self.weights[n] = w
                 else:
@@ -312,20 +345,19 @@ class WhitenedTargets:
         """``{name: U_r}`` for the held layers that the compression at ``keep_ratio`` truncates: the
         top-r left singular vectors of their ``W·L`` now (fp32), as :meth:`truncated` uses them."""
         out = {}
-        for group, lins, Ls, _start in self._groups:
-            W = self._stack(group, lins).float()
+        for names, _lins, W, Ls, _n_all, _rows in self._present():
             if rank_for(W.shape[1], W.shape[2], self.keep_ratio) is None:
                 continue
-            out.update(zip(group, self._top_left(W @ Ls).unbind(0)))
+            out.update(zip(names, self._top_left(W.float() @ Ls).unbind(0)))
         return out
 
-    def spectra(self) -> list:
-        """Per-layer singular values of W·L now (fp64 SVD, on the CPU), in the order of ``names``."""
+    def spectra(self) -> dict:
+        """``{name: singular values of W·L}`` now (fp64 SVD, on the CPU) of the held layers."""
         res = {}
-        for group, lins, Ls, _start in self._groups:
-            for n, W, L in zip(group, self._stack(group, lins).detach().unbind(0), Ls):
-                res[n] = torch.linalg.svdvals(W.to(torch.float64) @ L.to(torch.float64)).cpu()
-        return [res[n] for n in self.names]
+        for names, _lins, W, Ls, _n_all, _rows in self._present():
+            for n, w, L in zip(names, W.detach().unbind(0), Ls):
+                res[n] = torch.linalg.svdvals(w.to(torch.float64) @ L.to(torch.float64)).cpu()
+        return res
 
 
 def _projected_linear(lin: nn.Linear, Ur: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -333,10 +365,9 @@ def _projected_linear(lin: nn.Linear, Ur: torch.Tensor, x: torch.Tensor) -> torc
     return F.linear(x, (Ur @ (Ur.mT @ W.to(Ur.dtype))).to(W.dtype), lin.bias)
 
 
-def _all_spectra(targets_w, names: list) -> list:
-    """Singular values of every layer's W·L, in the order of ``names``: this rank computes those of
-    its ``targets_w`` (None: none), the others come from their owners."""
-    mine = dict(zip(targets_w.names, targets_w.spectra())) if targets_w is not None else {}
+def _all_spectra(mine: dict, names: list) -> list:
+    """Singular values of every layer's W·L, in the order of ``names``: ``mine`` has those this rank
+    computed (:meth:`WhitenedTargets.spectra`), the others come from their owners."""
     merged = {}
     for part in _dist.all_gather_objects(mine):
         merged.update(part)
@@ -359,14 +390,15 @@ def _own_stable_rank_sum(targets_w, surrogate: str, reg_own: float) -> float:
     return reg_own if surrogate == "stable" else targets_w.values("stable", grad=False).sum().item()
 
 
-def _fsdp_losses_and_grads(model, names, owner_of, targets_w, surrogate, keep_ratio, task_of, batch,
-                           lam_t):
+def _fsdp_losses_and_grads(model, names, rounds, whole_weights, owner_of, targets_w, surrogate,
+                           keep_ratio, task_of, batch, lam_t):
     """One Prehab step's forward and backward passes on an FSDP2-sharded model; leaves the whole
     step's gradient (task + λ·regularizer) in the parameters' gradient shards.
 
-    ``targets_w.weights`` holds the owned layers' whole weights (gathered by the caller). Returns
-    (this rank's task loss, the sum of its own layers' surrogate values or, for "compressed", its
-    compressed-model loss, the sum of its own layers' whitened stable ranks).
+    The layers are visited in ``rounds`` (lists of names); ``whole_weights(round)`` puts the owned
+    layers' whole weights of one round in ``targets_w.weights``. Returns (this rank's task loss, the
+    sum of its own layers' surrogate values or, for "compressed", its compressed-model loss, the sum
+    of its own layers' whitened stable ranks).
 
     * "stable"/"nuclear": FSDP reduce-scatters the task gradient; each owner differentiates
       ``λ/len(names)·Σ R`` of its layers with respect to their whole weights and scatters that
@@ -381,49 +413,61 @@ def _fsdp_losses_and_grads(model, names, owner_of, targets_w, surrogate, keep_ra
     """
     task_loss = task_of(model, batch)
     task_loss.float().backward()
-    full = targets_w.weights if targets_w is not None else {}
-    reg_own = 0.0
-    if surrogate in ("stable", "nuclear"):
-        grads = {}
-        if targets_w is not None:
-            for w in full.values():
-                w.requires_grad_(True)
-            vals = targets_w.values(surrogate)
-            (vals.sum() * (lam_t / len(names))).backward()
-            grads = {n: w.grad for n, w in full.items()}
-            reg_own = vals.sum().item()
-            for w in full.values():
-                w.requires_grad_(False)
-        _fsdp.scatter_from_owners(model, names, owner_of, grads, into="grad", add=True)
-    elif surrogate == "tail":
-        if targets_w is not None:
-            reg_own = targets_w.values("tail", grad=False).sum().item()
-    else:
-        projected = [n for n in names  # the same list on every rank: from the shapes alone
-                     if rank_for(*model.get_submodule(n).weight.shape, keep_ratio) is not None]
-        Urs = targets_w.projections() if targets_w is not None else {}
-        weights = {n: model.get_submodule(n).weight for n in projected}
-        saved_w = _fsdp.local_copies(weights)
-        saved_g = _fsdp.local_copies({n: p.grad for n, p in weights.items()})
-        for p in weights.values():
-            p.grad = None
-        _fsdp.scatter_from_owners(model, projected, owner_of,
-                                  {n: Ur @ (Ur.mT @ full[n].to(Ur.dtype)) for n, Ur in Urs.items()},
-                                  into="weight")
-        try:
-            c_loss = task_of(model, batch).float()
-            (lam_t * c_loss).backward()
-        finally:
-            _fsdp.restore_local(weights, saved_w)
-        g = _fsdp.gather_to_owners(model, projected, owner_of, of="grad")
-        _fsdp.scatter_from_owners(model, projected, owner_of,
+    reg_own = sr_own = 0.0
+    if surrogate != "compressed":
+        for chunk in rounds:
+            with whole_weights(chunk):
+                grads = {}
+                full = targets_w.weights if targets_w is not None else None
+                if full:
+                    if surrogate == "tail":
+                        vals = targets_w.values("tail", grad=False)
+                    else:
+                        for w in full.values():
+                            w.requires_grad_(True)
+                        vals = targets_w.values(surrogate)
+                        (vals.sum() * (lam_t / len(names))).backward()
+                        grads = {n: w.grad for n, w in full.items()}
+                    reg_own += vals.sum().item()
+                    sr_own += _own_stable_rank_sum(targets_w, surrogate, vals.sum().item())
+                if surrogate != "tail":
+                    _fsdp.scatter_from_owners(model, chunk, owner_of, grads, into="grad", add=True)
+        return task_loss, reg_own, sr_own
+
+    projected = [n for n in names  # the same list on every rank: from the shapes alone
+                 if rank_for(*model.get_submodule(n).weight.shape, keep_ratio) is not None]
+    weights = {n: model.get_submodule(n).weight for n in projected}
+    saved_w = _fsdp.local_copies(weights)
+    saved_g = _fsdp.local_copies({n: p.grad for n, p in weights.items()})
+    for p in weights.values():
+        p.grad = None
+    Urs = {}  # this rank's layers' projections, kept through the backward pass
+    for chunk in rounds:
+        with whole_weights(chunk):
+            new = {}
+            full = targets_w.weights if targets_w is not None else None
+            if full:
+                here = targets_w.projections()
+                Urs.update(here)
+                new = {n: Ur @ (Ur.mT @ full[n].to(Ur.dtype)) for n, Ur in here.items()}
+                sr_own += _own_stable_rank_sum(targets_w, surrogate, 0.0)
+            _fsdp.scatter_from_owners(model, [n for n in chunk if n in weights], owner_of, new,
+                                      into="weight")
+    try:
+        c_loss = task_of(model, batch).float()
+        (lam_t * c_loss).backward()
+    finally:
+        _fsdp.restore_local(weights, saved_w)
+    for chunk in rounds:
+        part = [n for n in chunk if n in weights]
+        g = _fsdp.gather_to_owners(model, part, owner_of, of="grad")
+        _fsdp.scatter_from_owners(model, part, owner_of,
                                   {n: Urs[n] @ (Urs[n].mT @ gn.to(Urs[n].dtype)) for n, gn in g.items()},
                                   into="grad")
-        with torch.no_grad():
-            for n, p in weights.items():
-                p.grad.to_local().add_(saved_g[n])
-        reg_own = c_loss.item()
-    return task_loss, reg_own, _own_stable_rank_sum(targets_w, surrogate, reg_own)
+    with torch.no_grad():
+        for n, p in weights.items():
+            p.grad.to_local().add_(saved_g[n])
+    return task_loss, c_loss.item(), sr_own
 
 
 def _make_optimizer(optimizer, params, lr, weight_decay):
@@ -468,6 +512,7 @@ def prehab(
     damping: float = 0.0,
     backend: str = "auto",
     parallel: str = "auto",
+    stats_blocks: int | None = None,
     log_every: int = 0,
     callback=None,
     progress: bool = False,
@@ -511,6 +556,11 @@ def prehab(
             :mod:`prehab_svd.fsdp`). ``"auto"`` (default): ``"fsdp"`` for a model whose parameters
             are DTensors, else ``"ddp"``. Without a process group, a whole model trains in this
             process whatever ``parallel`` says.
+        stats_blocks: accumulate the calibration covariances of this many blocks per forward pass
+            over the calibration batches, so that only their statistics exist at once (an LLM
+            block's are hundreds of MB to GB in fp32/fp64). None: all blocks in one pass, or one
+            block per pass under FSDP (the model is sharded to save memory, so its statistics
+            should not be whole either).
         log_every: print a log line every so many steps (0: never); callback(step: PrehabStep) is
             called after every step.
 
@@ -537,6 +587,8 @@ def prehab(
         raise PrehabError(f"lam_start must be > 0, got {lam_start!r}")
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise PrehabError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    if stats_blocks is not None:
+        _check_positive_int("stats_blocks", stats_blocks)
     if parallel not in ("auto", "ddp", "fsdp"):
         raise PrehabError(f"parallel must be 'auto', 'ddp' or 'fsdp', got {parallel!r}")
     sharded = _fsdp.is_sharded(model)
@@ -564,30 +616,36 @@ def prehab(
         cfg.use_cache = False
     model.eval()
     try:
-        grams = layer_input_grams(model, names, calib)
         # Distributed, each rank regularizes its own layers (i % world): factors, power-iteration
-        # states and spectra of those only. Without a process group, it owns them all.
+        # states and spectra of those only. Without a process group, it owns them all. DDP with
+        # the compressed surrogate projects every layer on every rank: all the factors everywhere.
         world = _dist.world_size()
         own = [n for i, n in enumerate(names) if _dist.owns(i)]
-        factors = {n: _square_factor(grams[n][0], damping) for n in own}
+        every_layer = surrogate == "compressed" and not use_fsdp and len(own) < len(names)
+        blocks_per_pass = stats_blocks if stats_blocks is not None else (1 if use_fsdp else len(plan.stages))
+        factors, tokens = _whitening_factors(model, plan, calib, set(names if every_layer else own),
+                                             damping, blocks_per_pass)
         owner_of = {n: _dist.owner(i) for i, n in enumerate(names)}
-        report = PrehabReport(surrogate=surrogate, layers=list(names),
-                              calibration_tokens=next(iter(grams.values()))[1])
+        report = PrehabReport(surrogate=surrogate, layers=list(names), calibration_tokens=tokens)
         loss_fn = default_task(model, task)  # before sharding: a distillation target copies the model
         if use_fsdp:
             if not sharded:
                 _fsdp.shard(model, device)
             _fsdp.check_sharding(model, names)
-        targets_w = (WhitenedTargets(model, names, factors, backend=backend, owned=own,
+        targets_w = (WhitenedTargets(model, names, {n: factors[n] for n in own}, backend=backend, owned=own,
                                      keep_ratio=keep_ratio) if own else None)
 
+        # FSDP: the owners see their layers' whole weights a few at a time (each round gathers
+        # fsdp.GATHER_LAYERS_PER_RANK layers per rank); otherwise every held layer at once
+        rounds = _fsdp.rounds(names, world) if use_fsdp else [names]
+
         @contextmanager
-        def whole_weights():
-            """FSDP: the owned layers' whole weights in ``targets_w.weights`` within the block."""
+        def whole_weights(chunk):
+            """FSDP: the owned layers of ``chunk`` with their whole weights in ``targets_w.weights``."""
             if not use_fsdp:
                 yield
                 return
-            full = _fsdp.gather_to_owners(model, names, owner_of)
+            full = _fsdp.gather_to_owners(model, chunk, owner_of)
             if targets_w is not None:
                 targets_w.weights = full
             try:
@@ -596,8 +654,15 @@ def prehab(
                 if targets_w is not None:
                     targets_w.weights = None
 
-        with whole_weights():
-            report.spectra_before = _all_spectra(targets_w, names)
+        def all_spectra():
+            mine = {}
+            for chunk in rounds:
+                with whole_weights(chunk):
+                    if targets_w is not None:
+                        mine.update(targets_w.spectra())
+            return _all_spectra(mine, names)
+
+        report.spectra_before = all_spectra()
         report.stable_rank_before = [stable_rank_of(sp) for sp in report.spectra_before]
         model.train(train_mode)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -617,9 +682,7 @@ def prehab(
             if targets_w is not None and len(own) == len(names):  # one process: the same stacks
                 project = targets_w
             else:
-                every = {n: factors[n] if n in factors else _square_factor(grams[n][0], damping)
-                         for n in names}
-                project = WhitenedTargets(model, names, every, keep_ratio=keep_ratio)
+                project = WhitenedTargets(model, names, factors, keep_ratio=keep_ratio)
 
         def task_of(m, batch):
             if autocast is not None:
@@ -655,9 +718,9 @@ def prehab(
             lam_t = lambda_schedule(step, float(lam), float(lam_start), warmup_steps)
             opt.zero_grad(set_to_none=True)
             if use_fsdp:  # the backward passes happen inside: gradients are ready
-                with whole_weights():
-                    task_loss, reg_own, sr_own = _fsdp_losses_and_grads(
-                        model, names, owner_of, targets_w, surrogate, keep_ratio, task_of, batch, lam_t)
+                task_loss, reg_own, sr_own = _fsdp_losses_and_grads(
+                    model, names, rounds, whole_weights, owner_of, targets_w, surrogate, keep_ratio,
+                    task_of, batch, lam_t)
                 logged = global_log(step, task_loss, reg_own, sr_own, surrogate != "compressed")
                 loss = None
             elif world == 1:
@@ -690,12 +753,13 @@ def prehab(
             if not penalised:
                 frac = lam_t / (1.0 + lam_t)
                 if use_fsdp:  # the owners shrink their layers' whole weights and scatter the shards
-                    with whole_weights():
-                        if targets_w is not None:
-                            targets_w.shrink_tail(frac)
-                        _fsdp.scatter_from_owners(model, names, owner_of,
-                                                  targets_w.weights if targets_w is not None else {},
-                                                  into="weight")
+                    for chunk in rounds:
+                        with whole_weights(chunk):
+                            if targets_w is not None:
+                                targets_w.shrink_tail(frac)
+                            _fsdp.scatter_from_owners(model, chunk, owner_of,
+                                                      targets_w.weights if targets_w is not None else {},
+                                                      into="weight")
                 else:
                     if targets_w is not None:
                         targets_w.shrink_tail(frac)
@@ -710,8 +774,7 @@ def prehab(
                 print(f"prehab step {rec.step}/{steps}: task {rec.task_loss:.4f}  "
                       f"{surrogate} {rec.surrogate:.3f}  stable rank {rec.stable_rank:.3f}  λ {lam_t:.3g}")
         del step_fn  # DDP's gradient hooks go with it
-        with whole_weights():
-            report.spectra_after = _all_spectra(targets_w, names)
+        report.spectra_after = all_spectra()
         report.stable_rank_after = [stable_rank_of(sp) for sp in report.spectra_after]
     finally:
         model.train(was_training)

@@ -235,8 +235,28 @@ def test_prehab_with_lambda_zero_is_plain_fine_tuning(make_model, make_batches):
         assert torch.allclose(p, q, atol=1e-6)
 
 
+def test_statistics_block_by_block_give_the_same_prehab(make_model, make_batches):
+    """stats_blocks=1: one forward pass over the calibration batches per block, that block's
+    covariances only; the same Grams (bitwise), so the same training."""
+    calib, train = make_batches(n=3, batch=2, pad_last=4), make_batches(n=2, batch=2, seed=5)
+    runs = {}
+    for blocks in (None, 1, 2):
+        model = make_model("llama", layers=3)
+        calls = []
+        model.register_forward_pre_hook(lambda *_: calls.append(1))
+        rep = prehab(model, calib, train, steps=2, lr=1e-3, stats_blocks=blocks)
+        runs[blocks] = (model.state_dict(), rep, len(calls))
+    whole, _rep, n_whole = runs[None]
+    for blocks, passes in ((1, 3), (2, 2)):
+        state, rep, n = runs[blocks]
+        assert n - n_whole == (passes - 1) * len(calib)  # one more calibration pass per extra group
+        assert all(torch.equal(state[k], whole[k]) for k in whole), blocks
+        assert rep.stable_rank_before == runs[None][1].stable_rank_before
+
+
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(steps=0), "steps"),
+    (dict(stats_blocks=0), "stats_blocks"),
     (dict(surrogate="trace"), "surrogate"),
     (dict(surrogate="tail"), "needs keep_ratio"),
     (dict(surrogate="tail", keep_ratio=1.0), "needs keep_ratio"),
