@@ -121,11 +121,12 @@ def check_sharding(model: nn.Module, names: Iterable[str]) -> None:
 GATHER_LAYERS_PER_RANK = 4
 
 
-def rounds(names: list, world: int, per_rank: int = GATHER_LAYERS_PER_RANK) -> list:
-    """``names`` cut into runs of ``world · per_rank`` consecutive layers: with layer ``i`` owned by
-    rank ``i % world``, each run gives every rank ``per_rank`` layers to gather whole, so a rank
-    holds that many whole weights (and their gradients) at a time, not all of its layers'."""
-    step = max(1, world * per_rank)
+def rounds(names: list, world: int, per_rank: int | None = None) -> list:
+    """``names`` cut into runs of ``world · per_rank`` consecutive layers (default per_rank:
+    :data:`GATHER_LAYERS_PER_RANK`): with layer ``i`` owned by rank ``i % world``, each run gives
+    every rank ``per_rank`` layers to gather whole, so a rank holds that many whole weights (and
+    their gradients) at a time, not all of its layers'."""
+    step = max(1, world * (GATHER_LAYERS_PER_RANK if per_rank is None else per_rank))
     return [names[i:i + step] for i in range(0, len(names), step)]
 
 

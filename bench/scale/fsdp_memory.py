@@ -10,7 +10,11 @@ For each configuration a fresh job runs ``prehab`` for a few steps on a random L
 * ``fsdp``: 2 ranks, the whole model built on every rank, then sharded by ``prehab(parallel="fsdp")``;
 * ``fsdp-meta``: 2 ranks, the model built on the meta device, sharded with ``fully_shard`` and only
   then given storage (``to_empty``, random values): no rank ever holds it whole, the way a model that
-  fits no device is set up.
+  fits no device is set up;
+* ``fsdp-meta-at-once``: the same, but with the calibration statistics of all blocks in one pass
+  (``stats_blocks`` = all) and every owned layer gathered whole at once (one round): what the
+  defaults (one block per pass, :data:`prehab_svd.fsdp.GATHER_LAYERS_PER_RANK` layers per round)
+  save.
 
 Each rank records the bytes it holds after training (its parameters, gradients and optimizer state:
 the local shards under FSDP) and its peak resident set size (``ru_maxrss``: everything the process
@@ -33,7 +37,10 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-MODES = ("single", "ddp", "fsdp", "fsdp-meta")
+MODES = ("single", "ddp", "fsdp", "fsdp-meta", "fsdp-meta-at-once")
+# (mode, surrogate) pairs run by default
+DEFAULT_RUNS = ("single:stable", "ddp:stable", "fsdp:stable", "fsdp-meta:stable", "fsdp-meta-at-once:stable",
+                "ddp:compressed", "fsdp-meta:compressed", "fsdp-meta-at-once:compressed")
 MB = 2 ** 20
 
 
@@ -84,7 +91,13 @@ def worker(args) -> None:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     try:
-        if args.mode == "fsdp-meta":
+        extra = {}
+        if args.mode == "fsdp-meta-at-once":
+            from prehab_svd import fsdp
+
+            fsdp.GATHER_LAYERS_PER_RANK = 10 ** 9  # one round: every owned layer at once
+            extra["stats_blocks"] = args.blocks
+        if args.mode.startswith("fsdp-meta"):
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
@@ -114,7 +127,7 @@ def worker(args) -> None:
         rep = prehab(model, calib[rank::world], train, steps=args.steps, surrogate=args.surrogate,
                      keep_ratio=0.6 if args.surrogate in ("tail", "compressed") else None,
                      lam=1.0, warmup_steps=0, optimizer=make_opt,
-                     parallel="fsdp" if args.mode.startswith("fsdp") else "ddp")
+                     parallel="fsdp" if args.mode.startswith("fsdp") else "ddp", **extra)
         seconds = time.perf_counter() - t0
         opt = held["optimizer"]
         params = held["params"]
@@ -141,20 +154,20 @@ def worker(args) -> None:
 
 def run_all(args) -> list:
     rows = []
-    for mode in args.modes:
-        for surrogate in args.surrogates:
-            launch = ([sys.executable] if mode == "single" else
-                      [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
-            cmd = launch + ["-m", "bench.scale.fsdp_memory", "--worker", "--mode", mode,
-                            "--surrogate", surrogate, "--preset", args.preset, "--blocks", str(args.blocks),
-                            "--steps", str(args.steps), "--sequences", str(args.sequences),
-                            "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--out", args.out]
-            print("+", " ".join(cmd), flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{mode}/{surrogate} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-            for r in range(1 if mode == "single" else 2):
-                rows.append(json.loads((Path(args.out) / f"{mode}-{surrogate}-rank{r}.json").read_text()))
+    for run in args.runs:
+        mode, surrogate = run.split(":")
+        launch = ([sys.executable] if mode == "single" else
+                  [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+        cmd = launch + ["-m", "bench.scale.fsdp_memory", "--worker", "--mode", mode,
+                        "--surrogate", surrogate, "--preset", args.preset, "--blocks", str(args.blocks),
+                        "--steps", str(args.steps), "--sequences", str(args.sequences),
+                        "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--out", args.out]
+        print("+", " ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{mode}/{surrogate} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        for r in range(1 if mode == "single" else 2):
+            rows.append(json.loads((Path(args.out) / f"{mode}-{surrogate}-rank{r}.json").read_text()))
     return rows
 
 
@@ -183,13 +196,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=MODES, default="single", help=argparse.SUPPRESS)
-    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS),
+                    help=f"mode:surrogate pairs (modes: {', '.join(MODES)})")
     ap.add_argument("--surrogate", default="stable", help=argparse.SUPPRESS)
-    ap.add_argument("--surrogates", nargs="+", default=["stable", "compressed"],
-                    choices=["stable", "nuclear", "tail", "compressed"])
     ap.add_argument("--preset", default="cpu-medium")
     ap.add_argument("--blocks", type=int, default=None, help="blocks of the model (default: the preset's)")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--sequences", type=int, default=4, help="calibration sequences (all ranks together)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=2, help="training sequences per rank and step")
@@ -201,6 +213,10 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args)
         return
+    for run in args.runs:
+        mode, _, surrogate = run.partition(":")
+        if mode not in MODES or surrogate not in ("stable", "nuclear", "tail", "compressed"):
+            raise SystemExit(f"bad run {run!r}: use mode:surrogate, modes {', '.join(MODES)}")
     rows = run_all(args)
     env = common.environment("cpu")
     command = "python -m bench.scale.fsdp_memory " + " ".join(sys.argv[1:] if argv is None else argv)
