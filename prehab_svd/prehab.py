@@ -48,7 +48,7 @@ from .compression import _as_batch, _check_finite, _select_tokens, _token_mask
 from .errors import PrehabError
 from .linalg import whitening_factor
 from .models import plan_targets, rank_for
-from .tasks import default_task, step_range
+from .tasks import default_task, is_causal_model, step_range
 
 __all__ = ["prehab", "PrehabReport", "PrehabStep", "layer_input_grams", "WhitenedTargets",
            "lambda_schedule", "stable_rank_of"]
@@ -627,6 +627,13 @@ def prehab(
                                              damping, blocks_per_pass)
         owner_of = {n: _dist.owner(i) for i, n in enumerate(names)}
         report = PrehabReport(surrogate=surrogate, layers=list(names), calibration_tokens=tokens)
+        if sharded and not callable(task) and (task == "distill" or (
+                task in (None, "auto") and not is_causal_model(model))):
+            raise PrehabError(
+                "the distillation task copies the model as its target, which FSDP2 cannot do for a "
+                "model already sharded; pass the model unsharded with parallel='fsdp' (prehab copies "
+                "it, then shards it), or pass task=prehab_svd.tasks.EmbeddingDistillation(reference) "
+                "with a reference you sharded separately")
         loss_fn = default_task(model, task)  # before sharding: a distillation target copies the model
         if use_fsdp:
             if not sharded:

@@ -92,17 +92,20 @@ def recipe(rank: int = 0, world: int = 1, out_dir: str | None = None) -> dict:
                                                     preshard=True)
     # an odd width: FSDP splits gate/up's 75 rows as 38 + 37 (the same model in one process too)
     out["prehab-odd"] = prehab_run(rank, world, shape=ODD)
+    # an encoder distilling to a copy of itself taken before sharding
+    out["prehab-bert"] = prehab_run(rank, world, kind="bert", lam=1.0)
     if world > 1:
         out["fsdp-odd"] = prehab_run(rank, world, shape=ODD, parallel="fsdp")
+        out["fsdp-bert"] = prehab_run(rank, world, kind="bert", lam=1.0, parallel="fsdp")
     return out
 
 
 def prehab_run(rank: int = 0, world: int = 1, lam: float = PREHAB["lam"], preshard: bool = False,
-               shape: dict = SHAPE, save_to: str | None = None, **kw) -> dict:
+               shape: dict = SHAPE, save_to: str | None = None, kind: str = "llama", **kw) -> dict:
     from prehab_svd import fsdp
     from prehab_svd.prehab import prehab
 
-    model = tiny_model("llama", **shape)
+    model = tiny_model(kind, **shape)
     if preshard:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -148,6 +151,7 @@ def errors(rank: int) -> dict:
         "prehab, a sharded model with parallel='ddp'": lambda: _sharded_prehab(rank, "ddp", root=True),
         "prehab, the blocks sharded but not the root": lambda: _sharded_prehab(rank, "auto", root=False),
         "rehab, a sharded compressed model": lambda: _sharded_rehab(rank),
+        "prehab, a caller-sharded encoder distilling to itself": lambda: _sharded_encoder(rank),
     }.items():
         try:
             run()
@@ -170,6 +174,15 @@ def _sharded_prehab(rank, parallel, root):
     if root:
         fully_shard(model, mesh=mesh)
     prehab(model, calibration()[rank::2], training(2, rank), parallel=parallel, **PREHAB)
+
+
+def _sharded_encoder(rank):
+    from prehab_svd import fsdp
+    from prehab_svd.prehab import prehab
+
+    model = tiny_model("bert")
+    fsdp.shard(model, torch.device("cpu"))
+    prehab(model, calibration()[rank::2], training(2, rank), **PREHAB)
 
 
 def _sharded_rehab(rank):

@@ -67,14 +67,16 @@ def _comparable(x):
     return x
 
 
-def _max_rel_diff(a: dict, b: dict) -> tuple:
-    """The largest ``max |a − b| / max |b|`` over the tensors of two state dicts, and its name."""
+def _max_rel_diff(a: dict, b: dict, floor: float = 1e-30) -> tuple:
+    """The largest ``max |a − b| / max(max |b|, floor)`` over the tensors of two state dicts, and its
+    name (``floor``: for tensors that are rounding noise around zero, e.g. BERT's attention key
+    biases, whose gradient is zero in exact arithmetic)."""
     assert a.keys() == b.keys()
     worst = (0.0, None)
     for name in b:
         assert a[name].shape == b[name].shape and a[name].dtype == b[name].dtype, name
         x, y = a[name].double(), b[name].double()
-        d = float((x - y).abs().max() / y.abs().max().clamp_min(1e-30))
+        d = float((x - y).abs().max() / y.abs().max().clamp_min(floor))
         worst = max(worst, (d, name), key=lambda t: t[0])
     return worst
 
@@ -181,6 +183,7 @@ def test_ddp_compressed_prehab_matches_the_single_process_run(runs):
     ("fsdp-compressed", "prehab-compressed", 1e-5),
     ("fsdp-nuclear-presharded", "prehab-nuclear", 1e-5),  # sharded by the caller, parallel="auto"
     ("fsdp-odd", "prehab-odd", 1e-5),  # uneven shards: 75 rows as 38 + 37
+    ("fsdp-bert", "prehab-bert", 1e-5),  # an encoder distilling to its copy taken before sharding
 ])
 def test_fsdp_prehab_matches_the_single_process_run(runs, name, ref, tol):
     """FSDP2: parameters sharded over the 2 ranks, each layer's regularizer (its gradient, its tail
@@ -188,18 +191,20 @@ def test_fsdp_prehab_matches_the_single_process_run(runs, name, ref, tol):
     model equals one process's on the global batch, bitwise the same on both ranks, and the logged
     numbers are the global ones."""
     single, ranks = runs
-    diff, where = _max_rel_diff(ranks[0][name]["state"], single[ref]["state"])
+    bert = name == "fsdp-bert"  # distillation starts at loss 0: fp32 noise around zero (measured
+    # 7.5e-9 absolute on weights of 0.07, the loss 2.49e-6 against 2.46e-6)
+    diff, where = _max_rel_diff(ranks[0][name]["state"], single[ref]["state"], floor=1e-2 if bert else 1e-30)
     assert diff <= tol, (where, diff)
     diff1, _ = _max_rel_diff(ranks[1][name]["state"], ranks[0][name]["state"])
     assert diff1 == 0
-    if name != "fsdp-odd":  # (a different model)
+    if name not in ("fsdp-odd", "fsdp-bert"):  # (different models)
         moved, _ = _max_rel_diff(single["prehab-lam0"]["state"], single[ref]["state"])
         assert moved > 1e-3  # the regularizer moved the weights far beyond the tolerance
     rep, want = ranks[0][name]["report"], single[ref]["report"]
     assert len(rep["steps"]) == len(want["steps"]) == 2
     for a, b in zip(rep["steps"], want["steps"]):
         for key in ("task_loss", "surrogate", "stable_rank", "loss"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6 if bert else 0), key
     assert rep["stable_rank_before"] == pytest.approx(want["stable_rank_before"], rel=1e-6)
     assert rep["stable_rank_after"] == pytest.approx(want["stable_rank_after"], rel=1e-5)
     # each rank held half of every weight's rows (ceil on rank 0), not the whole model
@@ -268,6 +273,8 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs):
         assert "use parallel='fsdp'" in e["prehab, a sharded model with parallel='ddp'"]
         assert "apply fully_shard to the root module" in e["prehab, the blocks sharded but not the root"]
         assert "pass it unsharded with parallel='fsdp'" in e["rehab, a sharded compressed model"]
+        assert "FSDP2 cannot do for a model already sharded" in \
+            e["prehab, a caller-sharded encoder distilling to itself"]
 
 
 # ---------------------------------------------------------------------------------------------
