@@ -1,4 +1,4 @@
-"""FSDP2 for Prehab: train a model whose parameters are sharded over the ranks (``fully_shard``).
+"""FSDP2 for Prehab and rehab: train a model whose parameters are sharded over the ranks (``fully_shard``).
 
 ``prehab(model, ..., parallel="fsdp")`` on every rank of an initialized default process group trains
 the model with its parameters, gradients and optimizer state sharded over the ranks (PyTorch's FSDP2,
@@ -35,7 +35,13 @@ weights travel the same way (gather to the owner, compute there, scatter the sha
 are visited in rounds of :data:`GATHER_LAYERS_PER_RANK` per rank (:func:`rounds`): beyond its shards,
 a rank holds at most that many whole weights and their gradients at a time and, for
 ``"compressed"``, the projections ``U_r`` of all its layers (``out × r`` each) through the backward
-pass.
+pass. The calibration covariances are accumulated one block per pass over the calibration batches
+(``prehab(stats_blocks=...)``), so they are not whole either.
+
+Cost per step, beyond FSDP's own all-gathers and reduce-scatter: one more all-gather of every target
+weight (every rank receives it, only the owner keeps it) and one scatter of its regularizer gradient
+from the owner; ``"compressed"`` adds a second forward and backward pass and a gather and scatter of
+the projected layers' gradients. Tested with gloo on the CPU; NCCL on GPUs has not run yet.
 """
 
 from __future__ import annotations
@@ -43,9 +49,8 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from torch import nn
-
 import torch.distributed as dist
+from torch import nn
 
 from . import distributed as _dist
 from .errors import PrehabError
