@@ -172,6 +172,28 @@ def test_compress_benchmark_extrapolates_a_fraction(tmp_path):
     assert not list(tmp_path.glob("prehab-scale-*"))  # the written output was removed
 
 
+def test_fsdp_memory_benchmark_counts_each_ranks_shards(tmp_path):
+    """One process against FSDP2 on 2 gloo ranks (a meta-built model): each rank holds half of the
+    parameters, gradients and AdamW state (to the rows of odd splits), and the table has every run."""
+    from bench.scale import fsdp_memory
+
+    out, md = tmp_path / "runs", tmp_path / "m.md"
+    fsdp_memory.main(["--preset", "tiny", "--runs", "single:stable", "fsdp-meta:stable", "--out", str(out),
+                      "--md", str(md)])
+    rows = json.loads(md.with_suffix(".json").read_text())["rows"]
+    single = next(r for r in rows if r["mode"] == "single")
+    ranks = [r for r in rows if r["mode"] == "fsdp-meta"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
+    for key in ("params_mb", "grads_mb", "optimizer_mb"):
+        assert single[key] > 0
+        assert sum(r[key] for r in ranks) == pytest.approx(single[key], rel=1e-9), key
+        for r in ranks:
+            assert r[key] == pytest.approx(single[key] / 2, rel=0.05), key
+    assert all(r["model_params"] == single["model_params"] for r in ranks)
+    text = md.read_text()
+    assert "| fsdp-meta | stable | 1/2 |" in text and "| single | stable | 0/1 |" in text
+
+
 def test_factorize_benchmark_accuracy_columns(tmp_path):
     from bench.scale import factorize
 

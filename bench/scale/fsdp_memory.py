@@ -163,7 +163,8 @@ def run_all(args) -> list:
                         "--steps", str(args.steps), "--sequences", str(args.sequences),
                         "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--out", args.out]
         print("+", " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[2])  # where bench/ imports from
         if proc.returncode != 0:
             raise SystemExit(f"{mode}/{surrogate} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
         for r in range(1 if mode == "single" else 2):
@@ -205,7 +206,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sequences", type=int, default=4, help="calibration sequences (all ranks together)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=2, help="training sequences per rank and step")
-    ap.add_argument("--out", default="out/fsdp_memory")
+    ap.add_argument("--out", default="out/fsdp_memory", help="folder of the per-rank JSON files")
     ap.add_argument("--md", default=None, help="also write the table here (and the JSON next to it)")
     args = ap.parse_args(argv)
     if args.blocks is None:
