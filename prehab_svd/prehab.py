@@ -180,6 +180,39 @@ def _square_factor(gram: torch.Tensor, damping: float) -> torch.Tensor:
     return torch.cat([f.R, f.R.new_zeros(d, d - k)], dim=1) if k < d else f.R
 
 
+STATS_MEMORY_FRACTION = 0.25  # of the device's free memory, for one pass's calibration statistics
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now (CUDA: ``mem_get_info``; CPU: MemAvailable of /proc/meminfo), or
+    None where unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def _stats_blocks_that_fit(model, plan, device: torch.device) -> int:
+    """How many blocks' calibration statistics to accumulate per pass: as many as fit in
+    ``STATS_MEMORY_FRACTION`` of the free memory, counting 12 bytes (the fp32 sum and its fp64 Gram)
+    per entry of each targeted layer's ``in × in`` covariance (an upper bound: layers fed the same
+    input share one); at least 1, all of them when the free memory is unknown."""
+    n = len(plan.stages)
+    free = _free_memory(device)
+    if free is None or n <= 1:
+        return n
+    per_block = max(sum(12 * model.get_submodule(name).weight.shape[1] ** 2 for name in st[2])
+                    for st in plan.stages)
+    return max(1, min(n, int(free * STATS_MEMORY_FRACTION // max(per_block, 1))))
+
+
 def _whitening_factors(model, plan, calib: list, wanted: set, damping: float, blocks_per_pass: int):
     """``({name: square whitening factor}, calibration tokens)`` for the ``wanted`` targets.
 
@@ -558,9 +591,10 @@ def prehab(
             process whatever ``parallel`` says.
         stats_blocks: accumulate the calibration covariances of this many blocks per forward pass
             over the calibration batches, so that only their statistics exist at once (an LLM
-            block's are hundreds of MB to GB in fp32/fp64). None: all blocks in one pass, or one
-            block per pass under FSDP (the model is sharded to save memory, so its statistics
-            should not be whole either).
+            block's are hundreds of MB to GB in fp32/fp64; results are bitwise the same). None:
+            as many blocks as fit in a quarter of the device's free memory (all of a small model,
+            one pass), or one block per pass under FSDP (the model is sharded to save memory, so
+            its statistics should not be whole either).
         log_every: print a log line every so many steps (0: never); callback(step: PrehabStep) is
             called after every step.
 
@@ -622,7 +656,8 @@ def prehab(
         world = _dist.world_size()
         own = [n for i, n in enumerate(names) if _dist.owns(i)]
         every_layer = surrogate == "compressed" and not use_fsdp and len(own) < len(names)
-        blocks_per_pass = stats_blocks if stats_blocks is not None else (1 if use_fsdp else len(plan.stages))
+        blocks_per_pass = stats_blocks if stats_blocks is not None else (
+            1 if use_fsdp else _stats_blocks_that_fit(model, plan, device))
         factors, tokens = _whitening_factors(model, plan, calib, set(names if every_layer else own),
                                              damping, blocks_per_pass)
         owner_of = {n: _dist.owner(i) for i, n in enumerate(names)}
