@@ -190,17 +190,15 @@ def scatter_from_owners(model: nn.Module, names: list, owner_of: dict, values: d
 
 
 def local_copies(tensors: dict) -> dict:
-    """``{name: clone of the local shard}`` of DTensors (or of plain tensors)."""
-    dtensor = _dtensor_type()
-    return {n: (t.to_local() if isinstance(t, dtensor) else t).detach().clone() for n, t in tensors.items()}
+    """``{name: clone of the local shard}`` of DTensors."""
+    return {n: t.to_local().detach().clone() for n, t in tensors.items()}
 
 
 @torch.no_grad()
 def restore_local(tensors: dict, saved: dict) -> None:
     """Write back the local shards saved by :func:`local_copies`."""
-    dtensor = _dtensor_type()
     for n, t in tensors.items():
-        (t.to_local() if isinstance(t, dtensor) else t).copy_(saved[n])
+        t.to_local().copy_(saved[n])
 
 
 @torch.no_grad()

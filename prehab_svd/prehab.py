@@ -334,7 +334,7 @@ class WhitenedTargets:
             return W.new_zeros(W.shape[0], dtype=torch.float32)
         M = W.float() @ Ls
         Ur = self._top_left(M)
-        tail = M - Ur @ (Ur.mT @ M)
+        tail = M - _project(Ur, M)
         return tail.square().sum((-2, -1)) / M.square().sum((-2, -1)).clamp_min(1e-30)
 
     @contextmanager
@@ -366,7 +366,7 @@ class WhitenedTargets:
                 continue
             Wf = W.float()
             Ur = self._top_left(Wf @ Ls)
-            new = (Wf - frac * (Wf - Ur @ (Ur.mT @ Wf))).to(W.dtype)
+            new = (Wf - frac * (Wf - _project(Ur, Wf))).to(W.dtype)
             for n, lin, w in zip(names, lins, new.unbind(0)):
                 if self.weights is not None:
                     self.weights[n] = w
@@ -393,9 +393,15 @@ class WhitenedTargets:
         return res
 
 
+def _project(Ur: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``U_r U_rᵀ X`` (in U_r's dtype): the rows of X projected on the span of U_r's columns. svd-llm's
+    compressed weight is this of W; the gradient through it (U_r fixed) is this of the gradient."""
+    return Ur @ (Ur.mT @ X.to(Ur.dtype))
+
+
 def _projected_linear(lin: nn.Linear, Ur: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     W = lin.weight
-    return F.linear(x, (Ur @ (Ur.mT @ W.to(Ur.dtype))).to(W.dtype), lin.bias)
+    return F.linear(x, _project(Ur, W).to(W.dtype), lin.bias)
 
 
 def _all_spectra(mine: dict, names: list) -> list:
@@ -482,8 +488,8 @@ def _fsdp_losses_and_grads(model, names, rounds, whole_weights, owner_of, target
             if full:
                 here = targets_w.projections()
                 Urs.update(here)
-                new = {n: Ur @ (Ur.mT @ full[n].to(Ur.dtype)) for n, Ur in here.items()}
-                sr_own += _own_stable_rank_sum(targets_w, surrogate, 0.0)
+                new = {n: _project(Ur, full[n]) for n, Ur in here.items()}
+                sr_own += targets_w.values("stable", grad=False).sum().item()
             _fsdp.scatter_from_owners(model, [n for n in chunk if n in weights], owner_of, new,
                                       into="weight")
     try:
@@ -494,8 +500,7 @@ def _fsdp_losses_and_grads(model, names, rounds, whole_weights, owner_of, target
     for chunk in rounds:
         part = [n for n in chunk if n in weights]
         g = _fsdp.gather_to_owners(model, part, owner_of, of="grad")
-        _fsdp.scatter_from_owners(model, part, owner_of,
-                                  {n: Urs[n] @ (Urs[n].mT @ gn.to(Urs[n].dtype)) for n, gn in g.items()},
+        _fsdp.scatter_from_owners(model, part, owner_of, {n: _project(Urs[n], gn) for n, gn in g.items()},
                                   into="grad")
     with torch.no_grad():
         for n, p in weights.items():
