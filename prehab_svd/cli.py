@@ -97,6 +97,7 @@ def cmd_compress(args) -> int:
     original = copy.deepcopy(model) if args.rehab and not causal else None
     report = compress(model, args.method, args.keep_ratio, calibration,
                       targets=args.targets, exclude=args.exclude, damping=args.damping, alpha=args.alpha,
+                      shrinkage=args.shrinkage, allocation=args.allocation, ranks=args.ranks,
                       stats_dtype=torch.float64 if args.fp64_stats else torch.float32,
                       task=args.task, grad_samples=args.grad_samples, correction=args.correction,
                       min_rank_fraction=args.min_rank_fraction, progress=not args.quiet)
@@ -125,6 +126,9 @@ def _check_low_memory_flags(args) -> None:
                           "in memory; drop --low-memory, or run rehab on the saved model afterwards")
     if args.no_calibration:
         raise PrehabError("--low-memory needs calibration data; drop --no-calibration")
+    if args.allocation != "uniform" or args.ranks or args.shrinkage:
+        raise PrehabError("--allocation, --ranks and --shrinkage are not available with --low-memory yet; "
+                          "drop them or compress in memory")
 
 
 def _compress_low_memory(args, path: Path, out: Path, causal: bool, tokenizer, calibration) -> int:
@@ -263,9 +267,11 @@ def eval_windows(args, model) -> tuple[int, int, int | None]:
     batch = args.batch_size or max(1, 4096 // seq)
     limit = args.max_eval_batches
     if limit is None and args.max_tokens:
-        if args.max_tokens < seq:
+        windows = args.max_tokens // seq
+        if windows < 1:
             raise PrehabError(f"--max-tokens {args.max_tokens} is shorter than one window of {seq} tokens")
-        limit = max(1, args.max_tokens // (seq * batch))
+        batch = min(batch, windows)
+        limit = windows // batch
     return seq, batch, limit
 
 
@@ -487,9 +493,18 @@ def format_demo(rows, keep_ratio=None) -> str:
 
 
 def cmd_demo(args) -> int:
-    rows = run_demo(args.methods, args.keep_ratio, args.num_calib, args.num_eval,
-                    progress=not args.quiet)
-    print(format_demo(rows, args.keep_ratio))
+    if args.model == "smollm2":
+        from .demo_causal import CAUSAL_DEMO_DEFAULT, format_causal_demo, run_causal_demo
+
+        rows = run_causal_demo(args.methods or list(CAUSAL_DEMO_DEFAULT), args.keep_ratio or [0.8],
+                               calib_windows=args.num_calib or 32, eval_tokens=args.eval_tokens,
+                               progress=not args.quiet)
+        if args.quiet:
+            print(format_causal_demo(rows))
+    else:
+        rows = run_demo(args.methods or list(DEMO_DEFAULT), args.keep_ratio or [0.6], args.num_calib or 256,
+                        args.num_eval, progress=not args.quiet)
+        print(format_demo(rows, args.keep_ratio))
     if args.json:
         print(json.dumps(rows))
     return 0
@@ -570,6 +585,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--damping", type=float, default=0.0,
                    help="add damping·tr(G)/d to each Gram matrix (0: exact optimum; ~1e-2 helps aa-svd "
                         "when calibration tokens are few)")
+    c.add_argument("--shrinkage", type=float, default=0.0,
+                   help="fit the factors to covariances shrunk toward their diagonals, (1-a)G + a diag(G), "
+                        "a in [0, 1] (0: the exact optimum on the calibration text)")
+    c.add_argument("--allocation", choices=["uniform", "zs"], default="uniform",
+                   help="how the budget is spread over the layers: uniform ranks, or zs-svd's zero-sum "
+                        "selection with this method's factors")
+    c.add_argument("--ranks", default=None,
+                   help="per-layer ranks from a saved compressed model folder or a JSON file {layer: rank}")
     c.add_argument("--alpha", type=float, default=0.5, help="asvd's activation exponent")
     c.add_argument("--task", default="auto", choices=["auto", "causal_lm", "distill", "contrastive"],
                    help="zs-svd: the task loss of the gradient (auto: cross-entropy for a causal LM, "
@@ -644,12 +667,18 @@ def build_parser() -> argparse.ArgumentParser:
                               "encoder 128); batch size default: 4096 tokens a batch (encoder 8)")
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("demo", help="compress the packaged all-MiniLM-L6-v2 with every method")
-    d.add_argument("--methods", nargs="*", default=list(DEMO_DEFAULT),
-                   help="each [prehab+]METHOD[+rehab], METHOD one of " + ", ".join(METHODS))
-    d.add_argument("--keep-ratio", type=float, nargs="+", default=[0.6])
-    d.add_argument("--num-calib", type=int, default=256)
-    d.add_argument("--num-eval", type=int, default=512)
+    d = sub.add_parser("demo", help="compress a packaged real model with several methods and compare")
+    d.add_argument("--model", choices=["smollm2", "minilm"], default="smollm2",
+                   help="smollm2: the causal LM, perplexity and answers (default); minilm: the encoder, "
+                        "embedding fidelity")
+    d.add_argument("--methods", nargs="*", default=None,
+                   help="smollm2: each [zs-ranks+]METHOD[+rehab]; minilm: each [prehab+]METHOD[+rehab]; "
+                        "METHOD one of " + ", ".join(METHODS))
+    d.add_argument("--keep-ratio", type=float, nargs="+", default=None, help="default 0.8 (smollm2), 0.6 (minilm)")
+    d.add_argument("--num-calib", type=int, default=None,
+                   help="calibration windows of 256 tokens (smollm2, default 32) or sentences (minilm, 256)")
+    d.add_argument("--num-eval", type=int, default=512, help="minilm: held-out sentences")
+    d.add_argument("--eval-tokens", type=int, default=4096, help="smollm2: tokens scored of each held-out text")
     d.add_argument("--json", action="store_true")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)

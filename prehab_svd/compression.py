@@ -126,6 +126,7 @@ class CompressionReport:
 class _Options:
     alpha: float = 0.5
     damping: float = 0.0
+    shrinkage: float = 0.0
     stats_dtype: torch.dtype = torch.float32
     progress: bool = False
     zs: "_ZSContext | None" = None
@@ -425,6 +426,7 @@ def compress(
     exclude=None,
     alpha: float = 0.5,
     damping: float = 0.0,
+    shrinkage: float = 0.0,
     stats_dtype: torch.dtype = torch.float32,
     task=None,
     grad_samples: int = 32,
@@ -453,7 +455,9 @@ def compress(
         targets / exclude: name patterns (see :func:`prehab_svd.models.match_name`); default: every
             linear layer inside the transformer blocks.
         alpha: ASVD's activation exponent. damping: relative diagonal damping of the Gram matrices
-            (0: exact optimum with a pseudo-inverse fallback).
+            (0: exact optimum with a pseudo-inverse fallback). shrinkage: α in [0, 1]; the factors are
+            fit to statistics shrunk toward their diagonals, ``(1−α)·G + α·diag(G)`` (see
+            :meth:`prehab_svd.methods.LayerStats.shrunk`); the reported errors use the unshrunk ones.
         stats_dtype: accumulator dtype of the covariances (float32 or float64).
         task, grad_samples, correction, correction_grads, min_rank_fraction: ``zs-svd`` only. The
             task loss whose gradient predicts each component's effect ("auto": cross-entropy for a
@@ -485,7 +489,10 @@ def compress(
     plan = plan_targets(model, targets, exclude)
     report = CompressionReport(method=method, keep_ratio=float(keep_ratio))
 
-    opts = _Options(alpha=alpha, damping=damping, stats_dtype=stats_dtype, progress=progress)
+    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0 <= shrinkage <= 1:
+        raise PrehabError(f"shrinkage must be a number in [0, 1], got {shrinkage!r}")
+    opts = _Options(alpha=alpha, damping=damping, shrinkage=float(shrinkage), stats_dtype=stats_dtype,
+                    progress=progress)
     if allocation not in ALLOCATIONS:
         raise PrehabError(f"unknown allocation {allocation!r}; use one of {', '.join(ALLOCATIONS)}")
     if method == "zs-svd" and ranks is not None:
@@ -825,7 +832,8 @@ def _factorize_group(module, names, group, stats, ranks, report, method, opts):
     spectra = method == "zs-svd" and opts.zs.phase == "spectra"
     first = len(opts.zs.candidates) if spectra else len(report.layers)  # the run's layer index
     mine = [j for j in range(len(group)) if _dist.owns(first + j)]
-    factor = _methods.group_factor(method, stats, opts.damping) if mine else None
+    fstats = stats.shrunk(opts.shrinkage) if opts.shrinkage else stats  # what the factors are fit to
+    factor = _methods.group_factor(method, fstats, opts.damping) if mine else None
     if spectra:
         _zs_spectra(module, names, group, factor, opts.zs, first)
         return
@@ -848,7 +856,7 @@ def _factorize_group(module, names, group, stats, ranks, report, method, opts):
                     if method == "zs-svd":
                         U, V = _zs_factors(W, factor, rank, opts.zs.chunk_grads.get(full))
                     else:
-                        U, V = _methods.factorize(method, W, stats, rank, alpha=opts.alpha,
+                        U, V = _methods.factorize(method, W, fstats, rank, alpha=opts.alpha,
                                                   damping=opts.damping, factor=factor)
                     U, V = U.contiguous(), V.contiguous()
                     after = _methods.relative_error(W, (U.to(torch.float64) @ V.to(torch.float64)), stats)

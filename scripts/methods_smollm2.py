@@ -15,11 +15,12 @@ where it stopped and a second run only adds rows; ``--fresh`` starts over. The t
 
 Usage::
 
-    python scripts/methods_smollm2.py [--out results] [--suite table|calibration|probe|all]
+    python scripts/methods_smollm2.py [--out results] [--suite table|calibration|all|none] [--extra SPEC]
+    python scripts/methods_smollm2.py --layers '{"method": "svd-llm", "keep": 0.8}'  # which layers lose most
     python scripts/methods_smollm2.py --row '{"method": "svd-llm", "keep": 0.8}'   # one row, printed
 
 Sizes (all options): ``--calib-windows 64 --calib-len 256`` (16k calibration tokens), ``--eval-len
-2048 --eval-tokens 32768`` per text. About 3 minutes a row on 2 CPU cores.
+2048 --eval-tokens 8192`` per text (the same windows for every row). About 2-3 minutes a row on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def run_row(spec: dict, sizes: dict) -> dict:
     t0 = time.perf_counter()
     if method != "dense":
         options = dict(spec.get("options", {}))
+        if spec.get("dense"):  # these layers stay dense; the others share the rest of the same budget
+            options["ranks"], out["keep_rest"] = dense_at_budget(model, spec["dense"], float(spec["keep"]))
         report = prehab_svd.compress(model, method, float(spec["keep"]), calib, **options)
         out.update(compress_seconds=round(report.seconds, 1),
                    timings={k: round(v, 1) for k, v in report.timings.items() if v},
@@ -112,6 +115,104 @@ def run_row(spec: dict, sizes: dict) -> dict:
     return out
 
 
+def dense_at_budget(model, patterns, keep: float):
+    """Ranks that keep the layers matching ``patterns`` dense and give every other target the one
+    uniform keep ratio that makes the total ``keep`` of all targets' parameters."""
+    from prehab_svd.models import match_name, plan_targets, rank_for
+
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in plan_targets(model).targets}
+    dense = {n for n in shapes if match_name(n, patterns)}
+    total = sum(m * k for m, k in shapes.values())
+    fixed = sum(shapes[n][0] * shapes[n][1] for n in dense)
+    keep_rest = (keep * total - fixed) / (total - fixed)
+    if not 0 < keep_rest <= 1:
+        raise SystemExit(f"keeping {sorted(dense)[:3]}... dense leaves keep {keep_rest:.3f} for the rest")
+    return {n: None if n in dense else rank_for(*shapes[n], keep_rest) for n in shapes}, keep_rest
+
+
+def run_layer_probe(spec: dict, sizes: dict) -> dict:
+    """Which layers lose the most: compress once (``spec``), then put the compressed layers of one
+    projection type, or of one block, into the dense model (all else dense) and measure perplexity.
+    The factors of svd-llm (and svd, asvd) depend only on the original model's activations, so every
+    subset uses the same factors it would get in the full compression."""
+    import torch
+
+    import prehab_svd
+    from prehab_svd import data, evaluate
+    from prehab_svd.layers import LowRankLinear
+    from prehab_svd.pretrained import load_pretrained
+
+    if spec.get("method") not in ("svd", "asvd", "svd-llm"):
+        raise SystemExit("the layer probe needs a method whose factors ignore upstream compression")
+    torch.manual_seed(0)
+    model, tok = load_pretrained("smollm2")
+    calib = data.causal_lm_batches(tok, data.load_texts("builtin", "train"), num_samples=sizes["calib_windows"],
+                                   seq_len=sizes["calib_len"], batch_size=8, seed=0)
+    sets = {}
+    for name, split in EVAL_SETS.items():
+        per = max(1, 4096 // sizes["eval_len"])
+        sets[name] = data.eval_lm_batches(tok, data.load_texts(name, split), seq_len=sizes["eval_len"],
+                                          batch_size=per,
+                                          max_batches=max(1, sizes["eval_tokens"] // (sizes["eval_len"] * per)))
+
+    def ppl(m):
+        return {name: evaluate.perplexity(m, b).ppl for name, b in sets.items()}
+
+    comp = copy.deepcopy(model)
+    report = prehab_svd.compress(comp, spec["method"], float(spec["keep"]), calib, **spec.get("options", {}))
+    low = {n: m for n, m in comp.named_modules() if isinstance(m, LowRankLinear)}
+    out = {"spec": spec, "dense": ppl(model), "all": ppl(comp),
+           "errors": {layer.name: layer.rel_error_after for layer in report.layers}, "kinds": {}, "blocks": {}}
+
+    def only(names):
+        saved = {}
+        for n in names:
+            parent, _, child = n.rpartition(".")
+            saved[n] = getattr(model.get_submodule(parent), child)
+            setattr(model.get_submodule(parent), child, low[n])
+        try:
+            return ppl(model)
+        finally:
+            for n, old in saved.items():
+                parent, _, child = n.rpartition(".")
+                setattr(model.get_submodule(parent), child, old)
+
+    for kind in PROBE_KINDS:
+        out["kinds"][kind] = only([n for n in low if n.endswith("." + kind)])
+        print(kind, out["kinds"][kind], flush=True)
+    blocks = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in low})
+    for b in blocks:
+        out["blocks"][b] = only([n for n in low if f".layers.{b}." in n])
+        print("block", b, out["blocks"][b], flush=True)
+    return out
+
+
+def write_probe(out: Path, probe: dict, env: dict) -> None:
+    _atomic_write(out / "layers_smollm2.json", json.dumps({"env": env, **probe}, indent=1))
+    d = probe["dense"]
+
+    def rel(p):
+        return " | ".join(f"{p[k]:.2f} ({100 * (p[k] / d[k] - 1):+.0f} %)" for k in EVAL_SETS)
+
+    lines = ["# Which layers of SmolLM2-135M lose the most (svd-llm, keep 0.8)", "",
+             f"Command: `{env['command']}`; {env['date']}; torch {env['torch']}, transformers "
+             f"{env['transformers']}; {env['machine']}. Same calibration and perplexity windows as "
+             "methods_smollm2.md. Each row puts the compressed layers of one projection type (or one block) "
+             "into the otherwise dense model; the factors are those of the full compression.", "",
+             "| layers compressed | ppl builtin | ppl licenses | mean rel. output error (calibration) |",
+             "| --- | --- | --- | --- |",
+             f"| none (dense) | {d['builtin']:.2f} | {d['licenses']:.2f} | - |",
+             f"| all | {rel(probe['all'])} | - |"]
+    errs = probe["errors"]
+    for kind, p in probe["kinds"].items():
+        e = [v for k, v in errs.items() if k.endswith("." + kind) and v is not None]
+        lines.append(f"| {kind} (all blocks) | {rel(p)} | {sum(e) / max(len(e), 1):.3f} |")
+    for b, p in probe["blocks"].items():
+        e = [v for k, v in errs.items() if f".layers.{b}." in k and v is not None]
+        lines.append(f"| block {b} | {rel(p)} | {sum(e) / max(len(e), 1):.3f} |")
+    _atomic_write(out / "layers_smollm2.md", "\n".join(lines) + "\n")
+
+
 # --------------------------------------------------------------------------------------------------
 # The suites (in the parent)
 
@@ -133,9 +234,6 @@ def suite_rows(name: str) -> list[dict]:
         for m in ("svd-llm", "aa-svd"):
             for w in CALIB_SWEEP:
                 rows.append({"method": m, "keep": 0.8, "calib": w})
-    if name in ("probe", "all"):
-        for kind in PROBE_KINDS:
-            rows.append({"method": "svd-llm", "keep": 0.8, "options": {"targets": [f"*.{kind}"]}})
     return rows
 
 
@@ -143,6 +241,8 @@ def fmt_row(r: dict) -> str:
     s = r["spec"]
     name = s.get("method", "dense") + ("+rehab" if s.get("rehab") else "")
     extra = {k: v for k, v in s.items() if k not in ("method", "keep", "rehab")}
+    if "keep_rest" in r:
+        extra["keep_rest"] = round(r["keep_rest"], 4)
     label = name + (" " + json.dumps(extra, sort_keys=True) if extra else "")
     keep = f"{s['keep']:g}" if "keep" in s else "1"
     kept = f"{r['kept_fraction']:.3f}" if "kept_fraction" in r else "1"
@@ -175,14 +275,17 @@ def write_table(out: Path, results: dict, env: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "results"))
-    p.add_argument("--suite", default="table", choices=["table", "calibration", "probe", "all", "none"])
+    p.add_argument("--suite", default="table", choices=["table", "calibration", "all", "none"])
     p.add_argument("--extra", action="append", default=[], help="one more row spec (JSON), repeatable")
     p.add_argument("--row", default=None, help="run one row spec (JSON) here and print its result as JSON")
+    p.add_argument("--layers", default=None,
+                   help="the layer probe of one compression spec (JSON, e.g. svd-llm at 0.8), in this process; "
+                        "writes OUT/layers_smollm2.md/.json")
     p.add_argument("--fresh", action="store_true", help="discard the cached rows")
     p.add_argument("--calib-windows", type=int, default=64)
     p.add_argument("--calib-len", type=int, default=256)
     p.add_argument("--eval-len", type=int, default=2048)
-    p.add_argument("--eval-tokens", type=int, default=32768)
+    p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--rehab-windows", type=int, default=256)
     p.add_argument("--rehab-steps", type=int, default=100)
     args = p.parse_args(argv)
@@ -202,6 +305,8 @@ def main(argv=None) -> int:
 
     from prehab_svd.evaluate import DEFAULT_PROMPT
 
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
     cache = out / "methods_smollm2.json"
     results: dict = {}
@@ -211,10 +316,11 @@ def main(argv=None) -> int:
             results = {row_key(r["spec"]): r for r in old["rows"] if "error" not in r}
     env = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-           "command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT))
-                                           if Path(sys.argv[0]).resolve().is_relative_to(ROOT)
-                                           else sys.argv[0]] + sys.argv[1:]),
+           "command": " ".join(["python scripts/methods_smollm2.py"] + (sys.argv[1:] if argv is None else argv)),
            "sizes": sizes, "prompt": DEFAULT_PROMPT}
+    if args.layers is not None:
+        write_probe(out, run_layer_probe(json.loads(args.layers), sizes), env)
+        return 0
     specs = ([] if args.suite == "none" else suite_rows(args.suite)) + [json.loads(e) for e in args.extra]
     for spec in specs:
         key = row_key(spec)

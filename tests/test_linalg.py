@@ -173,3 +173,50 @@ def test_bad_inputs():
     g[0, 0] = float("nan")
     with pytest.raises(PrehabError, match="NaN"):
         anchored_lowrank(W, torch.eye(5), g, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shrinkage of the statistics toward their diagonals (compress(..., shrinkage=α))
+
+
+def _stats(x, xp=None):
+    from prehab_svd.methods import LayerStats
+
+    if xp is None:
+        g = x.T @ x / x.shape[0]
+        return LayerStats(g, g, g, None, x.shape[0])
+    return LayerStats(x.T @ x / x.shape[0], x.T @ xp / x.shape[0], xp.T @ xp / x.shape[0], None, x.shape[0])
+
+
+def test_shrunk_stats_keep_the_diagonal_and_the_identity_of_single_streams():
+    torch.manual_seed(0)
+    x = torch.randn(300, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64)
+    st = _stats(x)
+    s = st.shrunk(0.25)
+    assert s.cross is s.gram_x and s.gram_xp is s.gram_x  # one stream stays one stream
+    torch.testing.assert_close(torch.diagonal(s.gram_x), torch.diagonal(st.gram_x), rtol=0, atol=0)
+    off = ~torch.eye(12, dtype=torch.bool)
+    torch.testing.assert_close(s.gram_x[off], 0.75 * st.gram_x[off])
+    assert st.shrunk(0) is st
+    with pytest.raises(PrehabError, match="shrinkage"):
+        st.shrunk(1.5)
+    raw = _stats(x, x + 0.1 * torch.randn_like(x))
+    two = raw.shrunk(0.5)  # two streams: every term is shrunk the same way, diagonals kept
+    for got, was in ((two.gram_x, raw.gram_x), (two.cross, raw.cross), (two.gram_xp, raw.gram_xp)):
+        torch.testing.assert_close(torch.diagonal(got), torch.diagonal(was), rtol=0, atol=0)
+        torch.testing.assert_close(got[off], 0.5 * was[off])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_shrinkage_is_invariant_to_per_channel_scaling(alpha):
+    """Scaling input channel j by D_j (and W's column j by 1/D_j) is the same problem: W' must be the
+    same up to that scaling, for every shrinkage (damping toward I would not be)."""
+    torch.manual_seed(1)
+    x = torch.randn(400, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
+    W = torch.randn(10, 16, dtype=torch.float64)
+    D = torch.logspace(-1, 1, 16, dtype=torch.float64)
+    a = _stats(x).shrunk(alpha)
+    b = _stats(x * D).shrunk(alpha)
+    U, V = whitened_lowrank(W, a.gram_x, 5)
+    U2, V2 = whitened_lowrank(W / D, b.gram_x, 5)
+    torch.testing.assert_close(U @ V, (U2 @ V2) * D, rtol=1e-9, atol=1e-11)

@@ -63,6 +63,9 @@ PRESETS = {
     "cpu-small-gqa": Preset("cpu-small-gqa", 512, 1376, 4, 8, 2, 2048, 32, 256, 8, 4, 256, 32, 32),
     # bigger than cpu-small so that CPU decode is bound by reading weights, not by Python overhead
     "cpu-medium": Preset("cpu-medium", 1024, 2752, 8, 16, 16, 4096, 32, 256, 8, 8, 256, 32, 32),
+    # SmolLM2-135M (the causal default, `prehab-svd ... smollm2`): 30 blocks of hidden 576, MLP 1536,
+    # 9 query / 3 key-value heads
+    "smollm2": Preset("smollm2", 576, 1536, 30, 9, 3, 49152, 64, 256, 8, 30, 256, 32, 32),
     # seconds: the smoke tests
     "tiny": Preset("tiny", 64, 160, 2, 4, 2, 128, 4, 32, 2, 2, 32, 8, 12),
 }

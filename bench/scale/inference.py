@@ -272,7 +272,12 @@ def run(args) -> dict:
     configs, build_s = [], 0.0
     for keep in keeps:
         t0 = time.perf_counter()
-        model = common.build_llama(p, device, dtype, layers=args.layers, seed=len(configs))
+        if args.model:  # the real weights (dense rows); compressed rows get random factors of their ranks
+            from prehab_svd.pretrained import load_pretrained
+
+            model = load_pretrained(args.model)[0].to(device=device, dtype=dtype)
+        else:
+            model = common.build_llama(p, device, dtype, layers=args.layers, seed=len(configs))
         params = set_keep(model, target_shapes(model), keep, "auto", device, dtype)
         build_s += time.perf_counter() - t0
         for backend in (["dense"] if keep >= 1.0 else args.backends):
@@ -315,7 +320,8 @@ def run(args) -> dict:
                 _reset_compiled(cfg.model)
     _add_speedups(rows)
     peak = torch.cuda.max_memory_allocated() / 1e9 if on_cuda else None
-    return {"kind": "inference", "schema": common.SCHEMA, "env": env, "preset": p.name, "device": device,
+    return {"kind": "inference", "schema": common.SCHEMA, "env": env, "preset": p.name, "model": args.model,
+            "device": device,
             "dtype": common.dtype_name(dtype), "layers": args.layers or p.layers, "build_s": build_s,
             "prefill_len": prefill_len, "prompt_len": prompt, "new_tokens": new_tokens, "reps": reps,
             "rows": rows, "skipped": skipped, "peak_gpu_alloc_gb": peak, "peak_rss_gb": common.peak_rss_gb()}
@@ -333,6 +339,9 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.scale.inference", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu-medium", choices=sorted(common.PRESETS))
     ap.add_argument("--layers", type=int, default=None, help="blocks (default: the preset's full model)")
+    ap.add_argument("--model", default=None,
+                    help="a real model (e.g. smollm2, with --preset smollm2 for its sizes) instead of random "
+                         "weights; the compressed rows still get random factors (speed depends on shapes only)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, choices=sorted(common.DTYPES))
     ap.add_argument("--keep-ratios", type=float, nargs="+", default=[1.0, 0.8, 0.6, 0.4],
