@@ -25,10 +25,15 @@ Sizes (all options): ``--calib-windows 64 --calib-len 256`` (16k calibration tok
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP: spinning OpenMP threads that wait for a busy core made a 0.3 s SVD take
+# 9.5 s on this 2-core machine while another process ran (measured); passive waiting costs nothing here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import copy
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -41,7 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EVAL_SETS = {"builtin": "test", "licenses": "test"}
 TABLE_METHODS = ["svd", "asvd", "svd-llm", "aa-svd", "zs-svd", "svd-llm+rehab"]
 TABLE_RATIOS = [0.8, 0.6, 0.4]
-CALIB_SWEEP = [64, 256, 1024]  # windows of 256 tokens: 16k, 64k, 256k tokens
+DEFAULT_CALIB = 64  # windows of 256 tokens: 16k calibration tokens
+CALIB_SWEEP = [64, 256, 512]  # 16k, 64k, 128k tokens
+REHAB_LR = 2e-4  # LoRA rank 8 on the factors, causal-LM loss on windows of the calibration's kind of text
 PROBE_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -51,6 +58,11 @@ def _atomic_write(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _comparable(sizes) -> dict:
+    """The sizes every row shares (a rehab row carries its own rehab settings in its spec)."""
+    return {k: v for k, v in (sizes or {}).items() if not k.startswith("rehab")}
 
 
 def row_key(spec: dict) -> str:
@@ -93,10 +105,12 @@ def run_row(spec: dict, sizes: dict) -> dict:
         if spec.get("rehab"):
             from prehab_svd.rehab import rehab
 
-            train = data.causal_lm_batches(tok, calib_texts, num_samples=sizes["rehab_windows"],
-                                           seq_len=sizes["calib_len"], batch_size=8, seed=1)
+            train = data.causal_lm_batches(tok, calib_texts, num_samples=int(spec.get("rehab_windows",
+                                                                                  sizes["rehab_windows"])),
+                                           seq_len=sizes["calib_len"], batch_size=4, seed=1)
             t1 = time.perf_counter()
-            rep = rehab(model, train, steps=int(spec.get("rehab_steps", sizes["rehab_steps"])))
+            rep = rehab(model, train, steps=int(spec.get("rehab_steps", sizes["rehab_steps"])),
+                        lr=float(spec.get("rehab_lr", REHAB_LR)))
             out["rehab_seconds"] = round(time.perf_counter() - t1, 1)
             out["rehab_loss"] = [rep.steps[0]["task_loss"], rep.steps[-1]["task_loss"]] if rep.steps else None
     out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -232,15 +246,16 @@ def suite_rows(name: str) -> list[dict]:
                 rows.append(spec)
     if name in ("calibration", "all"):
         for m in ("svd-llm", "aa-svd"):
-            for w in CALIB_SWEEP:
-                rows.append({"method": m, "keep": 0.8, "calib": w})
+            for w in CALIB_SWEEP:  # the default size is the table's row
+                rows.append({"method": m, "keep": 0.8, **({} if w == DEFAULT_CALIB else {"calib": w})})
     return rows
 
 
 def fmt_row(r: dict) -> str:
     s = r["spec"]
     name = s.get("method", "dense") + ("+rehab" if s.get("rehab") else "")
-    extra = {k: v for k, v in s.items() if k not in ("method", "keep", "rehab")}
+    extra = {k: v for k, v in s.items() if k not in ("method", "keep", "rehab", "rehab_steps", "rehab_windows",
+                                                     "rehab_lr")}
     if "keep_rest" in r:
         extra["keep_rest"] = round(r["keep_rest"], 4)
     label = name + (" " + json.dumps(extra, sort_keys=True) if extra else "")
@@ -282,12 +297,14 @@ def main(argv=None) -> int:
                    help="the layer probe of one compression spec (JSON, e.g. svd-llm at 0.8), in this process; "
                         "writes OUT/layers_smollm2.md/.json")
     p.add_argument("--fresh", action="store_true", help="discard the cached rows")
-    p.add_argument("--calib-windows", type=int, default=64)
+    p.add_argument("--merge", action="append", default=[],
+                   help="also take the rows of another methods_smollm2.json measured with the same sizes")
+    p.add_argument("--calib-windows", type=int, default=DEFAULT_CALIB)
     p.add_argument("--calib-len", type=int, default=256)
     p.add_argument("--eval-len", type=int, default=2048)
     p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--rehab-windows", type=int, default=256)
-    p.add_argument("--rehab-steps", type=int, default=100)
+    p.add_argument("--rehab-windows", type=int, default=240, help="rehab: windows of 256 tokens, 4 a step")
+    p.add_argument("--rehab-steps", type=int, default=60)
     args = p.parse_args(argv)
     sizes = {"calib_windows": args.calib_windows, "calib_len": args.calib_len, "eval_len": args.eval_len,
              "eval_tokens": args.eval_tokens, "rehab_windows": args.rehab_windows,
@@ -312,8 +329,15 @@ def main(argv=None) -> int:
     results: dict = {}
     if cache.is_file() and not args.fresh:
         old = json.loads(cache.read_text())
-        if old.get("env", {}).get("sizes") == sizes:
+        if _comparable(old.get("env", {}).get("sizes")) == _comparable(sizes):
             results = {row_key(r["spec"]): r for r in old["rows"] if "error" not in r}
+    for extra in args.merge:
+        other = json.loads(Path(extra).read_text())
+        if _comparable(other.get("env", {}).get("sizes")) != _comparable(sizes):
+            raise SystemExit(f"{extra} was measured with other sizes: {other.get('env', {}).get('sizes')}")
+        for r in other["rows"]:
+            if "error" not in r:
+                results.setdefault(row_key(r["spec"]), r)
     env = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
            "command": " ".join(["python scripts/methods_smollm2.py"] + (sys.argv[1:] if argv is None else argv)),
@@ -323,6 +347,10 @@ def main(argv=None) -> int:
         return 0
     specs = ([] if args.suite == "none" else suite_rows(args.suite)) + [json.loads(e) for e in args.extra]
     for spec in specs:
+        if spec.get("rehab"):  # the rehab settings are part of the row's identity
+            spec.setdefault("rehab_steps", sizes["rehab_steps"])
+            spec.setdefault("rehab_windows", sizes["rehab_windows"])
+            spec.setdefault("rehab_lr", REHAB_LR)
         key = row_key(spec)
         if key in results:
             continue
