@@ -20,8 +20,8 @@ from .errors import PrehabError
 
 __all__ = ["CAUSAL_DEMO_DEFAULT", "parse_causal_method", "run_causal_demo", "format_causal_demo"]
 
-CAUSAL_DEMO_DEFAULT = ("svd-llm", "aa-svd", "zs-svd", "zs-ranks+aa-svd")
-ZS_OPTIONS = dict(grad_samples=32)
+CAUSAL_DEMO_DEFAULT = ("svd-llm", "zs-svd")  # the papers' uniform baseline and the default (about 8 min)
+ZS_OPTIONS = dict(grad_samples=32, min_rank_fraction=0.3)  # the CLI's causal-LM default floor
 REHAB_OPTIONS = dict(steps=60, lr=1e-4, lora_rank=8)
 
 

@@ -120,7 +120,8 @@ def test_causal_demo_rows_on_smollm2(smollm2):
     assert comp["ppl_builtin"] != dense["ppl_builtin"] and dense["ppl_builtin"] > 1
     assert 0.79 < comp["kept_fraction"] <= 0.8 and comp["params_dense"] == 3 * 576 * 1536
     assert "svd-llm" in format_causal_demo(rows) and "ppl licenses" in format_causal_demo(rows)
-    assert parse_causal_method("zs-ranks+aa-svd+rehab") == ("aa-svd", {"allocation": "zs", "grad_samples": 32},
+    assert parse_causal_method("zs-ranks+aa-svd+rehab") == ("aa-svd", {"allocation": "zs", "grad_samples": 32,
+                                                                        "min_rank_fraction": 0.3},
                                                             True)
     with pytest.raises(PrehabError, match="unknown demo method"):
         parse_causal_method("prehab+svd")
