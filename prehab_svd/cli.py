@@ -15,13 +15,8 @@ from pathlib import Path
 
 from .errors import PrehabError
 
-from .pretrained import MINILM as MINILM_ALIAS  # names kept for callers of the CLI module
 from .pretrained import MODELS, is_causal_config as is_causal_lm, load_model, load_tokenizer
-from .pretrained import minilm_dir as _minilm_dir_path, resolve_model_path
-
-
-def _minilm_dir() -> str:
-    return str(_minilm_dir_path())
+from .pretrained import minilm_dir, resolve_model_path
 
 
 def _config_is_causal(path: Path) -> bool:
@@ -123,7 +118,6 @@ DEFAULT_METHOD = "zs-svd"
 DEFAULT_METHOD_LOW_MEMORY = "svd-llm"  # zs-svd needs the whole model's task gradient
 CAUSAL_CALIBRATION = dict(num_samples=64, seq_len=256)  # 16k tokens: windows of the calibration text
 ENCODER_CALIBRATION = dict(num_samples=128, seq_len=128)  # sentences, truncated to 128 tokens
-CAUSAL_ZS_MIN_RANK = 0.3  # zs-svd's rank floor (fraction of break-even) for a causal LM, measured best
 
 
 def compress_defaults(args, causal: bool) -> None:
@@ -134,7 +128,9 @@ def compress_defaults(args, causal: bool) -> None:
         raise PrehabError("--low-memory cannot run zs-svd (it needs the task gradient of the whole model); "
                           "choose --method svd-llm or aa-svd, or drop --low-memory")
     if args.min_rank_fraction is None and causal:
-        args.min_rank_fraction = CAUSAL_ZS_MIN_RANK
+        from .compression import ZS_MIN_RANK_CAUSAL
+
+        args.min_rank_fraction = ZS_MIN_RANK_CAUSAL
     for key, value in (CAUSAL_CALIBRATION if causal else ENCODER_CALIBRATION).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -300,15 +296,11 @@ def eval_windows(args, model) -> tuple[int, int, int | None]:
 
 
 def _reference_of(path: Path, given) -> str | None:
+    """--reference, else the original model ``path`` descends from (None for an original itself)."""
     if given is not None:
         return given
-    meta = path / "prehab_svd.json"
-    if meta.is_file():
-        m = json.loads(meta.read_text())
-        ref = m.get("original_model") or m.get("base_model")
-        if ref and Path(ref).resolve() != path.resolve():
-            return ref
-    return None
+    ref = _original_of(path)
+    return None if Path(ref).resolve() == path.resolve() else ref
 
 
 def cmd_eval(args) -> int:
@@ -437,7 +429,7 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
     for r in ratios:
         _check_ratio(r)
     parsed = [(m, *parse_demo_method(m)) for m in methods]
-    path = _minilm_dir()
+    path = str(minilm_dir())
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     base = transformers.AutoModel.from_pretrained(path).eval()
     calib_texts = data.load_texts("builtin", split="train")
@@ -681,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity (causal LM) or embedding fidelity (encoder)")
     e.add_argument("model")
-    e.add_argument("--reference", default=None, help="original model for encoder fidelity")
+    e.add_argument("--reference", default=None,
+                   help="the original model to compare with (default: the one the folder descends from)")
     e.add_argument("--split", default="test")
     e.add_argument("--max-eval-batches", type=int, default=None, help="causal LM: cap on batches")
     e.add_argument("--max-tokens", type=int, default=EVAL_TOKENS,

@@ -18,10 +18,14 @@ import time
 
 from .errors import PrehabError
 
-__all__ = ["CAUSAL_DEMO_DEFAULT", "parse_causal_method", "run_causal_demo", "format_causal_demo"]
+from .compression import ZS_MIN_RANK_CAUSAL
+
+__all__ = ["CAUSAL_DEMO_DEFAULT", "parse_causal_method", "heldout_sets", "run_causal_demo",
+           "format_causal_demo"]
 
 CAUSAL_DEMO_DEFAULT = ("svd-llm", "zs-svd")  # the papers' uniform baseline and the default (about 8 min)
-ZS_OPTIONS = dict(grad_samples=32, min_rank_fraction=0.3)  # the CLI's causal-LM default floor
+ZS_OPTIONS = dict(grad_samples=32, min_rank_fraction=ZS_MIN_RANK_CAUSAL)
+HELDOUT = {"builtin": "test", "licenses": "test"}  # the calibration's kind of text; another kind
 REHAB_OPTIONS = dict(steps=60, lr=1e-4, lora_rank=8)
 
 
@@ -48,13 +52,22 @@ def parse_causal_method(name: str) -> tuple[str, dict, bool]:
     return method, opts, post
 
 
+def heldout_sets(tokenizer, eval_len: int, eval_tokens: int) -> dict:
+    """{text name: perplexity batches} of :data:`HELDOUT`: consecutive ``eval_len``-token windows,
+    about ``eval_tokens`` tokens of each (at least one window), up to 4,096 tokens a batch."""
+    from . import data
+
+    per = max(1, min(4096 // eval_len, eval_tokens // eval_len))
+    return {name: data.eval_lm_batches(tokenizer, data.load_texts(name, split), seq_len=eval_len, batch_size=per,
+                                       max_batches=max(1, eval_tokens // (eval_len * per)))
+            for name, split in HELDOUT.items()}
+
+
 def run_causal_demo(methods=CAUSAL_DEMO_DEFAULT, keep_ratio=0.8, *, calib_windows=32, calib_len=256,
                     eval_len=2048, eval_tokens=4096, max_new_tokens=20, progress=True, model_name="smollm2",
                     targets=None):
     """Rows (dicts) of the demo table: the dense model first, then every method at every keep ratio
     (``targets``: name patterns of the layers to compress, default all in the blocks)."""
-    import torch
-
     from . import data, evaluate
     from .compression import check_keep_ratio, compress
     from .pretrained import load_pretrained
@@ -67,11 +80,7 @@ def run_causal_demo(methods=CAUSAL_DEMO_DEFAULT, keep_ratio=0.8, *, calib_window
     calib_texts = data.load_texts("builtin", "train")
     calib = data.causal_lm_batches(tok, calib_texts, num_samples=calib_windows, seq_len=calib_len,
                                    batch_size=8, seed=0)
-    per = max(1, min(4096 // eval_len, eval_tokens // eval_len))
-    sets = {}
-    for name in ("builtin", "licenses"):
-        sets[name] = data.eval_lm_batches(tok, data.load_texts(name, "test"), seq_len=eval_len, batch_size=per,
-                                          max_batches=max(1, eval_tokens // (eval_len * per)))
+    sets = heldout_sets(tok, eval_len, eval_tokens)
     train = None
 
     def measure(model, row):
@@ -82,7 +91,6 @@ def run_causal_demo(methods=CAUSAL_DEMO_DEFAULT, keep_ratio=0.8, *, calib_window
         row["answer"] = evaluate.generate_text(model, tok, evaluate.DEFAULT_PROMPT, max_new_tokens=max_new_tokens)
         return row
 
-    t0 = time.perf_counter()
     rows = [measure(base, {"method": "dense", "keep_ratio": 1.0, "params_kept": None, "seconds": 0.0})]
     if progress:
         print(format_causal_demo(rows[-1:], header=True), flush=True)
@@ -105,7 +113,6 @@ def run_causal_demo(methods=CAUSAL_DEMO_DEFAULT, keep_ratio=0.8, *, calib_window
             if progress:
                 print(format_causal_demo(rows[-1:], header=False), flush=True)
             del model
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rows
 
 

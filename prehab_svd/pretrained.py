@@ -140,9 +140,8 @@ def convert_gguf(path, *, cache: Path | None = None, verbose: bool = True) -> Pa
 def dequantized_to_dense(model) -> None:
     """Make a model loaded from GGUF (already dequantized to float tensors) an ordinary one: no
     quantizer, no ``quantization_config``, ``architectures`` set, so ``save_pretrained`` accepts it."""
-    for attr in ("hf_quantizer",):
-        if getattr(model, attr, None) is not None:
-            setattr(model, attr, None)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
     if getattr(model, "is_quantized", False):
         try:
             model.is_quantized = False

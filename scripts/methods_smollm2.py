@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EVAL_SETS = {"builtin": "test", "licenses": "test"}
 TABLE_METHODS = ["svd", "asvd", "svd-llm", "aa-svd", "zs-svd", "svd-llm+rehab"]
 TABLE_RATIOS = [0.8, 0.6, 0.4]
 DEFAULT_CALIB = 64  # windows of 256 tokens: 16k calibration tokens
@@ -78,6 +77,7 @@ def run_row(spec: dict, sizes: dict) -> dict:
 
     import prehab_svd
     from prehab_svd import data, evaluate
+    from prehab_svd.demo_causal import heldout_sets
     from prehab_svd.pretrained import load_pretrained
 
     torch.manual_seed(0)
@@ -114,11 +114,7 @@ def run_row(spec: dict, sizes: dict) -> dict:
             out["rehab_seconds"] = round(time.perf_counter() - t1, 1)
             out["rehab_loss"] = [rep.steps[0]["task_loss"], rep.steps[-1]["task_loss"]] if rep.steps else None
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    for name, split in EVAL_SETS.items():
-        texts = data.load_texts(name, split)
-        per = max(1, 4096 // sizes["eval_len"])
-        batches = data.eval_lm_batches(tok, texts, seq_len=sizes["eval_len"], batch_size=per,
-                                       max_batches=max(1, sizes["eval_tokens"] // (sizes["eval_len"] * per)))
+    for name, batches in heldout_sets(tok, sizes["eval_len"], sizes["eval_tokens"]).items():
         t1 = time.perf_counter()
         res = evaluate.perplexity(model, batches)
         out[f"ppl_{name}"] = res.ppl
@@ -153,6 +149,7 @@ def run_layer_probe(spec: dict, sizes: dict) -> dict:
 
     import prehab_svd
     from prehab_svd import data, evaluate
+    from prehab_svd.demo_causal import heldout_sets
     from prehab_svd.layers import LowRankLinear
     from prehab_svd.pretrained import load_pretrained
 
@@ -162,12 +159,7 @@ def run_layer_probe(spec: dict, sizes: dict) -> dict:
     model, tok = load_pretrained("smollm2")
     calib = data.causal_lm_batches(tok, data.load_texts("builtin", "train"), num_samples=sizes["calib_windows"],
                                    seq_len=sizes["calib_len"], batch_size=8, seed=0)
-    sets = {}
-    for name, split in EVAL_SETS.items():
-        per = max(1, 4096 // sizes["eval_len"])
-        sets[name] = data.eval_lm_batches(tok, data.load_texts(name, split), seq_len=sizes["eval_len"],
-                                          batch_size=per,
-                                          max_batches=max(1, sizes["eval_tokens"] // (sizes["eval_len"] * per)))
+    sets = heldout_sets(tok, sizes["eval_len"], sizes["eval_tokens"])
 
     def ppl(m):
         return {name: evaluate.perplexity(m, b).ppl for name, b in sets.items()}
@@ -206,7 +198,7 @@ def write_probe(out: Path, probe: dict, env: dict) -> None:
     d = probe["dense"]
 
     def rel(p):
-        return " | ".join(f"{p[k]:.2f} ({100 * (p[k] / d[k] - 1):+.0f} %)" for k in EVAL_SETS)
+        return " | ".join(f"{p[k]:.2f} ({100 * (p[k] / d[k] - 1):+.0f} %)" for k in d)
 
     lines = ["# Which layers of SmolLM2-135M lose the most (svd-llm, keep 0.8)", "",
              f"Command: `{env['command']}`; {env['date']}; torch {env['torch']}, transformers "

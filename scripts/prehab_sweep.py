@@ -23,14 +23,14 @@ import torch
 import transformers
 
 from prehab_svd import data, evaluate
-from prehab_svd.cli import _minilm_dir
+from prehab_svd.pretrained import minilm_dir
 from prehab_svd.compression import compress
 from prehab_svd.prehab import prehab
 
 
 def main(settings):
     torch.manual_seed(0)
-    path = _minilm_dir()
+    path = str(minilm_dir())
     tok = transformers.AutoTokenizer.from_pretrained(path)
     base = transformers.AutoModel.from_pretrained(path).eval()
     train_texts, test_texts = data.load_texts("builtin", "train"), data.load_texts("builtin", "test")
