@@ -25,13 +25,8 @@ Sizes (all options): ``--calib-windows 64 --calib-len 256`` (16k calibration tok
 
 from __future__ import annotations
 
-import os
-
-# Before torch loads OpenMP: spinning OpenMP threads that wait for a busy core made a 0.3 s SVD take
-# 9.5 s on this 2-core machine while another process ran (measured); passive waiting costs nothing here.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
+import os
 import copy
 import json
 import platform
@@ -231,8 +226,8 @@ def suite_rows(name: str) -> list[dict]:
             for m in TABLE_METHODS:
                 base, _, post = m.partition("+")
                 spec = {"method": base, "keep": keep}
-                if base == "zs-svd":
-                    spec["options"] = {"grad_samples": 64}
+                if base == "zs-svd":  # the CLI's settings for a causal LM
+                    spec["options"] = {"grad_samples": 64, "min_rank_fraction": 0.3}
                 if post == "rehab":
                     spec["rehab"] = True
                 rows.append(spec)
@@ -241,6 +236,15 @@ def suite_rows(name: str) -> list[dict]:
             for w in CALIB_SWEEP:  # the default size is the table's row
                 rows.append({"method": m, "keep": 0.8, **({} if w == DEFAULT_CALIB else {"calib": w})})
     return rows
+
+
+def _row_order(r: dict) -> tuple:
+    """Dense first, then by keep (descending), method in TABLE_METHODS order, plain settings first."""
+    s = r["spec"]
+    name = s.get("method", "dense") + ("+rehab" if s.get("rehab") else "")
+    rank = TABLE_METHODS.index(name) if name in TABLE_METHODS else len(TABLE_METHODS)
+    label = fmt_row(r).split(" | ")[0]
+    return (name != "dense", -s.get("keep", 1.0), rank, "{" in label, label)
 
 
 def fmt_row(r: dict) -> str:
@@ -257,12 +261,22 @@ def fmt_row(r: dict) -> str:
             f"{r.get('compress_seconds', 0):.0f} | {r['peak_rss_mib']:,} | {r['generation']!r} |")
 
 
+def _commands_line(results: dict, env: dict) -> str:
+    """Which commands measured the rows (each row records its own), and the environment."""
+    counts: dict[str, int] = {}
+    for r in results.values():
+        cmd = r.get("command", env["command"])
+        counts[cmd] = counts.get(cmd, 0) + 1
+    runs = "; ".join(f"`{c}` ({n} row{'s' if n > 1 else ''})" for c, n in counts.items())
+    return (f"Rows measured by: {runs}; table written by `{env['command']}`, {env['date']}; Python {env['python']}, "
+            f"torch {env['torch']}, transformers {env['transformers']}; {env['machine']}.")
+
+
 def write_table(out: Path, results: dict, env: dict) -> None:
     _atomic_write(out / "methods_smollm2.json", json.dumps({"env": env, "rows": list(results.values())},
                                                            indent=1))
     lines = ["# Compression methods on SmolLM2-135M-Instruct (CPU)", "",
-             f"Command: `{env['command']}`; {env['date']}; Python {env['python']}, torch {env['torch']}, "
-             f"transformers {env['transformers']}; {env['machine']}.", "",
+             _commands_line(results, env), "",
              f"Calibration: {env['sizes']['calib_windows']} windows x {env['sizes']['calib_len']} tokens of the "
              "built-in corpus (train split) unless a row says `calib` (windows). Perplexity: consecutive "
              f"{env['sizes']['eval_len']}-token windows, {env['sizes']['eval_tokens']:,} tokens of each text: "
@@ -272,7 +286,7 @@ def write_table(out: Path, results: dict, env: dict) -> None:
              "RSS of the row's process.", "",
              "| method | keep | kept | ppl builtin | ppl licenses | s | peak MiB | generation |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [fmt_row(r) for r in results.values() if "ppl_builtin" in r]
+    lines += [fmt_row(r) for r in sorted((r for r in results.values() if "ppl_builtin" in r), key=_row_order)]
     failed = [r for r in results.values() if "error" in r]
     if failed:
         lines += ["", "Rows that failed:"] + [f"- `{row_key(r['spec'])}`: {r['error']}" for r in failed]
@@ -356,7 +370,7 @@ def main(argv=None) -> int:
             results[key] = {"spec": spec, "error": err}
             print(f"FAILED {key}: {err}", flush=True)
         else:
-            results[key] = json.loads(line[-1][4:])
+            results[key] = json.loads(line[-1][4:]) | {"command": env["command"]}
             print(fmt_row(results[key]), f"({time.time() - t0:.0f} s)", flush=True)
         write_table(out, results, env)
     write_table(out, results, env)
