@@ -13,14 +13,6 @@ Public API::
 ``keep_ratio`` is always the fraction of the targeted parameters that is KEPT.
 """
 
-import os as _os
-
-# Before torch loads its OpenMP runtime, unless the user chose: OpenMP threads that spin while they
-# wait made a 0.3 s fp64 SVD take 9.5 s on a 2-core machine with one other busy process (measured
-# 2026-12-02); passive waiting cost nothing measurable on an idle one. No effect if torch was
-# imported first.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from . import linalg, ops  # noqa: E402
 from .compression import METHODS, CompressionReport, LayerReport, compress  # noqa: E402
 from .errors import NonFiniteActivationError, PrehabError  # noqa: E402

@@ -23,7 +23,7 @@ Example: ``python -m bench.scale.compress --preset cpu-small --method aa-svd --j
 
 from __future__ import annotations
 
-from bench.scale import common  # first: sets OMP_WAIT_POLICY before torch loads
+from bench.scale import common  # first: sets the environment (offline hub, tokenizers) before they load
 
 import argparse  # noqa: E402
 import os  # noqa: E402

@@ -25,7 +25,7 @@ same comparison would use ``torch.cuda.max_memory_allocated``; no run here has h
 
 from __future__ import annotations
 
-from . import common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+from . import common  # noqa: F401  (sets the environment before torch loads)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -31,7 +31,7 @@ Example: ``python -m bench.scale.inference --preset cpu-medium --json out.json``
 
 from __future__ import annotations
 
-from bench.scale import common  # first: sets OMP_WAIT_POLICY before torch loads
+from bench.scale import common  # first: sets the environment (offline hub, tokenizers) before they load
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402

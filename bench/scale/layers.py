@@ -19,7 +19,7 @@ Example: ``python -m bench.scale.layers --json out.json --png out.png``
 
 from __future__ import annotations
 
-from bench.scale import common  # first: sets OMP_WAIT_POLICY before torch loads
+from bench.scale import common  # first: sets the environment (offline hub, tokenizers) before they load
 
 import argparse  # noqa: E402
 import math  # noqa: E402

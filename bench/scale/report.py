@@ -268,7 +268,7 @@ def render(res: dict, *, title: str | None = None, gpu_placeholder: bool | None 
               f"- versions: python {env.get('python')}, torch {env.get('torch')}"
               + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")
               + f", transformers {env.get('transformers')}, triton {env.get('triton')}",
-              f"- OMP_WAIT_POLICY={env.get('omp_wait_policy')}, PREHAB_SVD_BACKEND="
+              f"- OMP_WAIT_POLICY={env.get('omp_wait_policy') or '(unset: the OpenMP default)'}, PREHAB_SVD_BACKEND="
               f"{env.get('prehab_svd_backend') or '(unset: the library chooses)'}"]
     start, end = env.get("load_average"), meta.get("load_average_end")
     if start and end:

@@ -15,7 +15,7 @@ listed as skipped. Writes ``<prefix>.json``, ``<prefix>.md`` (rendered by :mod:`
 
 from __future__ import annotations
 
-from bench.scale import common  # first: sets OMP_WAIT_POLICY before torch loads
+from bench.scale import common  # first: sets the environment (offline hub, tokenizers) before they load
 
 import argparse  # noqa: E402
 import json  # noqa: E402

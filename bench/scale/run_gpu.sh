@@ -19,7 +19,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-$PWD/out/scale_gpu}"
 mkdir -p "$OUT"
 part="${1:-all}"
-export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 PY="${PYTHON:-python3}"
 
 # The package (its Triton kernels live in kernels/, installed as prehab_svd.kernels), without building
