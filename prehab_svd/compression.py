@@ -1054,10 +1054,10 @@ def _zs_select(zs: _ZSContext, keep_ratio):
 
 
 def _zs_factors(W, factor, rank, grads):
-    from .linalg import balanced_factors, truncated_svd
+    from .linalg import closed_form_factors
     from .zs_svd import corrected_lowrank
 
     if grads is not None:
         return corrected_lowrank(W, factor, rank, grads)
-    U, S, Vh = truncated_svd(W.detach().to(torch.float64) @ factor.R, rank)
-    return balanced_factors(U, S, factor.right_solve(Vh), rank, W.dtype, W.device)
+    W64 = W.detach().to(torch.float64)
+    return closed_form_factors(W64, W64 @ factor.R, factor, rank, W.dtype, W.device)

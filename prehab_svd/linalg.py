@@ -5,14 +5,29 @@ dtype of ``W``. Notation: rows of an activation matrix ``x`` are tokens, a layer
 ``W`` of shape [out, in], and the Gram matrices are ``gram = x'ᵀx'`` and ``cross = xᵀx'`` of shape
 [in, in] (any positive normalization, as long as both use the same one).
 
-The whitening factor of a Gram matrix is ``R`` with ``gram = R Rᵀ``:
+The whitening factor of a Gram matrix is ``R`` with ``gram = R Rᵀ``. Every decision about it is made on
+the *equilibrated* Gram ``Ĝ = D^{-1/2} G D^{-1/2}`` (``D = diag(G)``, so ``Ĝ`` has a unit diagonal):
+a rescaling of the input channels, which changes nothing in the problem, then changes nothing in the
+answer either (LLM activations have channels 10⁴ times larger than others; a cut-off relative to the
+largest eigenvalue of ``G`` itself would drop the small channels' directions as "noise").
 
-* full rank and well conditioned: ``R`` is the lower Cholesky factor and ``R⁻¹`` is only ever
-  applied through triangular solves;
-* singular, nearly singular, or indefinite from rounding: ``R = Q₊ Λ₊^{1/2}`` from an eigen
-  decomposition restricted to the numerically positive eigenvalues, and ``R⁺ = Λ₊^{-1/2} Q₊ᵀ``.
-  The answer then has its rows in the range of ``gram``: it is the minimum-norm optimum, because
-  directions the calibration tokens never visit cannot change the objective.
+* ``Ĝ`` positive definite above the noise floor ``τ``: ``R = D^{1/2} L̂`` with ``L̂`` the lower Cholesky
+  factor of ``Ĝ``; ``R⁻¹`` is only ever applied through triangular solves. The answer is exact.
+* otherwise ``R = D^{1/2} Q̂₊ Λ̂₊^{1/2}`` from the eigenvalues of ``Ĝ`` above ``τ``; the directions
+  below it are treated as never visited by the calibration tokens, and the answer is the
+  minimum-norm optimum there (zero weight on them).
+* channels whose diagonal entry is exactly 0 (never active) are unvisited too.
+
+**The noise floor** ``τ`` (on the eigenvalues of ``Ĝ``). A Gram accumulated in floating point carries a
+rounding error ``E`` with ``|E_ij| ≤ γ_n u Σ_t |x_ti x_tj| ≤ γ_n u √(G_ii G_jj)`` (Cauchy–Schwarz), so in
+equilibrated coordinates ``|Ê_ij| ≤ γ_n u`` for a sum over ``n`` tokens with unit roundoff ``u``;
+rounding errors behave like independent zero-mean variables, which gives ``|Ê_ij| ≲ √n·u`` (Higham &
+Mary's probabilistic bound), and a symmetric matrix of such entries has ``‖Ê‖₂ ≲ 2√d·√n·u``. By Weyl's
+inequality an eigenvalue of ``Ĝ`` below ``‖Ê‖₂`` cannot be told from zero: it is rounding, not data.
+:func:`rounding_floor` gives ``τ = 2·√(d·n)·u`` of the product that made the statistics (``n`` the most
+tokens one product summed: the accumulator sums the per-batch products in float64, whose own rounding
+is far below), plus ``d·1e-13`` for the float64 factorization itself. fp32 products of 2,048-token
+batches at d = 576: ``τ ≈ 1.3e-4``; float64 statistics: ``τ ≈ 6e-11``.
 
 Optional damping (``damping > 0``) adds ``damping · tr(gram)/d · I`` first (a regularized problem,
 not the exact optimum; off by default).
@@ -31,19 +46,20 @@ from .errors import PrehabError
 __all__ = [
     "WhiteningFactor",
     "whitening_factor",
+    "rounding_floor",
     "check_rank",
     "whitened_lowrank",
     "anchored_lowrank",
     "truncated_svd",
     "balanced_factors",
+    "closed_form_factors",
     "objective",
     "optimal_objective",
 ]
 
-# Relative eigenvalue cut-off for the pseudo-factor, like numpy.linalg.pinv's rcond, scaled by d.
+# The float64 factorization's own floor on the eigenvalues of the equilibrated Gram, per dimension
+# (like numpy.linalg.pinv's rcond, scaled by d).
 _EIG_RTOL = 1e-13
-# A Cholesky factor whose squared diagonal falls this far below the largest is treated as singular.
-_CHOL_RCOND = 1e-12
 # A negative eigenvalue beyond this fraction of the largest is an error, not rounding (an fp32 gram
 # accumulated over many batches stays orders of magnitude inside it).
 _NOT_PSD_RTOL = 1e-2
@@ -51,29 +67,49 @@ _NOT_PSD_RTOL = 1e-2
 
 @dataclass
 class WhiteningFactor:
-    """``gram = R Rᵀ`` in float64, either triangular (Cholesky) or an eigen pseudo-factor."""
+    """``gram = R Rᵀ`` in float64, ``R = D^{1/2} F̂`` with ``F̂`` a factor of the equilibrated Gram on its
+    live (nonzero-diagonal) channels: triangular (``kind="cholesky"``) or an eigen pseudo-factor."""
 
-    kind: str  # "cholesky" or "eigen"
-    R: torch.Tensor  # [d, d] lower triangular, or [d, k] = Q₊ Λ₊^{1/2}
-    Q: torch.Tensor | None = None  # eigen: [d, k]
+    kind: str  # "cholesky" (every channel live, Ĝ positive definite) or "eigen"
+    R: torch.Tensor  # [d, k]: lower triangular [d, d] for "cholesky"
+    Q: torch.Tensor | None = None  # eigen: [d_live, k], eigenvectors of Ĝ
     sqrt_eig: torch.Tensor | None = None  # eigen: [k]
+    scale: torch.Tensor | None = None  # [d_live]: √diag(gram) of the live channels
+    live: torch.Tensor | None = None  # eigen: [d_live] indices of the live channels (None: all)
+    L: torch.Tensor | None = None  # cholesky: L̂, the factor of Ĝ
+    floor: float = 0.0  # the noise floor τ the decisions used (on the eigenvalues of Ĝ)
 
     @property
     def rank(self) -> int:
         return self.R.shape[1]
 
     def right_solve(self, B: torch.Tensor) -> torch.Tensor:
-        """``B R⁻¹`` (``B R⁺`` for the pseudo-factor); B has d (or k) columns accordingly."""
+        """``B R⁻¹`` (``B R⁺`` for the pseudo-factor); B has k columns, the result d."""
         if self.kind == "cholesky":
-            return torch.linalg.solve_triangular(self.R, B, upper=False, left=False)
-        return (B / self.sqrt_eig) @ self.Q.T
+            return torch.linalg.solve_triangular(self.L, B, upper=False, left=False) / self.scale
+        live = (B / self.sqrt_eig) @ self.Q.T / self.scale
+        if self.live is None:
+            return live
+        out = B.new_zeros(B.shape[0], self.R.shape[0])
+        out[:, self.live] = live
+        return out
 
     def right_solve_t(self, B: torch.Tensor) -> torch.Tensor:
-        """``B R⁻ᵀ`` (``B R⁺ᵀ`` for the pseudo-factor)."""
+        """``B R⁻ᵀ`` (``B R⁺ᵀ`` for the pseudo-factor); B has d columns, the result k."""
         if self.kind == "cholesky":
-            # B R⁻ᵀ = (R⁻¹ Bᵀ)ᵀ
-            return torch.linalg.solve_triangular(self.R, B.T, upper=False, left=True).T
-        return (B @ self.Q) / self.sqrt_eig
+            # B R⁻ᵀ = B D^{-1/2} L̂⁻ᵀ = (L̂⁻¹ (B D^{-1/2})ᵀ)ᵀ
+            return torch.linalg.solve_triangular(self.L, (B / self.scale).T, upper=False, left=True).T
+        Bl = B if self.live is None else B[:, self.live]
+        return ((Bl / self.scale) @ self.Q) / self.sqrt_eig
+
+
+def rounding_floor(d: int, product_dtype: torch.dtype = torch.float64, tokens_per_product: int = 1) -> float:
+    """The noise floor ``τ`` on the eigenvalues of an equilibrated Gram of width ``d`` whose sums came
+    from ``product_dtype`` products over at most ``tokens_per_product`` tokens each (see the module
+    docstring for the derivation): ``2·√(d·n)·u + d·1e-13``."""
+    u = torch.finfo(product_dtype).eps / 2
+    n = max(int(tokens_per_product), 1)
+    return 2.0 * math.sqrt(max(d, 1) * n) * u + max(d, 1) * _EIG_RTOL
 
 
 def _check_real(name: str, A) -> None:
@@ -119,49 +155,74 @@ def _smallest_eig_estimate(L: torch.Tensor, iters: int = 4, block: int = 4) -> f
     return float(1.0 / q)
 
 
-def whitening_factor(gram: torch.Tensor, damping: float = 0.0) -> WhiteningFactor:
-    """Factor ``gram = R Rᵀ`` in float64 (see the module docstring for the singular case).
+def whitening_factor(gram: torch.Tensor, damping: float = 0.0, *, floor: float | None = None) -> WhiteningFactor:
+    """Factor ``gram = R Rᵀ`` in float64, deciding on the equilibrated Gram (module docstring).
 
-    A gram with an eigenvalue below ``-_NOT_PSD_RTOL`` times the largest is no covariance (rounding
-    makes far smaller ones): a PrehabError, instead of an "optimum" of an unbounded objective."""
+    ``floor``: the noise floor ``τ`` on the eigenvalues of the equilibrated Gram, from the precision
+    of the statistics (:func:`rounding_floor`; what the accumulators report as ``noise_floor``).
+    None: float64 statistics (``rounding_floor(d)``). A gram with an eigenvalue below
+    ``-_NOT_PSD_RTOL`` times the largest (equilibrated) is no covariance (rounding makes far smaller
+    ones): a PrehabError, instead of an "optimum" of an unbounded objective."""
     _check_square("gram", gram, None)
     if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not (
             math.isfinite(damping) and damping >= 0):
         raise PrehabError(f"damping must be a finite number >= 0, got {damping!r}")
+    d = gram.shape[0]
+    if floor is None:
+        floor = rounding_floor(d)
+    if isinstance(floor, bool) or not isinstance(floor, numbers.Real) or not (math.isfinite(floor) and floor >= 0):
+        raise PrehabError(f"floor must be a finite number >= 0, got {floor!r}")
+    tau = max(float(floor), max(d, 1) * _EIG_RTOL)
     G = gram.detach().to(torch.float64)
     G = 0.5 * (G + G.T)
-    d = G.shape[0]
-    trace = torch.diagonal(G).sum()
+    diag = torch.diagonal(G)
+    trace = diag.sum()
     if damping > 0 and trace > 0:
         G = G + (damping * trace / d) * torch.eye(d, dtype=G.dtype, device=G.device)
-    if not bool(G.any()):
+        diag = torch.diagonal(G)
+    if bool((diag < 0).any()):
+        i = int(torch.argmin(diag))
+        raise PrehabError(f"gram is not positive semi-definite (diagonal entry {float(diag[i]):.3g} at channel "
+                          f"{i}); it must be a sum of xᵀx over tokens: check how it was accumulated")
+    live_mask = diag > 0
+    n_live = int(live_mask.sum())
+    if n_live == 0:
         # All-zero statistics: no direction is ever visited; the optimum is W' = 0.
-        return WhiteningFactor(
-            kind="eigen",
-            R=G.new_zeros(d, 0),
-            Q=G.new_zeros(d, 0),
-            sqrt_eig=G.new_zeros(0),
-        )
-    if trace > 0:
-        L, info = torch.linalg.cholesky_ex(G)
-        if int(info) == 0:
-            diag2 = torch.diagonal(L).square()
-            # The pivots only bound λ_min from above (a singular gram can pass with its smallest
-            # pivot at 1e-11 of the largest), so the smallest eigenvalue is estimated as well.
-            if diag2.min() > _CHOL_RCOND * diag2.max() and _smallest_eig_estimate(L) > _CHOL_RCOND * trace:
-                return WhiteningFactor(kind="cholesky", R=L)
-    evals, evecs = torch.linalg.eigh(G)  # ascending
+        e = G.new_zeros(0)
+        return WhiteningFactor(kind="eigen", R=G.new_zeros(d, 0), Q=G.new_zeros(0, 0), sqrt_eig=e, scale=e,
+                               live=torch.zeros(0, dtype=torch.long, device=G.device), floor=tau)
+    all_live = n_live == d
+    live = None if all_live else torch.nonzero(live_mask).flatten()
+    Gl = G if all_live else G[live][:, live]
+    s = torch.diagonal(Gl).sqrt()
+    Gh = Gl / s[:, None] / s[None, :]
+    Gh = 0.5 * (Gh + Gh.T)
+    if all_live:
+        L, info = torch.linalg.cholesky_ex(Gh)
+        # The pivots only bound λ_min from above (a singular gram can pass with its smallest pivot well
+        # above τ), so the smallest eigenvalue is estimated as well.
+        if int(info) == 0 and float(torch.diagonal(L).square().min()) > tau and _smallest_eig_estimate(L) > tau:
+            return WhiteningFactor(kind="cholesky", R=s[:, None] * L, scale=s, L=L, floor=tau)
+    evals, evecs = torch.linalg.eigh(Gh)  # ascending
     top = evals.abs().max()
-    if evals[0] < -_NOT_PSD_RTOL * top:
+    bad = bool(evals[0] < -_NOT_PSD_RTOL * top)
+    if not bad and evals[0] < -tau:  # beyond rounding: judge the unscaled gram as well
+        raw = torch.linalg.eigvalsh(G)
+        bad = bool(raw[0] < -_NOT_PSD_RTOL * raw.abs().max())
+    if bad:
         raise PrehabError(
-            f"gram is not positive semi-definite (eigenvalue {float(evals[0]):.3g}, largest "
-            f"{float(top):.3g}); it must be a sum of xᵀx over tokens: check how it was accumulated"
+            f"gram is not positive semi-definite (eigenvalue {float(evals[0]):.3g} of the equilibrated gram, "
+            f"largest {float(top):.3g}); it must be a sum of xᵀx over tokens: check how it was accumulated"
         )
-    cutoff = top * max(d, 1) * _EIG_RTOL
-    keep = evals > cutoff
+    keep = evals > tau
     Q = evecs[:, keep]
-    s = evals[keep].sqrt()
-    return WhiteningFactor(kind="eigen", R=Q * s, Q=Q, sqrt_eig=s)
+    se = evals[keep].sqrt()
+    R = G.new_zeros(d, Q.shape[1])
+    if all_live:
+        R = s[:, None] * Q * se
+    else:
+        R[live] = s[:, None] * Q * se
+    return WhiteningFactor(kind="eigen", R=R, Q=Q, sqrt_eig=se, scale=s, live=live, floor=tau)
 
 
 def truncated_svd(M: torch.Tensor, rank: int):
@@ -216,6 +277,61 @@ def _fit_range(A: torch.Tensor, B: torch.Tensor, dtype) -> tuple[torch.Tensor, t
     return A, B
 
 
+UNVISITED = ("keep", "zero")
+
+
+def closed_form_factors(W64: torch.Tensor, M: torch.Tensor, F: WhiteningFactor, rank: int, out_dtype,
+                        out_device, unvisited: str = "keep"):
+    """Balanced rank-``rank`` factors of the closed-form answer ``W' = U_r U_rᵀ (M R⁻ + N₀)``, where
+    ``U_r S Vh`` is the truncated SVD of the whitened target ``M`` [out, k] and ``N₀`` is W's action on
+    the input directions the statistics never saw (below the noise floor, or dead channels).
+
+    On the seen directions every choice gives the same optimum. On the unseen ones the objective is
+    flat, and ``unvisited`` picks the answer:
+
+    * ``"keep"`` (default): ``N₀ = W − (W R) R⁻``, the limit ε → 0 of the problem with a
+      scale-invariant jitter ``ε·diag(G)`` added to the statistics (to ``cross`` as well): W keeps its
+      own action there, projected onto the kept output directions. For svd-llm it is exactly
+      ``W' = U_r U_rᵀ W`` on the live channels; a dead channel (``G_ii = 0``: never active) gets no
+      jitter, and zero weight. When ``M`` has rank ``k < rank`` the remaining ``rank − k`` directions are
+      the leading ones of what is left of ``N₀`` (the same limit). A Cholesky factor has ``N₀ = 0``.
+    * ``"zero"``: ``N₀ = 0``, the minimum-norm answer in the equilibrated metric (zero weight on the
+      unseen directions). It generalizes worse when the calibration tokens are few.
+    """
+    if unvisited not in UNVISITED:
+        raise PrehabError(f"unvisited must be one of {', '.join(UNVISITED)}, got {unvisited!r}")
+    U, S, Vh = truncated_svd(M, rank)
+    if unvisited == "zero" or F.kind == "cholesky":
+        return balanced_factors(U, S, F.right_solve(Vh), rank, out_dtype, out_device)
+    N0 = W64 - F.right_solve(W64 @ F.R)
+    scale = torch.zeros(W64.shape[1], dtype=W64.dtype, device=W64.device)  # √diag(G); 0: dead channel
+    scale[slice(None) if F.live is None else F.live] = F.scale
+    N0 = N0 * (scale > 0)  # a dead channel gets no jitter in the limit either: it keeps zero weight
+    tol = (S.max() if S.numel() else W64.new_zeros(())) * max(M.shape) * 1e-15
+    k = int((S > tol).sum())
+    U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    root = S.sqrt()
+    A = U * root
+    B = (S[:, None] * F.right_solve(Vh) + U.T @ N0) / root[:, None]
+    if k < rank:
+        # The rest of the rank goes to the leading directions of N₀ outside U's span, measured in the
+        # equilibrated metric (N₀ D^{1/2}), like everything else here.
+        resid = N0 - U @ (U.T @ N0)
+        Uc, Sc, _ = truncated_svd(resid * scale, rank - k)
+        Uc = Uc[:, Sc > (Sc.max() if Sc.numel() else 0) * max(M.shape) * 1e-15]
+        if Uc.shape[1]:
+            Bc = Uc.T @ resid
+            rc = torch.linalg.vector_norm(Bc, dim=1).sqrt().clamp_min(1e-300)
+            A = torch.cat([A, Uc * rc], dim=1)
+            B = torch.cat([B, Bc / rc[:, None]], dim=0)
+    r = A.shape[1]
+    if r < rank:
+        A = torch.cat([A, A.new_zeros(A.shape[0], rank - r)], dim=1)
+        B = torch.cat([B, B.new_zeros(rank - r, B.shape[1])], dim=0)
+    A, B = _fit_range(A, B, out_dtype)
+    return A.to(out_device, out_dtype), B.to(out_device, out_dtype)
+
+
 def _validate(W: torch.Tensor, rank) -> int:
     """Check W [out, in] (real, finite) and rank; returns rank as an int."""
     _check_real("W", W)
@@ -229,26 +345,25 @@ def _validate(W: torch.Tensor, rank) -> int:
 
 def whitened_lowrank(
     W: torch.Tensor, gram: torch.Tensor, rank: int, *, damping: float = 0.0,
-    factor: WhiteningFactor | None = None,
+    factor: WhiteningFactor | None = None, unvisited: str = "keep",
 ):
     """SVD-LLM: the rank-``rank`` ``W' = U V`` minimizing ``‖x Wᵀ − x W'ᵀ‖_F`` with ``gram = xᵀx``.
 
     Returns ``(U [out, rank], V [rank, in])`` in W's dtype. With ``gram = R Rᵀ``:
-    ``W' = (W R)_r R⁻¹``; singular grams give the minimum-norm optimum. ``factor`` reuses a
-    :func:`whitening_factor` of ``gram`` already computed (layers that share an input).
+    ``W' = (W R)_r R⁻¹``; on directions a singular gram never saw, ``unvisited`` decides (see
+    :func:`closed_form_factors`). ``factor`` reuses a :func:`whitening_factor` of ``gram`` already
+    computed (layers that share an input).
     """
     rank = _validate(W, rank)
     _check_square("gram", gram, W.shape[1])
     F = factor if factor is not None else whitening_factor(gram, damping)
     W64 = W.detach().to(torch.float64)
-    M = W64 @ F.R
-    U, S, Vh = truncated_svd(M, rank)
-    return balanced_factors(U, S, F.right_solve(Vh), rank, W.dtype, W.device)
+    return closed_form_factors(W64, W64 @ F.R, F, rank, W.dtype, W.device, unvisited)
 
 
 def anchored_lowrank(
     W: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, rank: int, *, damping: float = 0.0,
-    factor: WhiteningFactor | None = None,
+    factor: WhiteningFactor | None = None, unvisited: str = "keep",
 ):
     """AA-SVD: the rank-``rank`` ``W'`` minimizing ``‖x Wᵀ − x' W'ᵀ‖_F``.
 
@@ -264,8 +379,7 @@ def anchored_lowrank(
     F = factor if factor is not None else whitening_factor(gram, damping)
     W64 = W.detach().to(torch.float64)
     M = F.right_solve_t(W64 @ cross.detach().to(torch.float64))
-    U, S, Vh = truncated_svd(M, rank)
-    return balanced_factors(U, S, F.right_solve(Vh), rank, W.dtype, W.device)
+    return closed_form_factors(W64, M, F, rank, W.dtype, W.device, unvisited)
 
 
 def objective(W, W_new, gram_x, cross, gram_xp) -> torch.Tensor:

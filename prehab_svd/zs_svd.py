@@ -162,7 +162,7 @@ def corrected_lowrank(W: torch.Tensor, factor, rank: int, grads: torch.Tensor, *
     truncated to ``rank`` again and mapped back: ``W' = (A_c)_r R⁻¹``. Returns balanced factors like
     :func:`prehab_svd.linalg.whitened_lowrank`.
     """
-    from .linalg import balanced_factors, truncated_svd
+    from .linalg import closed_form_factors, truncated_svd
 
     W64 = W.detach().to(torch.float64)
     A = W64 @ factor.R
@@ -170,5 +170,4 @@ def corrected_lowrank(W: torch.Tensor, factor, rank: int, grads: torch.Tensor, *
     A_r = (U * S) @ Vh
     H = torch.stack([factor.right_solve_t(g.to(torch.float64)) for g in grads.detach()])
     A_c = projected_correction(A, A_r, H, eps=eps)
-    U, S, Vh = truncated_svd(A_c, rank)
-    return balanced_factors(U, S, factor.right_solve(Vh), rank, W.dtype, W.device)
+    return closed_form_factors(W64, A_c, factor, rank, W.dtype, W.device)

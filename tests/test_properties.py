@@ -181,10 +181,12 @@ def _check_optimal(p: Problem, U, V, *, what: str):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _leak(p: Problem, Wn: torch.Tensor) -> float:
-    """‖W' (I − QQᵀ)‖ / ‖W'‖: the weight on input directions x' never visits."""
-    n = float(Wn.norm())
-    return 0.0 if n == 0 else float((Wn - Wn @ p.Q @ p.Q.T).norm()) / n
+def _leak(p: Problem, Wn: torch.Tensor, gram: torch.Tensor) -> float:
+    """‖W'D (I − QQᵀ)‖ / ‖W'D‖ with D = diag(gram): the weight, in the equilibrated metric, on input
+    directions x' never visits (zero for unvisited="zero")."""
+    Wd = Wn * torch.diagonal(gram)
+    n = float(Wd.norm())
+    return 0.0 if n == 0 else float((Wd - Wd @ p.Q @ p.Q.T).norm()) / n
 
 
 def _leak_tol(p: Problem) -> float:
@@ -199,10 +201,12 @@ def _leak_tol(p: Problem) -> float:
 @examples(300)
 @given(p=problems(anchored=False), pert_seed=seeds)
 def test_whitened_lowrank_is_optimal(p, pert_seed):
-    U, V = whitened_lowrank(p.W, p.gram_x, p.rank)
-    Wn, got, tol = _check_optimal(p, U, V, what="whitened")
+    Uz, Vz = whitened_lowrank(p.W, p.gram_x, p.rank, unvisited="zero")
+    Wz, _, _ = _check_optimal(p, Uz, Vz, what="whitened, unvisited=zero")
     # minimum norm: no weight on input directions the tokens never visit
-    assert _leak(p, Wn) <= _leak_tol(p), "weight off the data's range"
+    assert _leak(p, Wz, p.gram_x) <= _leak_tol(p), "weight off the data's range"
+    U, V = whitened_lowrank(p.W, p.gram_x, p.rank)  # the default: the vanishing-jitter limit
+    Wn, got, tol = _check_optimal(p, U, V, what="whitened")
     # full rank: W' = W on the data (objective ~ 0)
     if p.rank >= min(p.W.shape):
         assert got <= tol
@@ -217,14 +221,41 @@ def test_whitened_lowrank_is_optimal(p, pert_seed):
 @examples(300)
 @given(p=problems(anchored=True), pert_seed=seeds)
 def test_anchored_lowrank_is_optimal(p, pert_seed):
+    Uz, Vz = anchored_lowrank(p.W, p.cross, p.gram_xp, p.rank, unvisited="zero")
+    Wz, _, _ = _check_optimal(p, Uz, Vz, what="anchored, unvisited=zero")
+    assert _leak(p, Wz, p.gram_xp) <= _leak_tol(p), "weight off the range of x'"
     U, V = anchored_lowrank(p.W, p.cross, p.gram_xp, p.rank)
     Wn, got, tol = _check_optimal(p, U, V, what="anchored")
-    assert _leak(p, Wn) <= _leak_tol(p), "weight off the range of x'"
     g = _gen(pert_seed)
     for eps in (1e-2, 1e-5):
         A = torch.randn(U.shape, generator=g, dtype=f64) * eps * (U.norm() + 1) / U.numel() ** 0.5
         B = torch.randn(V.shape, generator=g, dtype=f64) * eps * (V.norm() + 1) / V.numel() ** 0.5
         assert p.residual((U + A) @ (V + B)) >= got - tol
+
+
+@examples(200)
+@given(p=problems(anchored=True), seed=seeds, anchored=st.booleans(),
+       unvisited=st.sampled_from(["keep", "zero"]))
+def test_answer_is_invariant_to_channel_scaling(p, seed, anchored, unvisited):
+    """Rescaling the input channels (x → x·c, W → W/c: the same outputs, the same problem) changes
+    nothing in the answer: W'·c is unchanged. With powers of two every decision sees the same
+    equilibrated Gram bit for bit, so the answers agree to rounding whatever the conditioning."""
+    g = _gen(seed)
+    d = p.W.shape[1]
+    c = torch.exp2(torch.randint(-20, 21, (d,), generator=g).to(f64))
+    X, Xp = (p.X, p.Xp) if anchored else (p.X, p.X)
+    T = X.shape[0]
+    Xc, Xpc, Wc = X * c, Xp * c, p.W / c
+
+    def solve(X_, Xp_, W_):
+        cross, gram = X_.T @ Xp_ / T, Xp_.T @ Xp_ / T
+        if anchored:
+            return torch.mm(*anchored_lowrank(W_, cross, gram, p.rank, unvisited=unvisited))
+        return torch.mm(*whitened_lowrank(W_, X_.T @ X_ / T, p.rank, unvisited=unvisited))
+
+    W0, W1 = solve(X, Xp, p.W), solve(Xc, Xpc, Wc) * c
+    tol = 1e-9 * float(W0.abs().max()) + 1e-300
+    assert float((W0 - W1).abs().max()) <= tol, float((W0 - W1).abs().max())
 
 
 @examples(100)
@@ -293,9 +324,10 @@ def test_singular_gram_that_cholesky_accepts_gets_the_pseudo_factor():
     F = whitening_factor(gram)
     assert F.kind == "eigen" and F.rank == 3
     null = torch.linalg.eigh(gram).eigenvectors[:, 0]
-    U, V = whitened_lowrank(W, gram, 1)
+    U, V = whitened_lowrank(W, gram, 1, unvisited="zero")
     Wn = U @ V
-    assert float((Wn @ null).abs()) < 1e-6 * float(Wn.norm())
+    Wd = Wn * torch.diagonal(gram)  # zero weight on the null direction, in the equilibrated metric
+    assert float((Wd @ null).abs()) < 1e-6 * float(Wd.norm())
     assert float(((W - Wn) @ gram * (W - Wn)).sum()) < 1e-12  # and still optimal (0 at full rank)
 
 
