@@ -154,6 +154,15 @@ def all_reduce_count(n: int, *, same: Sequence[int] = (), what: str = "") -> int
     return int(t.item())
 
 
+def all_reduce_max(n: int) -> int:
+    """The largest over the ranks of a Python int."""
+    if not is_distributed():
+        return int(n)
+    t = torch.tensor([int(n)], dtype=torch.int64, device=_count_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def all_true(flag: bool) -> bool:
     """True when ``flag`` is true on every rank (a decision all ranks must share)."""
     if not is_distributed():

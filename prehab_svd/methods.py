@@ -38,6 +38,7 @@ class LayerStats:
     gram_xp: torch.Tensor
     abs_mean: torch.Tensor | None
     tokens: int
+    floor: float | None = None  # the statistics' rounding level (linalg.rounding_floor); None: float64
 
     def shrunk(self, alpha: float) -> "LayerStats":
         """The statistics shrunk toward their diagonals: ``A ← (1−α)·A + α·diag(A)`` for the grams and
@@ -58,13 +59,36 @@ class LayerStats:
         gx = shrink(self.gram_x)
         same_c, same_p = self.cross is self.gram_x, self.gram_xp is self.gram_x
         return LayerStats(gx, gx if same_c else shrink(self.cross), gx if same_p else shrink(self.gram_xp),
-                          self.abs_mean, self.tokens)
+                          self.abs_mean, self.tokens, self.floor)
+
+
+    def oas_intensity(self) -> float:
+        """The Oracle Approximating Shrinkage intensity (Chen, Wiesel, Eldar & Hero, 2010) of the
+        equilibrated ``gram_xp`` toward its target (the identity there: each channel's own energy, the
+        target of :meth:`shrunk`), from the statistics alone: with ``p`` live channels, ``n`` tokens,
+        ``t = tr(Ĝ) = p`` and ``t₂ = tr(Ĝ²)``,
+        ``ρ = min(1, ((1 − 2/p)·t₂ + t²) / ((n + 1 − 2/p)·(t₂ − t²/p)))``. It treats the tokens as
+        independent draws, so for the correlated tokens of real text it is a lower bound on what
+        would help; it is large only when the tokens are few for the width (``n`` ≲ ``p``)."""
+        G = self.gram_xp.to(torch.float64)
+        diag = torch.diagonal(G)
+        live = diag > 0
+        p = int(live.sum())
+        if p < 2 or self.tokens < 1:
+            return 0.0
+        s = diag[live].sqrt()
+        Gh = G[live][:, live] / s[:, None] / s[None, :]
+        t, t2 = float(p), float(Gh.square().sum())
+        den = (self.tokens + 1 - 2 / p) * (t2 - t * t / p)
+        if den <= 0:  # Ĝ = I exactly: nothing to shrink
+            return 0.0
+        return float(min(1.0, ((1 - 2 / p) * t2 + t * t) / den))
 
 
 def group_factor(method: str, stats: LayerStats, damping: float = 0.0) -> WhiteningFactor | None:
     """The whitening factor shared by the layers of a group (same input), or None if unused."""
     if method in ("svd-llm", "aa-svd", "zs-svd"):
-        return whitening_factor(stats.gram_xp, damping)
+        return whitening_factor(stats.gram_xp, damping, floor=stats.floor)
     return None
 
 

@@ -17,16 +17,28 @@ from conftest import tiny_model, token_batches  # noqa: E402
 SHAPE = dict(layers=2, hidden=64, intermediate=128)
 ODD = dict(layers=2, hidden=40, intermediate=75)
 F64 = {"stats_dtype": torch.float64}
+F32 = {"stats_dtype": torch.float32}  # fp32 per-batch products (a GPU's default; float64 sums)
 # (name, method, keyword arguments): what is compared
 COMPRESS = [
     ("svd-llm", "svd-llm", {}),
     ("asvd", "asvd", {}),
-    ("aa-svd-fp32", "aa-svd", {}),
+    ("aa-svd-fp32", "aa-svd", F32),
     ("svd-llm-fp64", "svd-llm", F64),
     ("aa-svd", "aa-svd", F64),
     ("zs-svd", "zs-svd", {"correction": True, "correction_grads": 2, **F64}),
 ]
 KEEP = 0.5
+# issue 15's case: aa-svd with default options on a GQA Llama, 384 calibration tokens, compared by logits
+ORDER_SHAPE = dict(layers=2, hidden=64, intermediate=120)
+
+
+def order_calibration():
+    return token_batches(n=8, batch=2, tokens=24, seed=1)
+
+
+def probe_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**token_batches(n=1, batch=2, tokens=24, seed=7)[0]).logits.double()
 PREHAB = dict(steps=2, lam=2.0, warmup_steps=0, optimizer="sgd", lr=0.05, grad_clip=0.5)
 REHAB = dict(steps=2, lr=1e-2, lora_rank=2)
 
@@ -66,6 +78,12 @@ def recipe(rank: int = 0, world: int = 1, out_dir: str | None = None) -> dict:
             torch.manual_seed(123)  # the adapters' random init (rank 0's, broadcast by DDP)
             rep = rehab(model, training(world, rank), **REHAB)
             out["rehab"] = {"state": _state(model), "report": rep.to_dict()}
+    model = tiny_model("llama", **ORDER_SHAPE)
+    report = compress(model, "aa-svd", KEEP, order_calibration()[rank::world])
+    out["aa-svd-default"] = {"state": _state(model), "report": report.to_dict(), "logits": probe_logits(model)}
+    model = tiny_model("llama", **ORDER_SHAPE)  # fp32 per-batch products, as on a GPU
+    report = compress(model, "aa-svd", KEEP, order_calibration()[rank::world], **F32)
+    out["aa-svd-f32-products"] = {"state": _state(model), "report": report.to_dict(), "logits": probe_logits(model)}
     if world > 1:  # rehab with FSDP2: the compressed model sharded after the adapters are attached
         from prehab_svd import fsdp
 

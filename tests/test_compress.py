@@ -225,3 +225,16 @@ def test_public_api_names():
     for name in ("LowRankLinear", "compress", "linalg", "ops"):
         assert hasattr(prehab_svd, name)
     assert callable(prehab_svd.linalg.whitened_lowrank) and callable(prehab_svd.linalg.anchored_lowrank)
+
+
+def test_oas_shrinkage_is_chosen_and_reported_per_group(make_model, make_batches):
+    """compress(shrinkage="oas"): an intensity per layer group (its first layer's name), in [0, 1];
+    a bad value is a clear error."""
+    model = make_model("llama")
+    report = compress(model, "svd-llm", 0.5, make_batches(), shrinkage="oas")
+    got = report.details["shrinkage"]
+    groups = {la.group for la in report.layers}
+    assert set(got) == groups and all(0 <= a <= 1 for a in got.values())
+    assert any(a > 0 for a in got.values())
+    with pytest.raises(PrehabError, match="'oas'"):
+        compress(make_model("llama"), "svd-llm", 0.5, make_batches(), shrinkage="ledoit")

@@ -132,7 +132,8 @@ def test_covariance_accumulator():
     Y = torch.cat([p.reshape(-1, d).double() for p in pairs])
     assert rel_err(acc.gram(normalize=False), X.T @ X) <= 1e-5
     gram = acc.gram()
-    assert gram.dtype == torch.float32 and torch.equal(gram, gram.T)
+    assert gram.dtype == torch.float64 and torch.equal(gram, gram.T)  # fp32 products, fp64 sums
+    assert acc.max_batch_tokens == 10 and acc.noise_floor > 1e-6
     assert rel_err(gram, X.T @ X / 18) <= 1e-5
     assert rel_err(acc.cross(), X.T @ Y / 18) <= 1e-5
     with pytest.raises(PrehabError, match="cross=True"):
@@ -151,6 +152,31 @@ def test_covariance_accumulator():
         plain.update(batches[1], pairs[1])
     with pytest.raises(PrehabError, match="float32 or torch.float64"):
         ops.CovarianceAccumulator(d, dtype=torch.bfloat16)
+    with pytest.raises(PrehabError, match="at least as precise"):
+        ops.CovarianceAccumulator(d, dtype=torch.float64, sum_dtype=torch.float32)
+    inplace = ops.CovarianceAccumulator(d, sum_dtype=torch.float32)  # the old fp32 running sums
+    inplace.update(batches[1])
+    assert inplace.gram().dtype == torch.float32 and rel_err(inplace.gram(), plain.gram()) <= 1e-5
+
+
+def test_covariance_sums_do_not_depend_on_batch_order():
+    """fp64 running sums of fp32 per-batch products: the order of the batches (or their split across
+    ranks) changes the result only at float64 rounding, where fp32 running sums change at fp32's."""
+    g = gen("order")
+    d = 48
+    batches = [randn(64, d, g=g) * torch.logspace(-2, 2, d) for _ in range(24)]
+    perm = torch.randperm(len(batches), generator=g).tolist()
+
+    def gram(order, **kw):
+        acc = ops.CovarianceAccumulator(d, backend="torch", **kw)
+        for i in order:
+            acc.update(batches[i])
+        return acc.gram().double()
+
+    fwd, bwd = gram(range(len(batches))), gram(perm)
+    assert rel_err(fwd, bwd) <= 1e-13, rel_err(fwd, bwd)
+    f32, b32 = gram(range(len(batches)), sum_dtype=torch.float32), gram(perm, sum_dtype=torch.float32)
+    assert rel_err(f32, b32) > 1e-9  # the old scheme is order-dependent (the check can fail)
 
 
 # =============================================================================================

@@ -143,7 +143,16 @@ class CovarianceAccumulator:
     >>> acc = CovarianceAccumulator(d, cross=False)
     >>> for x in batches:          # x: [..., d], any float dtype
     ...     acc.update(x)
-    >>> gram = acc.gram()          # Σ xᵀx / tokens, fp32 (or the dtype given)
+    >>> gram = acc.gram()          # Σ xᵀx / tokens, float64
+
+    ``dtype`` is the precision of each batch's product (``covariance_update``: fp32 accumulators in
+    the kernels), ``sum_dtype`` that of the running sums across batches: by default float64, so the
+    result does not depend on the order of the batches, on how they are split across ranks, or on
+    which backend computed them beyond one product's rounding. The products go to a zeroed scratch
+    buffer of ``dtype`` and are then added to the sums: two d² passes per batch next to the
+    product's 2·tokens·d², and 12 bytes per entry of each sum instead of 4 (``sum_dtype=dtype``: the
+    old in-place accumulation, 4 bytes, order-dependent). :attr:`noise_floor` is the rounding level
+    the sums carry (see :func:`prehab_svd.linalg.rounding_floor`).
     """
 
     def __init__(
@@ -154,17 +163,32 @@ class CovarianceAccumulator:
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device | str] = None,
         backend: str = "auto",
+        sum_dtype: Optional[torch.dtype] = torch.float64,
     ) -> None:
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
             raise PrehabError(f"d must be a positive int (the feature size), got {d!r}")
         if dtype not in _ACC_DTYPES:
             raise PrehabError(f"accumulator dtype must be torch.float32 or torch.float64, got {dtype}")
+        sum_dtype = dtype if sum_dtype is None else sum_dtype
+        if sum_dtype not in _ACC_DTYPES or torch.finfo(sum_dtype).eps > torch.finfo(dtype).eps:
+            raise PrehabError(f"sum_dtype must be torch.float32 or torch.float64 and at least as precise as "
+                              f"dtype ({dtype}), got {sum_dtype}")
         self.d = d
         self.dtype = dtype
+        self.sum_dtype = sum_dtype
         self.backend = _registry.check_backend_name(backend)
-        self._G = torch.zeros(d, d, dtype=dtype, device=device)
-        self._C = torch.zeros(d, d, dtype=dtype, device=device) if cross else None
+        self._G = torch.zeros(d, d, dtype=sum_dtype, device=device)
+        self._C = torch.zeros(d, d, dtype=sum_dtype, device=device) if cross else None
+        self._scratch = None  # (G, C) buffers of dtype for one batch's products, when sum_dtype differs
         self.tokens = 0
+        self.max_batch_tokens = 0  # the most tokens one product summed (for the noise floor)
+
+    @property
+    def noise_floor(self) -> float:
+        """The rounding level of the sums, on the eigenvalues of the equilibrated Gram."""
+        from ..linalg import rounding_floor
+
+        return rounding_floor(self.d, self.dtype, max(self.max_batch_tokens, 1))
 
     @property
     def has_cross(self) -> bool:
@@ -180,6 +204,7 @@ class CovarianceAccumulator:
         if self._C is not None:
             self._C.zero_()
         self.tokens = 0
+        self.max_batch_tokens = 0
 
     def update(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
         """Add the tokens of x [..., d] (and of the paired stream y, same shape, with cross=True)."""
@@ -199,8 +224,23 @@ class CovarianceAccumulator:
             y2 = y.reshape(-1, self.d)
         if x2.device != self.device:
             raise PrehabError(f"x is on {x2.device} but the accumulator is on {self.device}")
-        covariance_update(self._G, x2, self._C, y2, backend=self.backend)
+        if self.sum_dtype == self.dtype:
+            covariance_update(self._G, x2, self._C, y2, backend=self.backend)
+        else:
+            if self._scratch is None:
+                self._scratch = (torch.empty(self.d, self.d, dtype=self.dtype, device=self.device),
+                                 None if self._C is None else
+                                 torch.empty(self.d, self.d, dtype=self.dtype, device=self.device))
+            sG, sC = self._scratch
+            sG.zero_()
+            if sC is not None:
+                sC.zero_()
+            covariance_update(sG, x2, sC, y2, backend=self.backend)
+            self._G += sG
+            if sC is not None:
+                self._C += sC
         self.tokens += x2.shape[0]
+        self.max_batch_tokens = max(self.max_batch_tokens, x2.shape[0])
 
     def _finite(self, S: torch.Tensor, what: str) -> torch.Tensor:
         # Checked once here, not per update(): update() stays free of host syncs, and NaN/Inf in any
@@ -239,6 +279,7 @@ class CovarianceAccumulator:
     def __repr__(self) -> str:
         return (
             f"CovarianceAccumulator(d={self.d}, cross={self.has_cross}, dtype={self.dtype}, "
+            f"sum_dtype={self.sum_dtype}, "
             f"device={self.device}, tokens={self.tokens})"
         )
 
