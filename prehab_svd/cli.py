@@ -94,7 +94,7 @@ def cmd_compress(args) -> int:
     report = compress(model, args.method, args.keep_ratio, calibration,
                       targets=args.targets, exclude=args.exclude, damping=args.damping, alpha=args.alpha,
                       shrinkage=args.shrinkage, allocation=args.allocation, ranks=args.ranks,
-                      stats_dtype=torch.float64 if args.fp64_stats else None,
+                      stats_dtype=torch.float64 if args.fp64_stats else torch.float32,
                       task=args.task, grad_samples=args.grad_samples, correction=args.correction,
                       min_rank_fraction=args.min_rank_fraction, progress=not args.quiet)
     print(report.table())
@@ -168,7 +168,7 @@ def _compress_low_memory(args, path: Path, out: Path, causal: bool, tokenizer, c
             path, out, args.method, args.keep_ratio, calibration, resume=args.resume is not False,
             overwrite=args.overwrite, device=args.device, dtype=dtype, targets=args.targets,
             exclude=args.exclude, alpha=args.alpha, damping=args.damping,
-            stats_dtype=torch.float64 if args.fp64_stats else None,
+            stats_dtype=torch.float64 if args.fp64_stats else torch.float32,
             model_class=transformers.AutoModelForCausalLM if causal else transformers.AutoModel,
             tokenizer=tokenizer, extra={"base_model": str(path.resolve()), "original_model": _original_of(path)},
             extra_files={"ranks.png": lambda p, rep: _plot_ranks(rep, p)}, progress=not args.quiet)
@@ -609,8 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude", nargs="*", default=None)
     c.add_argument("--dtype", default="auto", help="load dtype: auto, float32, bfloat16, ...")
     c.add_argument("--fp64-stats", action="store_true",
-                   help="compute each batch's covariance product in float64 (the default on the CPU; on a "
-                        "GPU the products are fp32 unless this is given; the sums are float64 always)")
+                   help="compute each batch's covariance product in float64 (default fp32; the sums over "
+                        "batches are float64 always): independent of the backend, ~12 %% slower on a CPU")
     c.add_argument("--no-calibration", action="store_true", help="svd only: skip calibration")
     c.add_argument("--damping", type=float, default=0.0,
                    help="add damping·tr(G)/d to each Gram matrix (0: exact optimum; ~1e-2 helps aa-svd "

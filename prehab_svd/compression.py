@@ -131,7 +131,7 @@ class _Options:
     alpha: float = 0.5
     damping: float = 0.0
     shrinkage: float | str = 0.0  # or "oas": per group, data-driven
-    stats_dtype: torch.dtype | None = None  # None: default_stats_dtype(device)
+    stats_dtype: torch.dtype = torch.float32
     progress: bool = False
     zs: "_ZSContext | None" = None
     timer: "_Timings" = field(default_factory=lambda: _Timings(None))
@@ -316,16 +316,6 @@ def _progress(it, enabled, desc):
 # Statistics of the groups
 
 
-def default_stats_dtype(device) -> torch.dtype:
-    """The precision of the per-batch covariance products when the caller does not choose: float64
-    on the CPU, where it cost 8 % of a SmolLM2 compression (svd-llm, keep 0.8: 80 s against 74 s on
-    2 cores) and makes the model independent of the backend that computed the products (fp32
-    products gave logits 5e-4 apart between the torch and Triton backends on a tiny GQA Llama, whose
-    o_proj input has real directions 3e-5 below its largest); float32 on a GPU, where the fused
-    kernels accumulate in fp32 at full speed (the sums over batches are float64 either way)."""
-    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
-
-
 class _GroupStats:
     """Streaming statistics of one group's input (x: original model, xp: compressed model).
 
@@ -335,7 +325,6 @@ class _GroupStats:
 
     def __init__(self, d: int, need_cross: bool, need_absmean: bool, dtype, device):
         # per-batch products in ``dtype``, running sums in float64 (order- and rank-independent)
-        dtype = default_stats_dtype(device) if dtype is None else dtype
         self.x = ops.CovarianceAccumulator(d, cross=need_cross, dtype=dtype, device=device)
         self.xp = ops.CovarianceAccumulator(d, dtype=dtype, device=device) if need_cross else None
         self.abs_sum = torch.zeros(d, dtype=torch.float64, device=device) if need_absmean else None
@@ -446,7 +435,7 @@ def compress(
     alpha: float = 0.5,
     damping: float = 0.0,
     shrinkage: float | str = 0.0,
-    stats_dtype: torch.dtype | None = None,
+    stats_dtype: torch.dtype = torch.float32,
     task=None,
     grad_samples: int = 32,
     correction: bool = False,
@@ -480,10 +469,11 @@ def compress(
             ``"oas"``: α chosen per group from its statistics (the OAS estimator,
             :meth:`prehab_svd.methods.LayerStats.oas_intensity`), reported in
             ``report.details["shrinkage"]``.
-        stats_dtype: precision of each calibration batch's covariance product (float32 or float64;
-            None: :func:`default_stats_dtype`, float64 on the CPU, float32 on a GPU); the running sums
-            over the batches are float64 either way, so the statistics do not depend on the order of
-            the batches or on how they are split over ranks.
+        stats_dtype: precision of each calibration batch's covariance product (float32 or float64);
+            the running sums over the batches are float64 either way, so the statistics do not depend
+            on the order of the batches or on how they are split over ranks. float64 products also
+            make the model independent of the backend that computed them, at a cost (SmolLM2,
+            svd-llm, keep 0.8, 2 CPU cores: 74 s against 66 s).
         task, grad_samples, correction, correction_grads, min_rank_fraction: ``zs-svd`` only. The
             task loss whose gradient predicts each component's effect ("auto": cross-entropy for a
             causal LM, the in-batch contrastive loss for an encoder, or a callable
@@ -590,8 +580,8 @@ def _check_arguments(method, keep_ratio, stats_dtype) -> None:
     if method not in METHODS:
         raise PrehabError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     check_keep_ratio(keep_ratio)
-    if stats_dtype not in (None, torch.float32, torch.float64):
-        raise PrehabError("stats_dtype must be torch.float32, torch.float64 or None (the device's default)")
+    if stats_dtype not in (torch.float32, torch.float64):
+        raise PrehabError("stats_dtype must be torch.float32 or torch.float64")
 
 
 ALLOCATIONS = ("uniform", "zs")

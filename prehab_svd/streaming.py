@@ -83,7 +83,7 @@ def compress_pretrained(
     exclude=None,
     alpha: float = 0.5,
     damping: float = 0.0,
-    stats_dtype: torch.dtype | None = None,
+    stats_dtype: torch.dtype = torch.float32,
     model_class=None,
     tokenizer=None,
     extra: dict | None = None,

@@ -17,7 +17,7 @@ from conftest import tiny_model, token_batches  # noqa: E402
 SHAPE = dict(layers=2, hidden=64, intermediate=128)
 ODD = dict(layers=2, hidden=40, intermediate=75)
 F64 = {"stats_dtype": torch.float64}
-F32 = {"stats_dtype": torch.float32}  # fp32 per-batch products (a GPU's default; float64 sums)
+F32 = {"stats_dtype": torch.float32}  # fp32 per-batch products (the default; float64 sums)
 # (name, method, keyword arguments): what is compared
 COMPRESS = [
     ("svd-llm", "svd-llm", {}),
@@ -81,9 +81,9 @@ def recipe(rank: int = 0, world: int = 1, out_dir: str | None = None) -> dict:
     model = tiny_model("llama", **ORDER_SHAPE)
     report = compress(model, "aa-svd", KEEP, order_calibration()[rank::world])
     out["aa-svd-default"] = {"state": _state(model), "report": report.to_dict(), "logits": probe_logits(model)}
-    model = tiny_model("llama", **ORDER_SHAPE)  # fp32 per-batch products, as on a GPU
-    report = compress(model, "aa-svd", KEEP, order_calibration()[rank::world], **F32)
-    out["aa-svd-f32-products"] = {"state": _state(model), "report": report.to_dict(), "logits": probe_logits(model)}
+    model = tiny_model("llama", **ORDER_SHAPE)  # float64 per-batch products
+    report = compress(model, "aa-svd", KEEP, order_calibration()[rank::world], **F64)
+    out["aa-svd-f64-products"] = {"state": _state(model), "report": report.to_dict(), "logits": probe_logits(model)}
     if world > 1:  # rehab with FSDP2: the compressed model sharded after the adapters are attached
         from prehab_svd import fsdp
 
