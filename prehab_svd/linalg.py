@@ -14,9 +14,10 @@ largest eigenvalue of ``G`` itself would drop the small channels' directions as 
 * ``Ĝ`` positive definite above the noise floor ``τ``: ``R = D^{1/2} L̂`` with ``L̂`` the lower Cholesky
   factor of ``Ĝ``; ``R⁻¹`` is only ever applied through triangular solves. The answer is exact.
 * otherwise ``R = D^{1/2} Q̂₊ Λ̂₊^{1/2}`` from the eigenvalues of ``Ĝ`` above ``τ``; the directions
-  below it are treated as never visited by the calibration tokens, and the answer is the
-  minimum-norm optimum there (zero weight on them).
-* channels whose diagonal entry is exactly 0 (never active) are unvisited too.
+  below it are treated as never visited by the calibration tokens, and
+  :func:`closed_form_factors` decides the answer there (by default the limit of a vanishing
+  per-channel jitter; ``unvisited="zero"``: the minimum-norm answer).
+* channels whose diagonal entry is exactly 0 (never active) are unvisited too, and get zero weight.
 
 **The noise floor** ``τ`` (on the eigenvalues of ``Ĝ``). A Gram accumulated in floating point carries a
 rounding error ``E`` with ``|E_ij| ≤ γ_n u Σ_t |x_ti x_tj| ≤ γ_n u √(G_ii G_jj)`` (Cauchy–Schwarz), so in
@@ -46,6 +47,7 @@ from .errors import PrehabError
 __all__ = [
     "WhiteningFactor",
     "whitening_factor",
+    "equilibrate",
     "rounding_floor",
     "check_rank",
     "whitened_lowrank",
@@ -82,6 +84,13 @@ class WhiteningFactor:
     @property
     def rank(self) -> int:
         return self.R.shape[1]
+
+    @property
+    def channel_scale(self) -> torch.Tensor:
+        """``√diag(gram)`` for every channel ([d], 0 on dead channels)."""
+        if self.live is None:
+            return self.scale
+        return self.R.new_zeros(self.R.shape[0]).index_copy_(0, self.live, self.scale)
 
     def right_solve(self, B: torch.Tensor) -> torch.Tensor:
         """``B R⁻¹`` (``B R⁺`` for the pseudo-factor); B has k columns, the result d."""
@@ -155,6 +164,19 @@ def _smallest_eig_estimate(L: torch.Tensor, iters: int = 4, block: int = 4) -> f
     return float(1.0 / q)
 
 
+def equilibrate(G: torch.Tensor):
+    """``(Ĝ, s, live)``: the equilibrated Gram ``Ĝ = G_ll / (s sᵀ)`` on the live channels ``l`` (those
+    with ``G_ii > 0``), ``s = √diag(G_ll)``, and ``live`` their indices (None when every channel is
+    live). ``G``: symmetric float64 with a nonnegative diagonal."""
+    diag = torch.diagonal(G)
+    mask = diag > 0
+    live = None if bool(mask.all()) else torch.nonzero(mask).flatten()
+    Gl = G if live is None else G[live][:, live]
+    s = torch.diagonal(Gl).sqrt()
+    Gh = Gl / s[:, None] / s[None, :]
+    return 0.5 * (Gh + Gh.T), s, live
+
+
 def whitening_factor(gram: torch.Tensor, damping: float = 0.0, *, floor: float | None = None) -> WhiteningFactor:
     """Factor ``gram = R Rᵀ`` in float64, deciding on the equilibrated Gram (module docstring).
 
@@ -184,19 +206,12 @@ def whitening_factor(gram: torch.Tensor, damping: float = 0.0, *, floor: float |
         i = int(torch.argmin(diag))
         raise PrehabError(f"gram is not positive semi-definite (diagonal entry {float(diag[i]):.3g} at channel "
                           f"{i}); it must be a sum of xᵀx over tokens: check how it was accumulated")
-    live_mask = diag > 0
-    n_live = int(live_mask.sum())
-    if n_live == 0:
+    Gh, s, live = equilibrate(G)
+    if s.numel() == 0:
         # All-zero statistics: no direction is ever visited; the optimum is W' = 0.
-        e = G.new_zeros(0)
-        return WhiteningFactor(kind="eigen", R=G.new_zeros(d, 0), Q=G.new_zeros(0, 0), sqrt_eig=e, scale=e,
-                               live=torch.zeros(0, dtype=torch.long, device=G.device), floor=tau)
-    all_live = n_live == d
-    live = None if all_live else torch.nonzero(live_mask).flatten()
-    Gl = G if all_live else G[live][:, live]
-    s = torch.diagonal(Gl).sqrt()
-    Gh = Gl / s[:, None] / s[None, :]
-    Gh = 0.5 * (Gh + Gh.T)
+        return WhiteningFactor(kind="eigen", R=G.new_zeros(d, 0), Q=G.new_zeros(0, 0), sqrt_eig=s, scale=s,
+                               live=live, floor=tau)
+    all_live = live is None
     if all_live:
         L, info = torch.linalg.cholesky_ex(Gh)
         # The pivots only bound λ_min from above (a singular gram can pass with its smallest pivot well
@@ -217,11 +232,9 @@ def whitening_factor(gram: torch.Tensor, damping: float = 0.0, *, floor: float |
     keep = evals > tau
     Q = evecs[:, keep]
     se = evals[keep].sqrt()
-    R = G.new_zeros(d, Q.shape[1])
-    if all_live:
-        R = s[:, None] * Q * se
-    else:
-        R[live] = s[:, None] * Q * se
+    R = s[:, None] * Q * se
+    if not all_live:
+        R = G.new_zeros(d, Q.shape[1]).index_copy_(0, live, R)
     return WhiteningFactor(kind="eigen", R=R, Q=Q, sqrt_eig=se, scale=s, live=live, floor=tau)
 
 
@@ -304,8 +317,7 @@ def closed_form_factors(W64: torch.Tensor, M: torch.Tensor, F: WhiteningFactor, 
     if unvisited == "zero" or F.kind == "cholesky":
         return balanced_factors(U, S, F.right_solve(Vh), rank, out_dtype, out_device)
     N0 = W64 - F.right_solve(W64 @ F.R)
-    scale = torch.zeros(W64.shape[1], dtype=W64.dtype, device=W64.device)  # √diag(G); 0: dead channel
-    scale[slice(None) if F.live is None else F.live] = F.scale
+    scale = F.channel_scale  # √diag(G); 0: dead channel
     N0 = N0 * (scale > 0)  # a dead channel gets no jitter in the limit either: it keeps zero weight
     tol = (S.max() if S.numel() else W64.new_zeros(())) * max(M.shape) * 1e-15
     k = int((S > tol).sum())

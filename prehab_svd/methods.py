@@ -15,6 +15,7 @@ from .linalg import (
     _validate,
     anchored_lowrank,
     balanced_factors,
+    equilibrate,
     objective,
     truncated_svd,
     whitened_lowrank,
@@ -61,7 +62,6 @@ class LayerStats:
         return LayerStats(gx, gx if same_c else shrink(self.cross), gx if same_p else shrink(self.gram_xp),
                           self.abs_mean, self.tokens, self.floor)
 
-
     def oas_intensity(self) -> float:
         """The Oracle Approximating Shrinkage intensity (Chen, Wiesel, Eldar & Hero, 2010) of the
         equilibrated ``gram_xp`` toward its target (the identity there: each channel's own energy, the
@@ -71,13 +71,10 @@ class LayerStats:
         independent draws, so for the correlated tokens of real text it is a lower bound on what
         would help; it is large only when the tokens are few for the width (``n`` ≲ ``p``)."""
         G = self.gram_xp.to(torch.float64)
-        diag = torch.diagonal(G)
-        live = diag > 0
-        p = int(live.sum())
+        Gh, _, _ = equilibrate(0.5 * (G + G.T))
+        p = Gh.shape[0]
         if p < 2 or self.tokens < 1:
             return 0.0
-        s = diag[live].sqrt()
-        Gh = G[live][:, live] / s[:, None] / s[None, :]
         t, t2 = float(p), float(Gh.square().sum())
         den = (self.tokens + 1 - 2 / p) * (t2 - t * t / p)
         if den <= 0:  # Ĝ = I exactly: nothing to shrink

@@ -201,14 +201,15 @@ def _free_memory(device: torch.device) -> int | None:
 
 def _stats_blocks_that_fit(model, plan, device: torch.device) -> int:
     """How many blocks' calibration statistics to accumulate per pass: as many as fit in
-    ``STATS_MEMORY_FRACTION`` of the free memory, counting 12 bytes (the fp32 sum and its fp64 Gram)
-    per entry of each targeted layer's ``in × in`` covariance (an upper bound: layers fed the same
-    input share one); at least 1, all of them when the free memory is unknown."""
+    ``STATS_MEMORY_FRACTION`` of the free memory, counting 20 bytes (the float64 sum, the fp32 scratch
+    of one batch's product, and the fp64 Gram) per entry of each targeted layer's ``in × in``
+    covariance (an upper bound: layers fed the same input share one); at least 1, all of them when the
+    free memory is unknown."""
     n = len(plan.stages)
     free = _free_memory(device)
     if free is None or n <= 1:
         return n
-    per_block = max(sum(12 * model.get_submodule(name).weight.shape[1] ** 2 for name in st[2])
+    per_block = max(sum(20 * model.get_submodule(name).weight.shape[1] ** 2 for name in st[2])
                     for st in plan.stages)
     return max(1, min(n, int(free * STATS_MEMORY_FRACTION // max(per_block, 1))))
 

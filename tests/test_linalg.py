@@ -1,9 +1,15 @@
 """The closed forms reach the optimum of their objective, computed independently from raw data."""
 
+import pathlib
+import sys
+
 import pytest
 import torch
 
 from prehab_svd import PrehabError
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+import numerics_cases as cases  # noqa: E402  (issue 15's problems, shared with the script)
 from prehab_svd.linalg import (
     anchored_lowrank, objective, optimal_objective, rounding_floor, whitened_lowrank, whitening_factor,
 )
@@ -274,24 +280,13 @@ def test_shrinkage_is_invariant_to_per_channel_scaling(alpha):
     torch.testing.assert_close(U @ V, (U2 @ V2) * D, rtol=1e-9, atol=1e-11)
 
 
-def _qr_anchored_oracle(W, x, xp, rank):
-    """min ‖x Wᵀ − xp W'ᵀ‖ over rank-``rank`` W' straight from the tokens (QR of xp, no Gram)."""
-    Q, Rr = torch.linalg.qr(xp)
-    U, S, Vh = torch.linalg.svd(Q.T @ (x @ W.T), full_matrices=False)
-    return torch.linalg.solve_triangular(Rr, (U[:, :rank] * S[:rank]) @ Vh[:rank], upper=True).T
-
-
 @pytest.mark.parametrize("stats_dtype", [torch.float64, torch.float32])
 def test_dynamic_range_inputs_reach_the_oracle(stats_dtype):
     """Regression (issue 15): channels scaled by 10^U(-3,3) made the Gram's condition ~1e12; the
     unequilibrated tests rejected Cholesky and dropped 21-36 directions, 2.1e-2 above the optimum.
     Decided on the equilibrated Gram, the answer is the float64 oracle's (fp32 statistics too)."""
-    g = torch.Generator().manual_seed(1)
-    n, d, r = 2048, 256, 64
-    scales = 10 ** (torch.rand(d, generator=g, dtype=f64) * 6 - 3)
-    x = torch.randn(n, d, generator=g, dtype=f64) * scales
-    xp = x + 0.1 * torch.randn(n, d, generator=g, dtype=f64) * scales
-    W = torch.randn(d, d, generator=g, dtype=f64) / d ** 0.5
+    x, xp, W, r = cases.dynamic_range_problem()
+    n = x.shape[0]
     xs, xps = x.to(stats_dtype), xp.to(stats_dtype)
     cross, gram = (xs.T @ xps).to(f64) / n, (xps.T @ xps).to(f64) / n
     assert whitening_factor(gram).kind == "cholesky"
@@ -300,7 +295,7 @@ def test_dynamic_range_inputs_reach_the_oracle(stats_dtype):
     def err(Wq):
         return (x @ W.T - xp @ Wq.T).square().sum()
 
-    best = err(_qr_anchored_oracle(W, x, xp, r))
+    best = err(cases.qr_anchored_oracle(W, x, xp, r))
     excess = float((err(Wn) - best) / best)
     assert excess <= (1e-9 if stats_dtype == f64 else 1e-7), excess
 
@@ -310,24 +305,17 @@ def test_thin_calibration_generalizes_like_a_jittered_peer(stats_dtype):
     """Regression (issue 15): 128 tokens for d = 256. The minimum-norm answer (zero weight where the
     tokens never went) had a held-out error well above a peer that adds a tiny jitter, and fp32
     rounding changed it; the default now is the vanishing-jitter limit, in both precisions."""
-    g = torch.Generator().manual_seed(2)
-    T, d, H, r = 128, 256, 4096, 64
-    A = torch.randn(d, d, generator=g, dtype=f64) * torch.arange(1, d + 1, dtype=f64) ** -0.5
-    x = torch.randn(T, d, generator=g, dtype=f64) @ A.T
-    xh = torch.randn(H, d, generator=g, dtype=f64) @ A.T  # held out, same distribution
-    W = torch.randn(d, d, generator=g, dtype=f64) / d ** 0.5
+    x, xh, W, r = cases.thin_problem()
+    T, d = x.shape
     xs = x.to(stats_dtype)
     gram = (xs.T @ xs).to(f64) / T
-
-    def held_out(Wq):
-        return float((xh @ (W - Wq).T).norm() / (xh @ W.T).norm())
-
     # the precision-aware floor: fp32 rounding must not pass for data (x has rank 128)
     F = whitening_factor(gram, floor=rounding_floor(d, stats_dtype, T))
     assert F.rank == T, F.rank
-    default = held_out(torch.mm(*whitened_lowrank(W, gram, r, factor=F)))
-    zero = held_out(torch.mm(*whitened_lowrank(W, gram, r, factor=F, unvisited="zero")))
-    jitter = held_out(torch.mm(*whitened_lowrank(W, gram + 1e-6 * torch.diag(torch.diagonal(gram)), r)))
+    default = cases.held_out_error(W, torch.mm(*whitened_lowrank(W, gram, r, factor=F)), xh)
+    zero = cases.held_out_error(W, torch.mm(*whitened_lowrank(W, gram, r, factor=F, unvisited="zero")), xh)
+    jittered = gram + 1e-6 * torch.diag(torch.diagonal(gram))
+    jitter = cases.held_out_error(W, torch.mm(*whitened_lowrank(W, jittered, r)), xh)
     assert default <= jitter + 1e-6, (default, jitter)
     assert zero > default + 0.02, (zero, default)  # the gap the issue measured is real here too
 
@@ -338,23 +326,19 @@ def test_oas_shrinkage_helps_thin_calibration_and_vanishes_with_data():
     tokens; with many tokens per dimension it is ~0 (the exact optimum)."""
     from prehab_svd.methods import LayerStats
 
-    g = torch.Generator().manual_seed(2)
-    T, d, H, r = 128, 256, 4096, 64
-    A = torch.randn(d, d, generator=g, dtype=f64) * torch.arange(1, d + 1, dtype=f64) ** -0.5
-    x = torch.randn(T, d, generator=g, dtype=f64) @ A.T
-    xh = torch.randn(H, d, generator=g, dtype=f64) @ A.T
-    W = torch.randn(d, d, generator=g, dtype=f64) / d ** 0.5
+    x, xh, W, r = cases.thin_problem()
+    T = x.shape[0]
     gram = x.T @ x / T
     st = LayerStats(gram, gram, gram, None, T)
 
     def held_out(alpha):
-        Wq = torch.mm(*whitened_lowrank(W, st.shrunk(alpha).gram_x, r))
-        return float((xh @ (W - Wq).T).norm() / (xh @ W.T).norm())
+        return cases.held_out_error(W, torch.mm(*whitened_lowrank(W, st.shrunk(alpha).gram_x, r)), xh)
 
     rho = st.oas_intensity()
     assert 0.05 < rho < 0.5, rho
     best_fixed = min(held_out(a) for a in (0.0, 0.01, 0.05, 0.1, 0.2, 0.4))
     assert held_out(rho) <= best_fixed + 1e-3 and held_out(rho) < held_out(0.0) - 5e-3
+    g = torch.Generator().manual_seed(3)
     many = torch.randn(20000, 32, generator=g, dtype=f64) @ torch.randn(32, 32, generator=g, dtype=f64)
     gm = many.T @ many / 20000
     assert LayerStats(gm, gm, gm, None, 20000).oas_intensity() < 1e-2
