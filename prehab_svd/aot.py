@@ -4,18 +4,40 @@ Each kernel module in ``kernels/`` exposes ``aot_specs()``: the configurations i
 Hopper, each a dict with ``name``, ``fn`` (the ``@triton.jit`` kernel), ``signature`` (argument name ->
 Triton type such as ``"*bf16"``, ``"i32"``, ``"fp32"`` or ``"constexpr"``), ``constexprs``, optional
 ``attrs`` (specialization hints such as 16-byte alignment, as the JIT would infer them),
-``num_warps``, ``num_stages``, ``tensor_cores`` (True if the kernel must use the tensor cores) and a
-short ``config`` label. :func:`compile_all` compiles each for ``GPUTarget("cuda", arch, 32)`` and reads
-the shared memory, warps, and whether the PTX issues ``wgmma`` (Hopper's warpgroup MMA). This is how
-a CPU-only CI proves that every kernel compiles for sm_90 and uses the tensor cores.
+``num_warps``, ``num_stages``, ``tensor_cores`` (True if the kernel must use the tensor cores),
+optional ``vector_loads`` (True if its global loads must be 16 bytes wide: the aligned variants) and a
+short ``config`` label. :func:`compile_all` compiles each for ``GPUTarget("cuda", arch, 32)`` and
+reads:
+
+* shared memory and warps (the compiled kernel's metadata);
+* whether the PTX issues ``wgmma`` (Hopper's warpgroup MMA);
+* registers per thread and spill stores / loads, from ptxas's own report (``ptxas -v``). Triton's
+  compiled kernel knows ``n_regs`` / ``n_spills`` only after it is loaded on a driver, so the report is
+  taken from the ptxas run inside ``triton.compile`` (the exact ptxas, flags and cubin the GPU would
+  run; ``TRITON_DUMP_PTXAS_LOG``, with the cache bypassed so ptxas runs); if that log is unavailable,
+  from Triton's bundled ptxas run again on the PTX (``-v``, same target);
+* the widest global load in the PTX, in bytes (``cp.async`` size, ``ld.global.v4`` ...; 16 means the
+  loads are vectorized).
+
+A configuration fails when it does not compile, exceeds the shared-memory limit, is a tensor-core
+kernel without wgmma, spills registers (any spill store or load), or is marked ``vector_loads`` and
+has no 16-byte global loads. This is how a CPU-only CI proves that every kernel compiles for sm_90,
+uses the tensor cores and does not spill.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import os
+import re
+import subprocess
+import tempfile
 from dataclasses import dataclass
 
-__all__ = ["AotResult", "compile_all", "format_table", "SHARED_LIMIT"]
+__all__ = ["AotResult", "compile_all", "format_table", "parse_ptxas_log", "max_global_load_bytes",
+           "SHARED_LIMIT"]
 
 # Hopper: up to 227 KiB of shared memory per block (opt-in), 228 KiB per SM.
 SHARED_LIMIT = {90: 232448}
@@ -31,17 +53,126 @@ class AotResult:
     num_warps: int | None = None
     wgmma: bool | None = None
     tensor_cores: bool = False
+    registers: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    load_bytes: int | None = None      # widest global load (cp.async or ld.global), bytes
+    load_kind: str = ""                # "cp.async", "ld.global" or "tma"
+    vector_loads: bool = False         # the spec requires 16-byte loads
+    ptxas_source: str = ""             # "triton" (its own ptxas run) or "rerun" (bundled ptxas on the PTX)
     error: str = ""
 
     @property
+    def spills(self) -> bool:
+        return bool(self.spill_stores) or bool(self.spill_loads)
+
+    @property
+    def vectorized(self) -> bool | None:
+        return None if self.load_bytes is None else self.load_bytes >= 16
+
+    @property
     def failed(self) -> bool:
-        return not self.ok or (self.tensor_cores and not self.wgmma)
+        return bool(self.problems())
+
+    def problems(self) -> list[str]:
+        if not self.ok:
+            return [self.error or "did not compile"]
+        out = []
+        if self.tensor_cores and not self.wgmma:
+            out.append("no wgmma in a tensor-core kernel")
+        if self.registers is None or self.spill_stores is None or self.spill_loads is None:
+            out.append("no ptxas register / spill report")
+        elif self.spills:
+            out.append(f"spills ({self.spill_stores} B stores, {self.spill_loads} B loads)")
+        if self.vector_loads and not self.vectorized:
+            out.append(f"global loads not 16-byte ({self.load_bytes} B widest)")
+        return out
 
 
 def _modules():
     from .ops._triton import KERNEL_MODULES
 
     return [m for m, _ in KERNEL_MODULES.values()]
+
+
+# ---- ptxas report -------------------------------------------------------------------------------
+
+_RE_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_RE_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_RE_REGS = re.compile(r"Used (\d+) registers")
+
+
+def parse_ptxas_log(log: str) -> dict | None:
+    """``ptxas -v`` output -> {"registers", "spill_stores", "spill_loads", "stack"} of its (one) entry
+    function; None if the log has no complete report. With several entries, the worst of each."""
+    regs = [int(m) for m in _RE_REGS.findall(log)]
+    spills = [tuple(int(v) for v in m) for m in _RE_SPILL.findall(log)]
+    if not regs or not spills:
+        return None
+    return {"registers": max(regs), "stack": max(s[0] for s in spills),
+            "spill_stores": max(s[1] for s in spills), "spill_loads": max(s[2] for s in spills)}
+
+
+def _bundled_ptxas() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _rerun_ptxas(ptx: str, arch: int) -> str:
+    """Triton's bundled ptxas on ``ptx`` with ``-v``; returns its report (stderr)."""
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([_bundled_ptxas(), "-lineinfo", "-v", f"--gpu-name=sm_{arch}{suffix}", src,
+                               "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {proc.stderr.strip()[-500:]}")
+    return proc.stderr + proc.stdout
+
+
+# ---- global load width in the PTX ----------------------------------------------------------------
+
+_RE_CP_ASYNC = re.compile(r"cp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
+_RE_LD_GLOBAL = re.compile(r"\bld\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
+
+
+def max_global_load_bytes(ptx: str) -> tuple[int | None, str]:
+    """(widest global -> register/shared load in bytes, its kind) in ``ptx``; (None, "") if none.
+    A TMA bulk copy (cp.async.bulk.tensor) counts as 16 (it moves whole tiles)."""
+    best, kind = None, ""
+    for m in _RE_CP_ASYNC.finditer(ptx):
+        size = int(m.group(1), 0)
+        if best is None or size > best:
+            best, kind = size, "cp.async"
+    for m in _RE_LD_GLOBAL.finditer(ptx):
+        size = (int(m.group(1)) if m.group(1) else 1) * int(m.group(2)) // 8
+        if best is None or size > best:
+            best, kind = size, "ld.global"
+    if "cp.async.bulk.tensor" in ptx and (best is None or best < 16):
+        best, kind = 16, "tma"
+    return best, kind
+
+
+# ---- compile -------------------------------------------------------------------------------------
+
+
+def _compile_with_ptxas_log(triton, src, target, options):
+    """triton.compile with ptxas's -v report captured from the compile itself (cache bypassed so
+    that ptxas runs; Triton prints the log when TRITON_DUMP_PTXAS_LOG is on)."""
+    from triton import knobs
+
+    buf = io.StringIO()
+    nvidia = getattr(knobs, "nvidia", None)
+    if nvidia is None or not hasattr(nvidia, "dump_ptxas_log"):
+        return triton.compile(src, target=target, options=options), ""
+    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(buf):
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True
+        k = triton.compile(src, target=target, options=options)
+    return k, buf.getvalue()
 
 
 def compile_all(arch: int = 90, modules=None) -> list[AotResult]:
@@ -68,18 +199,28 @@ def compile_all(arch: int = 90, modules=None) -> list[AotResult]:
             continue
         for spec in specs:
             res = AotResult(module, spec["name"], spec.get("config", ""), False,
-                            tensor_cores=bool(spec.get("tensor_cores")))
+                            tensor_cores=bool(spec.get("tensor_cores")),
+                            vector_loads=bool(spec.get("vector_loads")))
             try:
                 # attrs (e.g. 16-byte alignment of pointers and strides) make the compiler build the
                 # variant that runs on aligned shapes (pipelined loads), not the generic one.
                 src = ASTSource(fn=spec["fn"], signature=spec["signature"],
                                 constexprs=spec.get("constexprs", {}), attrs=spec.get("attrs"))
-                k = triton.compile(src, target=target,
-                                   options={"num_warps": spec.get("num_warps", 4),
-                                            "num_stages": spec.get("num_stages", 3)})
+                k, log = _compile_with_ptxas_log(
+                    triton, src, target, {"num_warps": spec.get("num_warps", 4),
+                                          "num_stages": spec.get("num_stages", 3)})
+                ptx = k.asm["ptx"]
                 res.shared = int(k.metadata.shared)
                 res.num_warps = int(k.metadata.num_warps)
-                res.wgmma = "wgmma" in k.asm["ptx"]
+                res.wgmma = "wgmma" in ptx
+                res.load_bytes, res.load_kind = max_global_load_bytes(ptx)
+                report, res.ptxas_source = parse_ptxas_log(log), "triton"
+                if report is None:
+                    report, res.ptxas_source = parse_ptxas_log(_rerun_ptxas(ptx, arch)), "rerun"
+                if report is not None:
+                    res.registers = report["registers"]
+                    res.spill_stores = report["spill_stores"]
+                    res.spill_loads = report["spill_loads"]
                 res.ok = limit is None or res.shared <= limit
                 if not res.ok:
                     res.error = f"needs {res.shared} B of shared memory, over the {limit} B limit"
@@ -89,20 +230,32 @@ def compile_all(arch: int = 90, modules=None) -> list[AotResult]:
     return results
 
 
+def _dash(v) -> str:
+    return "-" if v is None else str(v)
+
+
 def format_table(results: list[AotResult], arch: int = 90) -> str:
-    rows = [("module", "kernel", "config", "shared (B)", "warps", "wgmma", "status")]
+    rows = [("module", "kernel", "config", "shared (B)", "warps", "wgmma", "regs", "spill st/ld (B)",
+             "load (B)", "status")]
     for r in results:
-        status = "ok"
-        if not r.ok:
-            status = "FAILED: " + r.error
-        elif r.tensor_cores and not r.wgmma:
-            status = "FAILED: no wgmma in a tensor-core kernel"
-        rows.append((r.module, r.name, r.config, "-" if r.shared is None else str(r.shared),
-                     "-" if r.num_warps is None else str(r.num_warps),
-                     "-" if r.wgmma is None else ("yes" if r.wgmma else "no"), status))
+        problems = r.problems()
+        status = "ok" if not problems else "FAILED: " + "; ".join(problems)
+        spill = "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
+        load = "-" if r.load_bytes is None else f"{r.load_bytes} {r.load_kind}"
+        rows.append((r.module, r.name, r.config, _dash(r.shared), _dash(r.num_warps),
+                     "-" if r.wgmma is None else ("yes" if r.wgmma else "no"), _dash(r.registers), spill,
+                     load, status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     n_bad = sum(r.failed for r in results)
-    lines.append(f"sm_{arch}: {len(results)} kernel configurations, {n_bad} failed")
+    n_spill = sum(r.ok and r.spills for r in results)
+    try:
+        import triton
+
+        version = f"triton {triton.__version__}, "
+    except ImportError:  # pragma: no cover - compile_all needs triton anyway
+        version = ""
+    lines.append(f"sm_{arch} ({version}ptxas -v): {len(results)} kernel configurations, {n_bad} failed, "
+                 f"{n_spill} spill")
     return "\n".join(lines)
