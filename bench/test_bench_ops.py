@@ -6,6 +6,13 @@ CPU: small shapes in fp32 (1024x1024 and 2752x1024, the LLaMA-7B ratios scaled d
 CUDA: LLaMA-7B shapes (4096x4096, 11008x4096, 4096x11008) in bf16.
 keep_ratio is the fraction of the layer's parameters kept: rank r = floor(keep · m·n / (m+n)).
 
+Baselines (the strongest plain torch in the same precision, bench/ratios.py builds them): lowrank
+``F.linear(F.linear(x, V), U, b)`` and the dense layer; covariance the 16-bit product with an fp32
+result (``torch.addmm``/``torch.mm`` with ``out_dtype=float32`` on CUDA; the implementation used is in
+each case's ``extra_info["impl"]``), never an fp32 upcast (an SGEMM, ~10x slower); stable rank with W
+and L in the weights' dtype against the same algorithm in plain torch. ``python bench/ratios.py`` prints
+the same comparisons as ratios with errors against float64, eager and under CUDA graphs.
+
 See bench/conftest.py for how to run and what is reported.
 """
 
@@ -13,6 +20,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +29,11 @@ import torch.nn.functional as F
 
 import prehab_svd.ops as ops
 from prehab_svd.ops import reference
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:  # bench/ is not installed: import its helpers from the checkout
+    sys.path.insert(0, _ROOT)
+from bench.ratios import covariance_baseline, stable_rank_baseline  # noqa: E402
 
 
 def _device() -> torch.device:  # same rule as conftest.bench_device (not imported: name clash with tests/)
@@ -122,24 +136,21 @@ def test_covariance_update(timed, d, tokens, cross, variant):
     streams = 2 if cross else 1
     flops = 2 * tokens * d * d * streams
     nbytes = streams * (ELT * tokens * d + 2 * 4 * d * d)  # read x (and y), read+write G (and C)
+    impl = None
     if variant.startswith("backend:"):
         backend = variant.split(":", 1)[1]
         _require("covariance_update", backend, DTYPE)
         fn = lambda: ops.covariance_update(G, x, C, y, backend=backend)  # noqa: E731
-    else:  # what calibration code usually writes: upcast, product into a temporary, add
-
-        def fn():
-            xf = x.float()
-            G.add_(xf.T @ xf)
-            if cross:
-                C.add_(xf.T @ y.float())
+    else:  # the strongest plain torch: the product in x's dtype with an fp32 result (out_dtype on CUDA)
+        impl, base = covariance_baseline(DEVICE, DTYPE)
+        fn = lambda: base(G, x, C, y)  # noqa: E731
 
     with torch.inference_mode():
         timed(
             fn,
             group=f"covariance_update d={d} T={tokens} {'gram+cross' if cross else 'gram'}",
             op="covariance_update", variant=variant, d=d, tokens=tokens, cross=cross,
-            dtype=str(DTYPE), flops=flops, bytes=nbytes,
+            dtype=str(DTYPE), flops=flops, bytes=nbytes, impl=impl,
         )
     assert torch.isfinite(G[0, 0])
 
@@ -150,7 +161,7 @@ def test_covariance_update(timed, d, tokens, cross, variant):
 
 
 def _svd_baseline(W, L, kind):
-    """Exact value and gradient from a full SVD of M = W L (the strongest plain-torch way)."""
+    """Exact value and gradient from a full SVD of M = W L (the exact answer, not the same algorithm)."""
     M = W.float() @ L.float()
     Us, S, Vh = torch.linalg.svd(M, full_matrices=False)
     f2 = M.square().sum()
@@ -175,23 +186,45 @@ def _stable_rank_flops(m, n, kind, iters):
     return flops + n_quintic * (4 * k * k * l + 2 * k**3) + n_cubic * 4 * k * k * l + 8 * m * n
 
 
-SR_CASES = [("stable", f"{b}:{mode}") for b in _backends("stable_rank") for mode in ("warm", "cold")]
-SR_CASES += [("stable", "baseline:svd")]
-SR_CASES += [("nuclear", f"{b}") for b in _backends("stable_rank")] + [("nuclear", "baseline:svd")]
+SR_MODES = ("warm", "cold")
+SR_CASES = [("stable", f"{b}:{mode}") for b in _backends("stable_rank") for mode in SR_MODES]
+SR_CASES += [("stable", f"baseline:{mode}") for mode in SR_MODES] + [("stable", "baseline:svd")]
+SR_CASES += [("nuclear", f"{b}") for b in _backends("stable_rank")]
+SR_CASES += [("nuclear", "baseline"), ("nuclear", "baseline:svd")]
 
 
 @pytest.mark.parametrize("kind,variant", SR_CASES, ids=[f"{k}-{v}" for k, v in SR_CASES])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_stable_rank(timed, shape, kind, variant):
+    """W and L in the weights' dtype (bf16 on the GPU: the kernels' 16-bit product path, not their
+    TF32 path for an fp32 L). ``baseline`` is the same algorithm in the same precision in plain torch
+    (bench/ratios.py: 16-bit M = W L with an fp32 result, TF32 for the rest); ``baseline:svd`` the
+    exact value and gradient from a full SVD; the ``torch`` backend is the fp32 reference."""
     m, n = shape
     g = _gen()
     W = (torch.randn(m, n, device=DEVICE, dtype=torch.float32, generator=g) * n**-0.5).to(DTYPE)
     L = torch.tril(torch.randn(n, n, device=DEVICE, generator=g) * (0.3 / n**0.5), -1)
     L += torch.diag(torch.rand(n, device=DEVICE, generator=g) + 0.5)
-    nbytes = ELT * m * n + 4 * n * n + 4 * m * n  # read W, L; write the fp32 gradient
+    L = L.to(DTYPE)
+    L32 = L.float()
+    nbytes = ELT * (m * n + n * n) + 4 * m * n  # read W, L; write the fp32 gradient
+    impl = None
     if variant == "baseline:svd":
         fn = lambda: _svd_baseline(W, L, kind)  # noqa: E731
         flops = None  # an SVD's work is not a fixed count; compare times
+    elif variant.startswith("baseline"):
+        mode = variant.partition(":")[2]
+        impl, base = stable_rank_baseline(DEVICE, DTYPE)
+        state = None
+        if mode == "warm":
+            state = ops.stable_rank(W, L, backend="torch")[2].unsqueeze(0)
+        iters = (
+            reference.NUCLEAR_ITERS
+            if kind == "nuclear"
+            else (reference.STABLE_ITERS_WARM if state is not None else reference.STABLE_ITERS_COLD)
+        )
+        fn = lambda: base(W.unsqueeze(0), L, L32, kind, state, iters)  # noqa: E731
+        flops = _stable_rank_flops(m, n, kind, iters)
     else:
         backend, _, mode = variant.partition(":")
         _require("stable_rank", backend, DTYPE)
@@ -209,5 +242,6 @@ def test_stable_rank(timed, shape, kind, variant):
         fn,
         group=f"stable_rank {kind} {m}x{n} whitened",
         op="stable_rank", variant=variant, kind=kind, m=m, n=n, dtype=str(DTYPE), flops=flops, bytes=nbytes,
+        impl=impl,
     )[:2]
-    assert torch.isfinite(value).all() and grad.shape == (m, n)
+    assert torch.isfinite(value).all() and grad.shape[-2:] == (m, n)
