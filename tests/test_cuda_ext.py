@@ -34,12 +34,40 @@ os.environ["PREHAB_SVD_CUDA_NAN_WORKSPACES"] = "1"  # read by the C++ side at ea
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = torch.cuda.is_available()
-EXT = _cuda.extension_available()
+# PREHAB_SVD_CUDA_JIT=1 asks for the just-in-time build (torch.utils.cpp_extension.load, minutes the
+# first time, cached after) where no prehab_svd._C was built ahead of time, e.g. an install made with
+# PREHAB_SVD_NO_CUDA=1 on the GPU machine: the GPU tests then run on that build instead of skipping.
+JIT = os.environ.get(_cuda.JIT_ENV, "0") not in ("", "0")
 
-needs_ext = pytest.mark.skipif(not EXT, reason=f"the CUDA extension is not usable here: {_cuda.status()}")
+
+def _usable_extension() -> tuple[bool, str]:
+    """(usable, why not): the ahead-of-time prehab_svd._C, else (with JIT asked for) the JIT build."""
+    if _cuda.extension_available():
+        return True, ""
+    if JIT and torch.version.cuda is not None:
+        try:
+            if _cuda.load(jit=True) is not None:
+                return True, ""
+        except Exception as e:  # reported by test_jit_request_gives_a_usable_extension, not hidden
+            return False, f"{_cuda.JIT_ENV}=1 but the just-in-time build failed: {type(e).__name__}: {str(e)[-500:]}"
+    return False, _cuda.status()
+
+
+EXT, EXT_WHY = _usable_extension()
+
+needs_ext = pytest.mark.skipif(not EXT, reason=f"the CUDA extension is not usable here: {EXT_WHY}")
 needs_gpu = pytest.mark.skipif(
     not (GPU and EXT),
-    reason="needs a CUDA GPU (none is visible)" if not GPU else f"needs the CUDA extension: {_cuda.status()}")
+    reason="needs a CUDA GPU (none is visible)" if not GPU else f"needs the CUDA extension: {EXT_WHY}")
+
+
+@pytest.mark.skipif(not (JIT and GPU), reason=f"checks a requested JIT build ({_cuda.JIT_ENV}=1) on a GPU")
+def test_jit_request_gives_a_usable_extension():
+    """Asked for and on a GPU, the extension must load: a failed build fails here instead of turning
+    every GPU test below into a skip."""
+    assert EXT, EXT_WHY
+    for op in ("covariance_update", "stable_rank", "lowrank_linear"):
+        assert "cuda" in ops.available_backends(op, torch.device("cuda"), torch.bfloat16)
 cpu_torch = pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU build of torch's behaviour")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
