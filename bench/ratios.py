@@ -535,43 +535,69 @@ def _short(variant: str) -> str:
     return {"baseline": "base"}.get(variant, variant)
 
 
-def render(result: dict) -> str:
-    """Markdown: one line per (op, case, mode): the baseline's time, each backend's ratio, the dense
-    ratio (lowrank), and the largest relative error of each variant against float64."""
+def _err(e) -> str:
+    return f"{e:.1e}" if isinstance(e, float) else "-"
+
+
+def render(result: dict, compact: bool = False) -> str:
+    """Markdown. Full: one line per (op, case, mode): the baseline's time, each backend's ratio, the
+    dense layer's time and the best ratio to it (lowrank), and each variant's relative error against
+    float64. ``compact``: one line per case, ratios as eager/graph, the largest backend error."""
     rows = result.get("rows", [])
     env = result.get("env", {})
     out = [f"ratios on {env.get('device', result.get('device'))} ({result.get('dtype')}; torch {env.get('torch')}, "
-           f"triton {env.get('triton')}, CUDA {env.get('cuda')}); ratio = baseline time / variant time "
-           "(>1: faster than the strongest plain-torch path); err = rel. error vs float64"]
-    for op, name in result.get("baselines", {}).items():
-        out.append(f"- baseline {op}: {name}")
+           f"triton {env.get('triton')}, CUDA {env.get('cuda')}): ratio = baseline time / variant time "
+           "(>1: faster than the strongest plain-torch path)" + ("; cells eager/graph" if compact else "")
+           + "; err = rel. error vs float64"]
+    if not compact:
+        out += [f"- baseline {op}: {name}" for op, name in result.get("baselines", {}).items()]
     for op in OPS:
         op_rows = [r for r in rows if r["op"] == op]
         if not op_rows:
             continue
         variants = [v for v in dict.fromkeys(r["variant"] for r in op_rows) if v not in ("baseline", "dense")]
         dense = any(r["variant"] == "dense" for r in op_rows)
-        head = ["case", "mode", "baseline ms"] + variants + (["dense/x"] if dense else []) + ["max err"]
+        if compact:
+            head = ["case", "base ms"] + variants + (["best/dense"] if dense else []) + ["worst err"]
+        else:
+            head = ["case", "mode", "baseline ms"] + variants + (["dense ms, best x"] if dense else []) + ["err"]
         out += ["", f"### {op}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        keys = list(dict.fromkeys((r["case"], r["mode"]) for r in op_rows))
-        for case, mode in keys:
-            by = {r["variant"]: r for r in op_rows if r["case"] == case and r["mode"] == mode}
-            b = by.get("baseline", {})
-            cells = [case, mode, f"{b['seconds'] * 1e3:.3f}" if "seconds" in b else b.get("error", "-")[:30]]
-            cells += [_fmt_ratio(by.get(v)) for v in variants]
-            if dense:
-                d = by.get("dense", {})
-                best = max((by[v].get("vs_dense", 0) for v in variants if v in by), default=0)
-                cells.append(f"{d['seconds'] * 1e3:.3f}ms, best {best:.2f}x" if "seconds" in d else "-")
-            errs = {v: by[v].get("rel_err") for v in ["baseline"] + variants if v in by}
-            cells.append(", ".join(f"{_short(v)} {e:.1e}" if isinstance(e, float) else f"{_short(v)} -"
-                                   for v, e in errs.items()))
-            out.append("| " + " | ".join(cells) + " |")
-    for what in ("errors", "skipped"):
-        if result.get(what):
-            out += ["", f"{what}: " + "; ".join(result[what][:20])]
-    out.append("")
-    out.append(f"complete: {result.get('complete')}")
+        cases = list(dict.fromkeys(r["case"] for r in op_rows))
+        for case in cases:
+            modes = list(dict.fromkeys(r["mode"] for r in op_rows if r["case"] == case))
+            by = {(r["variant"], r["mode"]): r for r in op_rows if r["case"] == case}
+            if compact:
+                b = by.get(("baseline", modes[0]), {})
+                cells = [case, f"{b['seconds'] * 1e3:.3f}" if "seconds" in b else "ERR"]
+                cells += ["/".join(_fmt_ratio(by.get((v, m))) for m in modes) for v in variants]
+                if dense:
+                    best = [max((by[(v, m)].get("vs_dense", 0) for v in variants if (v, m) in by), default=0)
+                            for m in modes]
+                    cells.append("/".join(f"{x:.3g}x" for x in best))
+                errs = [by[(v, modes[0])].get("rel_err") for v in variants if (v, modes[0]) in by]
+                errs = [e for e in errs if isinstance(e, float)]
+                cells.append(_err(max(errs, key=lambda e: (e != e, e))) if errs else "-")  # NaN counts as worst
+                out.append("| " + " | ".join(cells) + " |")
+                continue
+            for mode in modes:
+                b = by.get(("baseline", mode), {})
+                cells = [case, mode, f"{b['seconds'] * 1e3:.3f}" if "seconds" in b else b.get("error", "-")[:40]]
+                cells += [_fmt_ratio(by.get((v, mode))) for v in variants]
+                if dense:
+                    d = by.get(("dense", mode), {})
+                    best = max((by[(v, mode)].get("vs_dense", 0) for v in variants if (v, mode) in by), default=0)
+                    cells.append(f"{d['seconds'] * 1e3:.3f}, {best:.3g}x" if "seconds" in d else "-")
+                cells.append(", ".join(f"{_short(v)} {_err(by[(v, mode)].get('rel_err'))}"
+                                       for v in ["baseline"] + variants if (v, mode) in by))
+                out.append("| " + " | ".join(cells) + " |")
+    failures = sorted({f"{r['op']} {r['variant']} {r['mode']}: {r['error']}" for r in rows if "error" in r})
+    for what, items in (("failed measurements", failures), ("errors", result.get("errors", [])),
+                        ("skipped", result.get("skipped", []))):
+        if items:
+            shown = items[:6] if compact else items[:40]
+            out += ["", f"{what} ({len(items)}): " + "; ".join(x[:160] for x in shown)
+                    + (" ..." if len(items) > len(shown) else "")]
+    out += ["", f"complete: {result.get('complete')}"]
     return "\n".join(out)
 
 
@@ -604,13 +630,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     ap.add_argument("--render", default=None, metavar="JSON", help="print the table of a result file and exit")
+    ap.add_argument("--compact", action="store_true", help="with --render: one line per case (eager/graph)")
     return ap
 
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     if args.render:
-        text = render(json.loads(Path(args.render).read_text()))
+        text = render(json.loads(Path(args.render).read_text()), compact=args.compact)
         print(text)
         return {}
     on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
