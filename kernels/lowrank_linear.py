@@ -85,26 +85,44 @@ def choose_path(T: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
+#
+# Index math: every (tile index × runtime stride) product is formed in int64 (``.to(tl.int64)`` on the
+# index vector, ``tl.cast(stride, tl.int64)`` for the pointer steps): a column-major x has
+# stride_xk = T, and k·T passes 2³¹ once T·in does (T = 524 288 tokens of a 4096-wide layer). A
+# constexpr unit stride keeps the product a constant, so the cast costs nothing on row-major inputs.
+#
+# Ragged reduction lengths: the rank r (819, 1228, 1791 ...) is the reduction length of y = z Uᵀ. The
+# main loop runs over R_EVEN = 16·⌊r/16⌋ with the mask `offs < R_EVEN`; R_EVEN is a multiple of 16
+# the compiler can see, so the mask is constant over every 16-element group and the loads stay 16-byte
+# vectors (cp.async into the pipelined shared-memory stages). The last r − R_EVEN < 16 columns take
+# one extra 16-wide masked step after the loop. Loads never touch memory past column r, so any U
+# (padded or not) is read correctly; the speed needs only 16-aligned row strides (LowRankLinear's
+# padded storage, and z's padded rows allocated here).
 
 
 @triton.jit
 def _lowrank_down_kernel(
     x_ptr, v_ptr, z_ptr,
-    T, R, K, K_PER_SPLIT,
+    T, R, R_STORE, K, K_PER_SPLIT,
     stride_xt, stride_xk, stride_vr, stride_vk, stride_zt, stride_zr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """z[t, j] (+)= Σ_{k in this program's in-split} x[t, k] V[j, k], in fp32."""
+    """z[t, j] (+)= Σ_{k in this program's in-split} x[t, k] V[j, k], in fp32.
+
+    Columns R ≤ j < R_STORE (z's row padding, R_STORE its 16-aligned row length) are stored as 0
+    (their V rows are masked out): the store mask is then 16-aligned too, so stores are vectors."""
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_t = tl.program_id(2)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
+    st_mask = offs_r < R_STORE
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     offs_kb = tl.arange(0, BLOCK_K)
     v_rows = v_ptr + offs_r.to(tl.int64)[:, None] * stride_vr
+    z_cols = offs_r.to(tl.int64) * stride_zr
     if BLOCK_T == 1:
         # GEMV: one token per program; V tile [BLOCK_R, BLOCK_K] times the broadcast x chunk.
         x_row = x_ptr + pid_t.to(tl.int64) * stride_xt
@@ -112,15 +130,16 @@ def _lowrank_down_kernel(
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + offs_kb
             k_mask = offs_k < k_hi
-            xv = tl.load(x_row + offs_k * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
-            v = tl.load(v_rows + offs_k[None, :] * stride_vk, mask=r_mask[:, None] & k_mask[None, :],
+            ck = offs_k.to(tl.int64)
+            xv = tl.load(x_row + ck * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
+            v = tl.load(v_rows + ck[None, :] * stride_vk, mask=r_mask[:, None] & k_mask[None, :],
                         other=0.0).to(tl.float32)
             acc += tl.sum(v * xv[None, :], axis=1)
-        z_ptrs = z_ptr + pid_t.to(tl.int64) * stride_zt + offs_r * stride_zr
+        z_ptrs = z_ptr + pid_t.to(tl.int64) * stride_zt + z_cols
         if ATOMIC:
             tl.atomic_add(z_ptrs, acc, mask=r_mask)
         else:
-            tl.store(z_ptrs, acc, mask=r_mask)
+            tl.store(z_ptrs, acc, mask=st_mask)
     else:
         # a token tile [BLOCK_T, BLOCK_K] against a V slab [BLOCK_R, BLOCK_K] on the tensor cores
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -130,17 +149,17 @@ def _lowrank_down_kernel(
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + offs_kb
             k_mask = offs_k < k_hi
-            xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=t_mask[:, None] & k_mask[None, :],
+            ck = offs_k.to(tl.int64)
+            xt = tl.load(x_rows + ck[None, :] * stride_xk, mask=t_mask[:, None] & k_mask[None, :],
                          other=0.0)
-            v = tl.load(v_rows + offs_k[None, :] * stride_vk, mask=r_mask[:, None] & k_mask[None, :],
+            v = tl.load(v_rows + ck[None, :] * stride_vk, mask=r_mask[:, None] & k_mask[None, :],
                         other=0.0)
             acc = tl.dot(xt, tl.trans(v), acc, input_precision=DOT_PREC)
-        z_ptrs = z_ptr + offs_t.to(tl.int64)[:, None] * stride_zt + offs_r[None, :] * stride_zr
-        z_mask = t_mask[:, None] & r_mask[None, :]
+        z_ptrs = z_ptr + offs_t.to(tl.int64)[:, None] * stride_zt + z_cols[None, :]
         if ATOMIC:
-            tl.atomic_add(z_ptrs, acc, mask=z_mask)
+            tl.atomic_add(z_ptrs, acc, mask=t_mask[:, None] & r_mask[None, :])
         else:
-            tl.store(z_ptrs, acc, mask=z_mask)
+            tl.store(z_ptrs, acc, mask=t_mask[:, None] & st_mask[None, :])
 
 
 @triton.jit
@@ -151,51 +170,75 @@ def _lowrank_up_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """y[t, o] = Σ_j z[t, j] U[o, j] + b[o]; z is the fp32 workspace of the down kernel."""
+    """y[t, o] = Σ_j z[t, j] U[o, j] + b[o]; z is the fp32 workspace of the down kernel.
+
+    The r loop covers R_EVEN = 16·⌊R/16⌋ with 16-aligned masks (vector loads), then one 16-wide
+    masked step for the last R − R_EVEN columns (see the note above the kernels)."""
     pid_o = tl.program_id(0)
     pid_t = tl.program_id(1)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = offs_o < N
     offs_rb = tl.arange(0, BLOCK_R)
+    offs_rt = tl.arange(0, 16)
+    R_EVEN = (R // 16) * 16
     u_rows = u_ptr + offs_o.to(tl.int64)[:, None] * stride_un
     if BLOCK_T == 1:
         z_row = z_ptr + pid_t.to(tl.int64) * stride_zt
         acc = tl.zeros([BLOCK_O], dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
+        for r0 in range(0, R_EVEN, BLOCK_R):
             offs_r = r0 + offs_rb
+            r_mask = offs_r < R_EVEN
+            cr = offs_r.to(tl.int64)
+            zv = tl.load(z_row + cr * stride_zr, mask=r_mask, other=0.0)
+            u = tl.load(u_rows + cr[None, :] * stride_ur, mask=o_mask[:, None] & r_mask[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(u * zv[None, :], axis=1)
+        if R_EVEN < R:
+            offs_r = R_EVEN + offs_rt
             r_mask = offs_r < R
-            zv = tl.load(z_row + offs_r * stride_zr, mask=r_mask, other=0.0)
-            u = tl.load(u_rows + offs_r[None, :] * stride_ur, mask=o_mask[:, None] & r_mask[None, :],
+            cr = offs_r.to(tl.int64)
+            zv = tl.load(z_row + cr * stride_zr, mask=r_mask, other=0.0)
+            u = tl.load(u_rows + cr[None, :] * stride_ur, mask=o_mask[:, None] & r_mask[None, :],
                         other=0.0).to(tl.float32)
             acc += tl.sum(u * zv[None, :], axis=1)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)
-        y_ptrs = y_ptr + pid_t.to(tl.int64) * stride_yt + offs_o * stride_yn
+        y_ptrs = y_ptr + pid_t.to(tl.int64) * stride_yt + offs_o.to(tl.int64) * stride_yn
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=o_mask)
     else:
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         t_mask = offs_t < T
         z_rows = z_ptr + offs_t.to(tl.int64)[:, None] * stride_zt
         acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
+        for r0 in range(0, R_EVEN, BLOCK_R):
             offs_r = r0 + offs_rb
-            r_mask = offs_r < R
+            r_mask = offs_r < R_EVEN
+            cr = offs_r.to(tl.int64)
             # z is rounded to the factors' dtype here (a no-op for fp32), like torch's baseline
-            zt = tl.load(z_rows + offs_r[None, :] * stride_zr, mask=t_mask[:, None] & r_mask[None, :],
+            zt = tl.load(z_rows + cr[None, :] * stride_zr, mask=t_mask[:, None] & r_mask[None, :],
                          other=0.0).to(u_ptr.dtype.element_ty)
-            u = tl.load(u_rows + offs_r[None, :] * stride_ur, mask=o_mask[:, None] & r_mask[None, :],
+            u = tl.load(u_rows + cr[None, :] * stride_ur, mask=o_mask[:, None] & r_mask[None, :],
+                        other=0.0)
+            acc = tl.dot(zt, tl.trans(u), acc, input_precision=DOT_PREC)
+        if R_EVEN < R:
+            offs_r = R_EVEN + offs_rt
+            r_mask = offs_r < R
+            cr = offs_r.to(tl.int64)
+            zt = tl.load(z_rows + cr[None, :] * stride_zr, mask=t_mask[:, None] & r_mask[None, :],
+                         other=0.0).to(u_ptr.dtype.element_ty)
+            u = tl.load(u_rows + cr[None, :] * stride_ur, mask=o_mask[:, None] & r_mask[None, :],
                         other=0.0)
             acc = tl.dot(zt, tl.trans(u), acc, input_precision=DOT_PREC)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * stride_yt + offs_o[None, :] * stride_yn
+        y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * stride_yt + offs_o.to(tl.int64)[None, :] * stride_yn
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & o_mask[None, :])
 
 
 @triton.jit
 def _lowrank_gemm_kernel(
     a_ptr, b_ptr, bias_ptr, c_ptr,
-    M, N, K,
+    M, N, K, N_STORE,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -204,7 +247,9 @@ def _lowrank_gemm_kernel(
     """C = A B (+ bias[N] broadcast over rows), fp32 accumulation, one rounding to C's dtype.
 
     Used twice: A = x, B = Vᵀ (B[k, n] = V[n, k]: pass V's strides swapped), C = z; then A = z,
-    B = Uᵀ, C = y with the bias.
+    B = Uᵀ, C = y with the bias. Columns N ≤ n < N_STORE of C are stored as 0 (B's columns there are
+    masked out): z's row padding, so that the store mask is 16-aligned. The K loop runs over
+    K_EVEN = 16·⌊K/16⌋ (16-aligned masks: vector cp.async, pipelined), then one 16-deep masked step.
     """
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
@@ -224,20 +269,34 @@ def _lowrank_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    a_rows = offs_m.to(tl.int64)[:, None] * stride_am
+    b_cols = offs_n.to(tl.int64)[None, :] * stride_bn
+    a_ptrs = a_ptr + a_rows + offs_k.to(tl.int64)[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k.to(tl.int64)[:, None] * stride_bk + b_cols
+    a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
+    b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
+    K_EVEN = (K // 16) * 16
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kb in range(tl.cdiv(K, BLOCK_K)):
-        k_left = K - kb * BLOCK_K
+    for kb in range(tl.cdiv(K_EVEN, BLOCK_K)):
+        k_left = K_EVEN - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += a_step
+        b_ptrs += b_step
+    if K_EVEN < K:
+        offs_kt = K_EVEN + tl.arange(0, 16)
+        kt_mask = offs_kt < K
+        ckt = offs_kt.to(tl.int64)
+        a = tl.load(a_ptr + a_rows + ckt[None, :] * stride_ak, mask=m_mask[:, None] & kt_mask[None, :],
+                    other=0.0)
+        b = tl.load(b_ptr + ckt[:, None] * stride_bk + b_cols, mask=kt_mask[:, None] & n_mask[None, :],
+                    other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n[None, :] < N_STORE))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +349,13 @@ _INTERP_DECODE_GEMV = _DecodeConfig(1, down_r=16, down_k=32, down_warps=4, up_o=
 _INTERP_GEMM = _GemmConfig(32, 32, 16, 4, warps=4, stages=1)
 
 _SM_COUNT: dict = {}
+_H100_SMS = 132  # the AOT specs' target (H100 / H200 SXM)
+_ALIGN = 16  # elements: Triton marks an integer as aligned only when divisible by 16
+
+
+def _pad16(n: int) -> int:
+    """``n`` rounded up to a multiple of 16 (the row length of z's padded buffer)."""
+    return -(-max(int(n), 1) // _ALIGN) * _ALIGN
 
 
 def _num_sms(device: torch.device) -> int:
@@ -301,12 +367,12 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _decode_config(T: int, device: torch.device, block_t: Optional[int]) -> _DecodeConfig:
+def _decode_config(T: int, cuda: bool, block_t: Optional[int]) -> _DecodeConfig:
     if block_t is None:
         block_t = 1 if T == 1 else max(16, min(64, triton.next_power_of_2(T)))
     if block_t != 1 and (block_t < 16 or block_t & (block_t - 1)):
         raise ValueError(f"block_t must be 1 (GEMV) or a power of two ≥ 16, got {block_t}")
-    if device.type != "cuda":
+    if not cuda:
         base = _INTERP_DECODE_GEMV if block_t == 1 else _INTERP_DECODE_DOT
         return _DecodeConfig(block_t, base.down_r, base.down_k, base.down_warps, base.up_o, base.up_r,
                              base.up_warps, base.stages)
@@ -322,13 +388,13 @@ def _split_k(K: int, n_blocks: int, block_k: int, n_sm: int) -> int:
     return max(1, min(max_split, triton.cdiv(4 * n_sm, n_blocks)))
 
 
-def _gemm_config(M: int, N: int, dtype: torch.dtype, device: torch.device) -> _GemmConfig:
-    if device.type != "cuda":
+def _gemm_config(M: int, N: int, dtype: torch.dtype, cuda: bool, n_sm: int) -> _GemmConfig:
+    if not cuda:
         return _INTERP_GEMM
     if dtype == torch.float32:
         return _GEMM_FP32
     big = _GEMM_BIG
-    if triton.cdiv(M, big.block_m) * triton.cdiv(N, big.block_n) >= _num_sms(device):
+    if triton.cdiv(M, big.block_m) * triton.cdiv(N, big.block_n) >= n_sm:
         return big
     return _GEMM_SMALL
 
@@ -340,70 +406,97 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# launchers
+# launch plans: the launcher runs them, aot_specs compiles exactly the same ones
 # ---------------------------------------------------------------------------------------------
 
 
-def _gemm(a: torch.Tensor, b: torch.Tensor, b_kn_strides, bias, c: torch.Tensor, prec: str):
-    """c = a @ B (+ bias), where B[k, n] lives in ``b`` at strides ``b_kn_strides``."""
-    M, N = c.shape
-    K = a.shape[1]
-    cfg = _gemm_config(M, N, a.dtype, a.device)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    _lowrank_gemm_kernel[grid](
-        a, b, bias if bias is not None else c, c,
-        M, N, K,
-        a.stride(0), a.stride(1), b_kn_strides[0], b_kn_strides[1], c.stride(0), c.stride(1),
-        HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        DOT_PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages,
-    )
+@dataclass
+class _Launch:
+    """One kernel launch: runtime arguments by name (tensors, ints), constexprs, grid, warps."""
+    kernel: object
+    grid: tuple
+    args: dict
+    meta: dict
+    num_warps: int
+    num_stages: int
+    kind: str  # "down" / "up" (decode path), "gemm-z" / "gemm-y" (GEMM path)
 
 
-def _run_gemm_path(x2, U, V, bias, y, prec):
-    T, K = x2.shape
+def _gemm_launch(a, b, b_kn_strides, bias, c, N: int, prec: str, cuda: bool, n_sm: int, kind: str):
+    """C[:, :N] = a @ B (+ bias), where B[k, n] lives in ``b`` at strides ``b_kn_strides``; c is the
+    whole output buffer (its columns N.. are z's row padding, stored as 0)."""
+    M, K = a.shape
+    cfg = _gemm_config(M, N, a.dtype, cuda, n_sm)
+    return _Launch(
+        _lowrank_gemm_kernel, (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),),
+        dict(a_ptr=a, b_ptr=b, bias_ptr=bias if bias is not None else c, c_ptr=c,
+             M=M, N=N, K=K, N_STORE=c.shape[1],
+             stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b_kn_strides[0],
+             stride_bn=b_kn_strides[1], stride_cm=c.stride(0), stride_cn=c.stride(1)),
+        dict(HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+             GROUP_M=cfg.group_m, DOT_PREC=prec),
+        cfg.warps, cfg.stages, kind)
+
+
+def _plan_gemm(x2, U, V, bias, y, prec, cuda, n_sm) -> list[_Launch]:
+    T, _ = x2.shape
     R = V.shape[0]
-    # the intermediate in x's dtype: the same rounding and bytes as torch's two-matmul baseline
-    z = _empty((T, R), x2.dtype, x2.device)
-    _gemm(x2, V, (V.stride(1), V.stride(0)), None, z, prec)  # z = x Vᵀ
-    _gemm(z, U, (U.stride(1), U.stride(0)), bias, y, prec)   # y = z Uᵀ + b
+    # the intermediate in x's dtype (the same rounding and bytes as torch's two-matmul baseline),
+    # rows padded to a multiple of 16 elements so that both GEMMs see a 16-aligned row stride
+    zbuf = _empty((T, _pad16(R)), x2.dtype, x2.device)
+    z = zbuf[:, :R]
+    return [_gemm_launch(x2, V, (V.stride(1), V.stride(0)), None, zbuf, R, prec, cuda, n_sm, "gemm-z"),
+            _gemm_launch(z, U, (U.stride(1), U.stride(0)), bias, y, U.shape[0], prec, cuda, n_sm, "gemm-y")]
 
 
-def _run_decode_path(x2, U, V, bias, y, prec, split_k, block_t):
+def _plan_decode(x2, U, V, bias, y, prec, split_k, block_t, cuda, n_sm) -> list[_Launch]:
     T, K = x2.shape
     R = V.shape[0]
     N = U.shape[0]
     dev = x2.device
-    cfg = _decode_config(T, dev, block_t)
+    cfg = _decode_config(T, cuda, block_t)
     n_t = triton.cdiv(T, cfg.block_t)
     if n_t > 65535:  # the token blocks are a y/z grid dimension (at most 65535); far outside decode
-        _run_gemm_path(x2, U, V, bias, y, prec)
-        return
+        return _plan_gemm(x2, U, V, bias, y, prec, cuda, n_sm)
     n_r = triton.cdiv(R, cfg.down_r)
     if split_k is None:
-        split_k = _split_k(K, n_r * n_t, cfg.down_k, _num_sms(dev))
+        split_k = _split_k(K, n_r * n_t, cfg.down_k, n_sm)
     split_k = max(1, min(int(split_k), triton.cdiv(max(K, 1), cfg.down_k)))
     k_per_split = triton.cdiv(triton.cdiv(max(K, 1), split_k), cfg.down_k) * cfg.down_k
     split_k = triton.cdiv(max(K, 1), k_per_split)  # no empty splits
     atomic = split_k > 1
-    # fp32 workspace [T, r]: tiny (T·r words); zeroed only when split partial sums are added into it
-    z = (torch.zeros((T, R), dtype=torch.float32, device=dev) if atomic
-         else _empty((T, R), torch.float32, dev))
-    _lowrank_down_kernel[(n_r, split_k, n_t)](
-        x2, V, z,
-        T, R, K, k_per_split,
-        x2.stride(0), x2.stride(1), V.stride(0), V.stride(1), z.stride(0), z.stride(1),
-        BLOCK_T=cfg.block_t, BLOCK_R=cfg.down_r, BLOCK_K=cfg.down_k, ATOMIC=atomic, DOT_PREC=prec,
-        num_warps=cfg.down_warps, num_stages=cfg.stages,
-    )
-    _lowrank_up_kernel[(triton.cdiv(N, cfg.up_o), n_t)](
-        z, U, bias if bias is not None else y, y,
-        T, N, R,
-        z.stride(0), z.stride(1), U.stride(0), U.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None,
-        BLOCK_T=cfg.block_t, BLOCK_O=cfg.up_o, BLOCK_R=cfg.up_r, DOT_PREC=prec,
-        num_warps=cfg.up_warps, num_stages=cfg.stages,
-    )
+    # fp32 workspace [T, r] in a [T, r16] buffer (16-aligned rows); tiny (T·r words); zeroed only when
+    # split partial sums are added into it
+    R_pad = _pad16(R)
+    z = (torch.zeros((T, R_pad), dtype=torch.float32, device=dev) if atomic
+         else _empty((T, R_pad), torch.float32, dev))
+    down = _Launch(
+        _lowrank_down_kernel, (n_r, split_k, n_t),
+        dict(x_ptr=x2, v_ptr=V, z_ptr=z, T=T, R=R, R_STORE=R_pad, K=K, K_PER_SPLIT=k_per_split,
+             stride_xt=x2.stride(0), stride_xk=x2.stride(1), stride_vr=V.stride(0), stride_vk=V.stride(1),
+             stride_zt=z.stride(0), stride_zr=z.stride(1)),
+        dict(BLOCK_T=cfg.block_t, BLOCK_R=cfg.down_r, BLOCK_K=cfg.down_k, ATOMIC=atomic, DOT_PREC=prec),
+        cfg.down_warps, cfg.stages, "down")
+    up = _Launch(
+        _lowrank_up_kernel, (triton.cdiv(N, cfg.up_o), n_t),
+        dict(z_ptr=z, u_ptr=U, b_ptr=bias if bias is not None else y, y_ptr=y, T=T, N=N, R=R,
+             stride_zt=z.stride(0), stride_zr=z.stride(1), stride_un=U.stride(0), stride_ur=U.stride(1),
+             stride_yt=y.stride(0), stride_yn=y.stride(1)),
+        dict(HAS_BIAS=bias is not None, BLOCK_T=cfg.block_t, BLOCK_O=cfg.up_o, BLOCK_R=cfg.up_r,
+             DOT_PREC=prec),
+        cfg.up_warps, cfg.stages, "up")
+    return [down, up]
+
+
+def _plan(path, x2, U, V, bias, y, prec, split_k, block_t, cuda, n_sm) -> list[_Launch]:
+    if path == "decode":
+        return _plan_decode(x2, U, V, bias, y, prec, split_k, block_t, cuda, n_sm)
+    return _plan_gemm(x2, U, V, bias, y, prec, cuda, n_sm)
+
+
+def _execute(launches: list[_Launch]) -> None:
+    for ln in launches:
+        ln.kernel[ln.grid](**ln.args, **ln.meta, num_warps=ln.num_warps, num_stages=ln.num_stages)
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -470,19 +563,14 @@ def lowrank_linear(
     if path == "auto":
         path = choose_path(T)
     prec = _dot_precision(dtype, dev)
-    if dev.type == "cuda":
+    cuda = dev.type == "cuda"
+    launches = _plan(path, x2, U, V, bias, y, prec, split_k, block_t, cuda, _num_sms(dev))
+    if cuda:
         with torch.cuda.device(dev):
-            _run(path, x2, U, V, bias, y, prec, split_k, block_t)
+            _execute(launches)
     else:
-        _run(path, x2, U, V, bias, y, prec, split_k, block_t)
+        _execute(launches)
     return y.reshape(*x.shape[:-1], N)
-
-
-def _run(path, x2, U, V, bias, y, prec, split_k, block_t):
-    if path == "decode":
-        _run_decode_path(x2, U, V, bias, y, prec, split_k, block_t)
-    else:
-        _run_gemm_path(x2, U, V, bias, y, prec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,77 +578,92 @@ def _run(path, x2, U, V, bias, y, prec, split_k, block_t):
 # ---------------------------------------------------------------------------------------------
 
 
+# LLaMA-7B's projections (in, out) and the ranks the keep rule r = ⌊keep·in·out/(in + out)⌋ gives them
+# at keep 0.4 / 0.6 / 0.8: 4096² -> 819, 1228, 1638; 11008×4096 -> 1194, 1791, 2388. None is a
+# multiple of 16; 1024 stands for one that is (Triton then also specializes r itself as aligned).
+_AOT_LAYERS = ((4096, 4096, 819), (4096, 4096, 1228), (4096, 4096, 1638), (11008, 4096, 1791),
+               (4096, 11008, 1791), (4096, 4096, 1024))
+_AOT_TOKENS = (1, 16, 32, 64, 128, 2048)  # GEMV, the three token tiles, both GEMM tilings
+_TRITON_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _factor(rows: int, cols: int, dtype, device) -> torch.Tensor:
+    """A [rows, cols] factor laid out as LowRankLinear stores it: a view of a [rows, cols16] buffer."""
+    return torch.empty((rows, _pad16(cols)), dtype=dtype, device=device)[:, :cols]
+
+
+def _spec_of(ln: _Launch) -> dict:
+    """The ASTSource arguments of a launch as Triton's runtime specializes it: an integer equal to 1
+    becomes a constexpr, one divisible by 16 gets ``tt.divisibility = 16``, so does a pointer whose
+    address is 16-byte aligned (every buffer here; meta tensors stand in for them), others none."""
+    sig, const, attrs = {}, dict(ln.meta), {}
+    for i, name in enumerate(ln.kernel.arg_names):
+        if name in ln.meta:
+            sig[name] = "constexpr"
+            continue
+        v = ln.args[name]
+        if isinstance(v, torch.Tensor):
+            sig[name] = "*" + _TRITON_TY[v.dtype]
+            aligned = (v.storage_offset() * v.element_size()) % 16 == 0
+        else:
+            v = int(v)
+            if v == 1:
+                sig[name], const[name] = "constexpr", 1
+                continue
+            sig[name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+            aligned = v % 16 == 0
+        if aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return {"name": ln.kernel.__name__, "fn": ln.kernel, "signature": sig, "constexprs": const,
+            "attrs": attrs, "num_warps": ln.num_warps, "num_stages": ln.num_stages}
+
+
+def _describe(ln: _Launch, dtype, R: int, T: int) -> str:
+    ty, m = _TRITON_TY[dtype], ln.meta
+    bias = " +bias" if m.get("HAS_BIAS") else ""
+    rank = f"r={R}" if R % 16 else "r%16=0"
+    if ln.kind in ("down", "up"):
+        tile = "gemv" if m["BLOCK_T"] == 1 else f"dot T{m['BLOCK_T']}"
+        blocks = (f"R{m['BLOCK_R']} K{m['BLOCK_K']}{' atomic' if m['ATOMIC'] else ''}" if ln.kind == "down"
+                  else f"O{m['BLOCK_O']} R{m['BLOCK_R']}")
+        return f"{ty} {ln.kind} {tile} {blocks}{bias} {rank} (T={T})"
+    what = "z=xVᵀ" if ln.kind == "gemm-z" else "y=zUᵀ"
+    return f"{ty} {m['BLOCK_M']}x{m['BLOCK_N']}x{m['BLOCK_K']} {what}{bias} {rank} (T={T})"
+
+
 def aot_specs() -> list[dict]:
-    """The H100 configurations the launcher uses (bf16, plus the fp32 GEMM config), for
-    :func:`prehab_svd.aot.compile_all`. Unit strides (the usual row-major layouts) are constexpr 1,
-    as Triton's runtime specialization makes them.
+    """The H100 launches of real calls, for :func:`prehab_svd.aot.compile_all`: the launch plans of
+    the launcher itself (``_plan``), on meta tensors laid out as LowRankLinear stores its factors,
+    for LLaMA-7B's layers at its real ranks (819, 1228, 1638, 1791, and 1024 for a multiple of 16)
+    and token counts 1-2048, in bf16 without bias (LLaMA's), plus fp32 and a bias variant; each
+    distinct compile once. Signatures and divisibility hints are what Triton's runtime
+    specialization gives those arguments (``_spec_of``), so a ragged rank compiles as it runs: r and
+    K unhinted, the padded row strides of U and z hinted.
 
-    tensor_cores: the GEMM configs must use wgmma. The decode kernels are memory-bound: the GEMV
-    ones (T = 1) use no tensor cores by design; the token-tile ones use ``tl.dot`` on 16-64 token
-    rows, which Triton lowers to mma.sync (M < 64 per warpgroup), not wgmma: still tensor cores, but
-    not required to be wgmma, so they are marked False here and checked for ``mma`` in the tests.
+    tensor_cores: the bf16 GEMMs must use wgmma. The decode kernels are memory-bound: the GEMV ones
+    (T = 1) use no tensor cores by design; the token-tile ones use ``tl.dot`` on 16-64 token rows,
+    lowered to mma.sync (wgmma from 64 rows), so they are not required to be wgmma.
     """
-
-    def down(cfg: _DecodeConfig, atomic: bool, ty: str = "bf16") -> dict:
-        sig = {"x_ptr": f"*{ty}", "v_ptr": f"*{ty}", "z_ptr": "*fp32",
-               "T": "i32", "R": "i32", "K": "i32", "K_PER_SPLIT": "i32",
-               "stride_xt": "i32", "stride_xk": "constexpr", "stride_vr": "i32", "stride_vk": "constexpr",
-               "stride_zt": "i32", "stride_zr": "constexpr",
-               "BLOCK_T": "constexpr", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr",
-               "ATOMIC": "constexpr", "DOT_PREC": "constexpr"}
-        const = {"stride_xk": 1, "stride_vk": 1, "stride_zr": 1, "BLOCK_T": cfg.block_t,
-                 "BLOCK_R": cfg.down_r, "BLOCK_K": cfg.down_k, "ATOMIC": atomic, "DOT_PREC": "ieee"}
-        kind = "gemv" if cfg.block_t == 1 else f"dot T{cfg.block_t}"
-        return {"name": "_lowrank_down_kernel", "fn": _lowrank_down_kernel, "signature": sig,
-                "constexprs": const, "num_warps": cfg.down_warps, "num_stages": cfg.stages,
-                "tensor_cores": False,
-                "config": f"{ty} {kind} R{cfg.down_r} K{cfg.down_k}{' atomic' if atomic else ''}"}
-
-    def up(cfg: _DecodeConfig, ty: str = "bf16") -> dict:
-        sig = {"z_ptr": "*fp32", "u_ptr": f"*{ty}", "b_ptr": f"*{ty}", "y_ptr": f"*{ty}",
-               "T": "i32", "N": "i32", "R": "i32",
-               "stride_zt": "i32", "stride_zr": "constexpr", "stride_un": "i32", "stride_ur": "constexpr",
-               "stride_yt": "i32", "stride_yn": "constexpr",
-               "HAS_BIAS": "constexpr", "BLOCK_T": "constexpr", "BLOCK_O": "constexpr",
-               "BLOCK_R": "constexpr", "DOT_PREC": "constexpr"}
-        const = {"stride_zr": 1, "stride_ur": 1, "stride_yn": 1, "HAS_BIAS": True, "BLOCK_T": cfg.block_t,
-                 "BLOCK_O": cfg.up_o, "BLOCK_R": cfg.up_r, "DOT_PREC": "ieee"}
-        kind = "gemv" if cfg.block_t == 1 else f"dot T{cfg.block_t}"
-        return {"name": "_lowrank_up_kernel", "fn": _lowrank_up_kernel, "signature": sig,
-                "constexprs": const, "num_warps": cfg.up_warps, "num_stages": cfg.stages,
-                "tensor_cores": False, "config": f"{ty} {kind} O{cfg.up_o} R{cfg.up_r} +bias"}
-
-    def gemm(cfg: _GemmConfig, ty: str, bias: bool, tc: bool, prec: str = "ieee") -> dict:
-        sig = {"a_ptr": f"*{ty}", "b_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "c_ptr": f"*{ty}",
-               "M": "i32", "N": "i32", "K": "i32",
-               "stride_am": "i32", "stride_ak": "constexpr", "stride_bk": "constexpr", "stride_bn": "i32",
-               "stride_cm": "i32", "stride_cn": "constexpr",
-               "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-               "BLOCK_K": "constexpr", "GROUP_M": "constexpr", "DOT_PREC": "constexpr"}
-        const = {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "HAS_BIAS": bias,
-                 "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                 "GROUP_M": cfg.group_m, "DOT_PREC": prec}
-        label = f"{ty} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} " + ("y=zUᵀ+b" if bias else "z=xVᵀ")
-        return {"name": "_lowrank_gemm_kernel", "fn": _lowrank_gemm_kernel, "signature": sig,
-                "constexprs": const, "num_warps": cfg.warps, "num_stages": cfg.stages,
-                "tensor_cores": tc, "config": label}
-
-    specs = [down(_DECODE_GEMV, atomic=False), down(_DECODE_GEMV, atomic=True), up(_DECODE_GEMV)]
-    for bt in (16, 32, 64):
-        specs += [down(_decode_dot_config(bt), atomic=True), up(_decode_dot_config(bt))]
-    for cfg in (_GEMM_BIG, _GEMM_SMALL):
-        specs += [gemm(cfg, "bf16", bias=False, tc=True), gemm(cfg, "bf16", bias=True, tc=True)]
-    specs.append(gemm(_GEMM_FP32, "fp32", bias=True, tc=False))
-    for spec in specs:
-        spec["attrs"] = _aligned_attrs(spec["signature"])
+    meta = torch.device("meta")
+    cases = [(K, N, R, T, torch.bfloat16, False) for K, N, R in _AOT_LAYERS for T in _AOT_TOKENS]
+    cases += [(4096, 4096, 819, T, torch.float32, False) for T in (1, 2048)]
+    cases += [(4096, 4096, 819, T, torch.bfloat16, True) for T in (1, 2048)]
+    specs, seen = [], {}
+    for K, N, R, T, dtype, has_bias in cases:
+        x2 = torch.empty((T, K), dtype=dtype, device=meta)
+        U, V = _factor(N, R, dtype, meta), _factor(R, K, dtype, meta)
+        y = torch.empty((T, N), dtype=dtype, device=meta)
+        bias = torch.empty((N,), dtype=dtype, device=meta) if has_bias else None
+        for ln in _plan(choose_path(T), x2, U, V, bias, y, "ieee", None, None, True, _H100_SMS):
+            spec = _spec_of(ln)
+            key = (spec["name"], tuple(spec["signature"].items()), tuple(sorted(spec["constexprs"].items())),
+                   tuple(sorted(spec["attrs"])), spec["num_warps"], spec["num_stages"])
+            if key in seen:
+                seen[key]["shapes"].append((K, N, R, T))
+                continue
+            spec.update(config=_describe(ln, dtype, R, T), kind=ln.kind, rank=R, tokens=T,
+                        dtype=_TRITON_TY[dtype], shapes=[(K, N, R, T)],
+                        tensor_cores=ln.kind.startswith("gemm") and dtype != torch.float32)
+            seen[key] = spec
+            specs.append(spec)
     return specs
-
-
-def _aligned_attrs(signature: dict) -> dict:
-    """Divisibility hints as Triton's runtime specialization sets them for 16-byte-aligned pointers and
-    sizes/strides that are multiples of 16 (LLaMA widths, a rank rounded to 16); the token count is
-    left unhinted. ``ASTSource(..., attrs=spec["attrs"])`` compiles the variant that runs on such
-    shapes (vectorized, cp.async-pipelined); without it the compile is the unaligned fallback (scalar
-    loads, one pipeline stage), which is what an odd rank such as 819 gets at run time too."""
-    return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(signature.items())
-            if ty.startswith("*") or (ty == "i32" and name not in ("T", "M"))}

@@ -121,6 +121,86 @@ def test_strided_inputs(path):
     _check(lk.lowrank_linear(x, U, V, b, path=path), x, U, V, b)
 
 
+def _padded(rows, cols, dtype, g, scale=1.0, fill=float("nan")):
+    """A [rows, cols] view of a [rows, cols16] buffer whose padding columns hold ``fill`` (NaN: a
+    kernel that reads past column `cols` poisons its output), as LowRankLinear stores its factors."""
+    buf = torch.full((rows, lk._pad16(cols)), fill, dtype=torch.float32)
+    buf[:, :cols] = torch.randn(rows, cols, generator=g) * scale
+    view = buf.to(device=DEV, dtype=dtype)[:, :cols]
+    assert view.stride(0) % 16 == 0 and view.stride(1) == 1
+    return view
+
+
+# ranks the keep rule produces are rarely multiples of 16 (LLaMA-7B: 819, 1228, 1638, 1791):
+# 13 and 29 (< and > 16, ragged), 16 (aligned), 819 itself at a small width
+RAGGED = [(45, 37, 13), (48, 40, 16), (64, 33, 29), (40, 24, 819)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("path,T,block_t", [("decode", 1, None), ("decode", 3, 1), ("decode", 17, None),
+                                            ("decode", 40, 32), ("gemm", 70, None)])
+@pytest.mark.parametrize("K,N,R", RAGGED)
+def test_ragged_ranks_padded_factors(dtype, path, T, block_t, K, N, R):
+    """Factors stored with 16-aligned row strides whose padding is NaN, ranks that are and are not
+    multiples of 16: the kernels read exactly r columns (the NaN padding never reaches y), the
+    16-wide tail step after the 16-aligned main loop covers the last r mod 16 columns."""
+    g = _gen(R * 100 + T)
+    x = _padded(T, K, dtype, g)                      # x rows padded too (row stride 48 / 64)
+    V = _padded(R, K, dtype, g, scale=K ** -0.5)
+    U = _padded(N, R, dtype, g, scale=R ** -0.5)
+    b = torch.randn(N, generator=g).to(device=DEV, dtype=dtype)
+    split = 2 if path == "decode" else None         # also the atomic in-split into the padded z
+    y = lk.lowrank_linear(x, U, V, b, path=path, block_t=block_t, split_k=split)
+    _check(y, x, U, V, b)
+    if path == "decode":  # and plain stores into z's padded rows
+        _check(lk.lowrank_linear(x, U, V, None, path=path, block_t=block_t, split_k=1), x, U, V, None)
+
+
+@pytest.mark.parametrize("R", [13, 819])
+def test_workspace_is_padded_to_16(R):
+    """z (decode: fp32; gemm: x's dtype) gets a 16-aligned row stride, whatever the rank: the plan
+    the launcher runs (also what aot_specs compiles) passes a stride Triton marks as aligned."""
+    x, U, V, b = _make((3,), 32, 24, R, torch.float32)
+    y = torch.empty(3, 24)
+    where = {"decode": (("down", "stride_zt"), ("up", "stride_zt")),
+             "gemm": (("gemm-z", "stride_cm"), ("gemm-y", "stride_am"))}
+    for path, uses in where.items():
+        launches = {ln.kind: ln for ln in lk._plan(path, x, U, V, b, y, "ieee", None, None, False, 4)}
+        assert sorted(launches) == sorted(k for k, _ in uses)
+        for kind, arg in uses:
+            assert launches[kind].args[arg] == lk._pad16(R), (path, kind, arg)
+        assert path != "gemm" or launches["gemm-z"].args["N_STORE"] == lk._pad16(R)
+
+
+def test_triton_supports_no_fp64(monkeypatch):
+    """Every op's Triton `supports` says no to dtypes its kernels do not take (fp64), on CUDA as under
+    the interpreter, so "auto" falls back to torch instead of the launcher raising TypeError."""
+    from prehab_svd.ops import _registry, _triton
+
+    for op, (module, _) in _triton.KERNEL_MODULES.items():
+        supports = _triton._supports(module)
+        monkeypatch.setattr(_triton, "interpreting", lambda: False)  # as on a GPU machine
+        assert supports(torch.device("cuda"), torch.bfloat16) is True
+        assert supports(torch.device("cuda"), torch.float32) is True
+        assert supports(torch.device("cuda"), torch.float64) is False, op
+        assert supports(torch.device("cuda"), torch.int64) is False, op
+        monkeypatch.setattr(_triton, "interpreting", lambda: True)
+        assert supports(torch.device("cpu"), torch.float64) is False, op
+        assert supports(torch.device("cpu"), torch.float16) is True
+    # the dispatch decision: with Triton ranked first, fp64 resolves to torch, fp32 to Triton
+    impl = _registry._REGISTRY["lowrank_linear"]["triton"]
+    monkeypatch.setitem(_registry._REGISTRY["lowrank_linear"], "triton",
+                        _registry.BackendImpl(impl.fn, impl.supports, 100))
+    assert _registry.resolve("lowrank_linear", "auto", torch.device("cpu"), torch.float64) == "torch"
+    assert _registry.resolve("lowrank_linear", "auto", torch.device("cpu"), torch.float32) == "triton"
+    x, U, V, b = (t.double() for t in _make((3,), 45, 37, 11, torch.float32))
+    y = ops.lowrank_linear(x, U, V, b)  # auto with Triton first: fp64 runs (on torch), no TypeError
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, _oracle(x, U, V, b), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ops.BackendUnavailableError, match="triton"):
+        ops.lowrank_linear(x, U, V, b, backend="triton")
+
+
 def test_auto_path_and_heuristics():
     assert lk.choose_path(1) == "decode" and lk.choose_path(lk.DECODE_MAX_T) == "decode"
     assert lk.choose_path(lk.DECODE_MAX_T + 1) == "gemm"
@@ -200,19 +280,30 @@ from prehab_svd.kernels import lowrank_linear as lk
 results = aot.compile_all(90, modules=["lowrank_linear"])
 rows = [dict(module=r.module, config=r.config, ok=r.ok, failed=r.failed, wgmma=r.wgmma,
              tensor_cores=r.tensor_cores, shared=r.shared, error=r.error) for r in results]
-# the variants Triton's runtime specializes for aligned shapes (spec["attrs"])
-aligned = {}
-for s in lk.aot_specs():
-    if s["config"] not in ("bf16 128x128x64 y=zUᵀ+b", "bf16 dot T16 R32 K128 atomic", "bf16 gemv R8 K512"):
+specs = lk.aot_specs()
+# what the PTX of the variants that real calls at ragged and aligned ranks run does
+ptx = {}
+for s in specs:
+    if not (s["tokens"] in (1, 16, 2048) and s["dtype"] == "bf16"):
         continue
     k = triton.compile(ASTSource(fn=s["fn"], signature=s["signature"], constexprs=s["constexprs"],
                                  attrs=s["attrs"]), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": s["num_warps"], "num_stages": s["num_stages"]})
-    ptx = k.asm["ptx"]
-    aligned[s["config"]] = dict(shared=k.metadata.shared, wgmma="wgmma" in ptx, mma="mma" in ptx,
-                                cp_async="cp.async" in ptx, atomics="atom.global" in ptx,
-                                v4_loads="ld.global.v4" in ptx)
-print(json.dumps({"table": aot.format_table(results), "rows": rows, "aligned": aligned}))
+    asm = k.asm["ptx"]
+    cp = re.findall(r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)? \[[^\]]+\], \[[^\]]+\], (0x[0-9a-f]+|\d+)", asm)
+    ptx[s["config"]] = dict(kind=s["kind"], rank=s["rank"], tokens=s["tokens"], shared=k.metadata.shared,
+                            wgmma="wgmma" in asm, mma=bool(re.search(r"\bmma\.sync", asm)),
+                            cp_async_sizes=sorted({int(c, 0) for c in cp}), atomics="atom.global" in asm,
+                            v4_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v4", asm)))
+# Triton's own runtime specialization of the integer arguments, to check _spec_of against
+try:
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    spec_rule = {str(v): list(native_specialize_impl(BaseBackend, v, False, True, True))
+                 for v in (1, 13, 819, 832, 4096, 2 ** 31 + 16)}
+except Exception as e:  # an internal API (triton >= 3.4): absent or changed in another version
+    spec_rule = {"error": repr(e)}
+print(json.dumps({"table": aot.format_table(results), "rows": rows, "ptx": ptx, "spec_rule": spec_rule}))
 """
 
 
@@ -221,32 +312,74 @@ def aot_out():
     """Run the sm_90 compiles once, in a subprocess with the interpreter off: in a process where
     TRITON_INTERPRET=1 was set before the kernel module was imported, its kernels are
     InterpretedFunctions, which cannot be compiled."""
-    return run_aot_script(_AOT_SCRIPT, timeout=600)
+    return run_aot_script(_AOT_SCRIPT, timeout=900)
+
+
+def test_aot_specs_are_the_launch_plans():
+    """aot_specs() compiles what real calls launch: for LLaMA-7B's real ranks the ragged rank itself
+    is unhinted while the padded row strides of U and z are hinted as divisible by 16; a multiple-of-
+    16 rank is hinted too; T = 1 becomes a constexpr as Triton specializes it."""
+    specs = lk.aot_specs()
+    ranks = {s["rank"] for s in specs}
+    assert {819, 1024} <= ranks
+    for s in specs:
+        names = list(s["signature"])
+        hinted = {names[i] for (i,) in s["attrs"]}
+        R = s["rank"]
+        if s["kind"] == "up":
+            assert ("R" in hinted) == (R % 16 == 0), s["config"]
+            assert "stride_un" in hinted and "z_ptr" in hinted and "u_ptr" in hinted, s["config"]
+            assert s["tokens"] == 1 or "stride_zt" in hinted, s["config"]
+        if s["kind"] == "gemm-y":
+            assert ("K" in hinted) == (R % 16 == 0), s["config"]
+            assert {"stride_am", "stride_bn", "stride_cm"} <= hinted, s["config"]
+        if s["kind"] == "gemm-z":
+            assert ("N" in hinted) == (R % 16 == 0) and {"N_STORE", "stride_cm"} <= hinted, s["config"]
+        if s["kind"] == "down":
+            assert {"R_STORE", "K", "K_PER_SPLIT"} <= hinted, s["config"]
+        if s["tokens"] == 1 and s["kind"] in ("down", "up"):
+            assert s["signature"]["T"] == "constexpr" and s["constexprs"]["T"] == 1
 
 
 def test_aot_compile_all_for_this_module(aot_out):
-    """prehab_svd.aot.compile_all() on this module's specs: every H100 configuration compiles for
-    sm_90 within the shared-memory limit, and the tensor-core (bf16 GEMM) ones issue wgmma."""
+    """prehab_svd.aot.compile_all() on this module's specs: every H100 launch compiles for sm_90
+    within the shared-memory limit, and the tensor-core (bf16 GEMM) ones issue wgmma."""
     rows, table = aot_out["rows"], aot_out["table"]
     assert len(rows) == len(lk.aot_specs()) and all(r["module"] == "lowrank_linear" for r in rows), table
     assert not any(r["failed"] for r in rows), table
     tc = [r for r in rows if r["tensor_cores"]]
-    assert len(tc) == 4 and all(r["wgmma"] for r in tc), table  # the bf16 GEMMs, both tilings, ±bias
+    assert len(tc) >= 6 and all(r["wgmma"] for r in tc), table  # bf16 GEMMs: both tilings, z and y
     assert all(r["config"].startswith(("bf16", "fp32")) for r in rows)
 
 
-def test_aot_aligned_variants_pipeline(aot_out):
-    """With the divisibility hints Triton's runtime sets for aligned LLaMA shapes (spec["attrs"]), the
-    bf16 GEMM pipelines its loads (cp.async into ≥ 3 stages of shared memory) on wgmma, the
-    token-tile decode kernel issues tensor-core mma and fp32 atomics, and the GEMV loads 16-byte
-    vectors."""
-    al = aot_out["aligned"]
-    g = al["bf16 128x128x64 y=zUᵀ+b"]
-    assert g["wgmma"] and g["cp_async"] and g["shared"] >= 3 * (128 * 64 + 64 * 128) * 2, g
-    d = al["bf16 dot T16 R32 K128 atomic"]
-    assert d["mma"] and d["cp_async"] and d["atomics"], d
-    v = al["bf16 gemv R8 K512"]
-    assert v["v4_loads"] and not v["mma"], v
+def test_aot_ragged_rank_variants_vectorize(aot_out):
+    """At a ragged rank (819) the variants real calls run keep what an aligned rank gets: the bf16
+    y = z Uᵀ GEMM pipelines 16-byte cp.async into ≥ 3 stages of shared memory on wgmma (it fell to
+    scalar loads and one stage before the padding), the GEMV up kernel issues 16-byte vector loads,
+    the token-tile down kernel tensor-core mma and fp32 atomics."""
+    ptx = aot_out["ptx"]
+    stages3 = 3 * (128 * 64 + 64 * 128) * 2
+    for R in (819, 1024):
+        gy = [v for v in ptx.values() if v["kind"] == "gemm-y" and v["rank"] == R and v["tokens"] == 2048]
+        assert gy and all(v["wgmma"] and v["cp_async_sizes"][-1:] == [16] and v["shared"] >= stages3
+                          for v in gy), gy
+        up = [v for v in ptx.values() if v["kind"] == "up" and v["rank"] == R and v["tokens"] == 1]
+        assert up and all(v["v4_loads"] > 0 and not v["mma"] for v in up), up
+        up16 = [v for v in ptx.values() if v["kind"] == "up" and v["rank"] == R and v["tokens"] == 16]
+        assert up16 and all(v["mma"] and 16 in v["cp_async_sizes"] for v in up16), up16
+    d = [v for v in ptx.values() if v["kind"] == "down" and v["tokens"] == 16]
+    assert d and all(v["mma"] and v["atomics"] and 16 in v["cp_async_sizes"] for v in d), d
+
+
+def test_aot_spec_rule_matches_triton(aot_out):
+    """_spec_of's rule (1 -> constexpr, multiples of 16 -> divisible, ≥ 2³¹ -> i64) is Triton's."""
+    rule = aot_out["spec_rule"]
+    if "error" in rule:
+        pytest.skip(f"this Triton's specialization is not callable as in 3.9: {rule['error']}")
+    for v, (ty, key) in rule.items():
+        v = int(v)
+        assert ty == ("constexpr" if v == 1 else "i32" if v < 2 ** 31 else "i64"), (v, ty)
+        assert v == 1 or (key == "D") == (v % 16 == 0), (v, key)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,9 +3,14 @@
 Registration is lazy: importing prehab_svd does not import Triton. Each op's Triton implementation
 is looked up in its kernel module on first use. Where it can run:
 
-* on CUDA tensors when Triton is installed and sees a GPU driver;
+* on CUDA tensors in fp32, fp16 and bf16 when Triton is installed and sees a GPU driver;
 * on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``), in fp32 and fp16 only: the
   interpreter's bf16 ``tl.dot`` is wrong (see shared/ENV.md), so bf16 is tested on the GPU.
+
+No kernel takes fp64 (tensor cores have no fp64 path; an fp64 FMA kernel would not beat cuBLAS's
+DGEMM), so ``supports`` is False for it and for any other dtype: "auto" then falls back to torch, and
+``backend="triton"`` raises BackendUnavailableError naming the backends that can run it, instead of
+a launcher's TypeError.
 
 Priority: below the torch backend (-10) until a GPU benchmark in bench/ shows the kernel faster on
 the device; ``backend="triton"`` or ``PREHAB_SVD_BACKEND=triton`` selects it explicitly.
@@ -30,6 +35,7 @@ KERNEL_MODULES = {
     "lowrank_linear": ("lowrank_linear", "lowrank_linear"),
 }
 PRIORITY = -10  # raise per op once bench/ shows it faster on the GPU (record the measurement here)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every kernel file takes
 _INTERPRETER_DTYPES = (torch.float32, torch.float16)
 
 
@@ -51,7 +57,7 @@ def _supports(module: str):
         if not (triton_available() and _module_available(module)):
             return False
         if device.type == "cuda":
-            return not interpreting()
+            return dtype in _CUDA_DTYPES and not interpreting()
         if device.type == "cpu":
             return interpreting() and dtype in _INTERPRETER_DTYPES
         return False
