@@ -6,8 +6,10 @@ numbers (16-bit inputs on the tensor cores with fp32 accumulation, fp32 inputs i
 Work split (d = features, nb = ceil(d / BLOCK_D) tile rows):
 
 * One program per output tile; each program streams all T tokens in BLOCK_T chunks, accumulates in
-  fp32 registers, and adds its result into the accumulators once at the end (read-modify-write; every
-  output tile has exactly one owner, so no atomics and a deterministic result).
+  fp32 registers, and adds its result into the accumulators once at the end (every output tile has
+  exactly one owner, so each element gets one fp32 addition per call and the result is
+  deterministic; the addition is a relaxed atomic add only so that no old values are loaded back
+  into registers, see ``_tile_add``).
 * "Upper" programs, one per tile pair (i, j) with i ≤ j, nb(nb+1)/2 of them: they load x[:, i-block],
   x[:, j-block] (and y[:, j-block]) once per token chunk and compute G_ij = x_iᵀx_j (and, reusing the
   x_i tile, C_ij = x_iᵀy_j). G's lower triangle is never computed: an upper program with i < j also
@@ -66,12 +68,27 @@ def _lower_pair(q):
 
 
 @triton.jit
-def _tile_rmw(acc, base_ptr, stride_r, stride_c, offs_r, offs_c, d):
-    """base[offs_r, offs_c] += acc (masked to the d×d matrix). Row offsets in int64."""
-    mask = (offs_r[:, None] < d) & (offs_c[None, :] < d)
-    ptrs = base_ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c.to(tl.int64)[None, :] * stride_c
-    old = tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(ptrs, old + acc, mask=mask)
+def _tile_add(acc, base_ptr, row0, col0, stride_r, stride_c, lb, mask):
+    """base[row0 + r, col0 + c] += acc[r, c] where mask[r, c].
+
+    A relaxed atomic add without a returned value (``red.global.add``): every output element has
+    exactly one owner program per call, so this is the same single fp32 addition old + acc as a
+    load-add-store, with the same rounding and a deterministic result, but it keeps no loaded old
+    values in registers (measured: the load-add-store epilogue is what spilled the 128-tile G+C
+    kernel, see CONFIGS). The tile's origin is a 64-bit scalar offset (row0·stride_r + col0·stride_c
+    exceeds 2³¹ once d² does); the offsets inside the tile, from ``lb`` (arange(BLOCK_D), int32 or
+    int64 as the launcher chose, see OFF64), are at most (BLOCK_D − 1)·(|stride_r| + |stride_c|).
+    """
+    base = base_ptr + row0.to(tl.int64) * stride_r + col0.to(tl.int64) * stride_c
+    ptrs = base + (lb[:, None] * stride_r + lb[None, :] * stride_c)
+    tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -85,74 +102,85 @@ def covariance_kernel(
     IEEE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    OFF64: tl.constexpr = False,
 ):
+    """Addressing: every tile is a 64-bit scalar origin plus loop-invariant offsets inside the tile
+    (32-bit, or 64-bit with OFF64). The origins of the x/y tiles advance by a 64-bit scalar step per
+    token chunk, so no product of an index and a stride is formed in 32 bits where it can reach 2³¹
+    (a column-major x with T·d ≥ 2³¹, a d×d accumulator with d² ≥ 2³¹). Keeping the per-element state
+    of the loop to one offset per loaded vector (instead of a 64-bit pointer per element advanced
+    every chunk) is also what keeps the 128-tile G+C configuration within 255 registers without
+    spilling (see CONFIGS)."""
     pid = tl.program_id(0)
     n_upper = n_blocks * (n_blocks + 1) // 2
     offs_t = tl.arange(0, BLOCK_T)
     offs_b = tl.arange(0, BLOCK_D)
+    lt = offs_t.to(tl.int64) if OFF64 else offs_t
+    lb = offs_b.to(tl.int64) if OFF64 else offs_b
     n_chunks = tl.cdiv(T, BLOCK_T)
+    step_x = tl.cast(stride_xt, tl.int64) * BLOCK_T  # (tl.cast: a stride may be the constexpr 1)
+    step_y = tl.cast(stride_yt, tl.int64) * BLOCK_T
 
     if pid < n_upper:
         # ---- upper tile pair (i, j), i <= j: G_ij (mirrored into G_ji) and, with y, C_ij ----------
         i, j = _upper_pair(pid)
-        offs_i = i * BLOCK_D + offs_b
-        offs_j = j * BLOCK_D + offs_b
-        mask_i = offs_i < d
-        mask_j = offs_j < d
-        # token-major tiles [BLOCK_T, BLOCK_D]; advanced by pointer increments (64-bit pointers,
-        # so T * stride never overflows 32-bit arithmetic)
-        xi_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_i[None, :] * stride_xd
-        xj_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_j[None, :] * stride_xd
+        # [BLOCK_T, BLOCK_D] token-major tiles: offsets inside a tile, loop invariant
+        off_x = lt[:, None] * stride_xt + lb[None, :] * stride_xd
+        row_i = i * BLOCK_D
+        col_j = j * BLOCK_D
+        mask_i = offs_b < d - row_i
+        mask_j = offs_b < d - col_j
+        xi_base = x_ptr + row_i.to(tl.int64) * stride_xd
+        xj_base = x_ptr + col_j.to(tl.int64) * stride_xd
         acc_g = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
         if HAS_C:
-            yj_ptrs = y_ptr + offs_t[:, None] * stride_yt + offs_j[None, :] * stride_yd
+            off_y = lt[:, None] * stride_yt + lb[None, :] * stride_yd
+            yj_base = y_ptr + col_j.to(tl.int64) * stride_yd
             acc_c = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
         for k in range(n_chunks):
             t_ok = (k * BLOCK_T + offs_t) < T
-            xi = tl.load(xi_ptrs, mask=t_ok[:, None] & mask_i[None, :], other=0.0)
-            xj = tl.load(xj_ptrs, mask=t_ok[:, None] & mask_j[None, :], other=0.0)
+            xi = tl.load(xi_base + off_x, mask=t_ok[:, None] & mask_i[None, :], other=0.0)
+            xj = tl.load(xj_base + off_x, mask=t_ok[:, None] & mask_j[None, :], other=0.0)
             xit = tl.trans(xi)  # [BLOCK_D, BLOCK_T]: loaded once, used by both products
-            if IEEE:
-                acc_g = tl.dot(xit, xj, acc_g, input_precision="ieee")
-            else:
-                acc_g = tl.dot(xit, xj, acc_g)
+            acc_g = _dot(xit, xj, acc_g, IEEE)
             if HAS_C:
-                yj = tl.load(yj_ptrs, mask=t_ok[:, None] & mask_j[None, :], other=0.0)
-                if IEEE:
-                    acc_c = tl.dot(xit, yj, acc_c, input_precision="ieee")
-                else:
-                    acc_c = tl.dot(xit, yj, acc_c)
-                yj_ptrs += BLOCK_T * stride_yt
-            xi_ptrs += BLOCK_T * stride_xt
-            xj_ptrs += BLOCK_T * stride_xt
-        _tile_rmw(acc_g, g_ptr, stride_g0, stride_g1, offs_i, offs_j, d)
-        if i != j:
-            # the mirrored tile G_ji = (G_ij)ᵀ: element (r, c) of acc_g goes to G[j-block c, i-block r]
-            _tile_rmw(acc_g, g_ptr, stride_g1, stride_g0, offs_i, offs_j, d)
+                yj = tl.load(yj_base + off_y, mask=t_ok[:, None] & mask_j[None, :], other=0.0)
+                acc_c = _dot(xit, yj, acc_c, IEEE)
+                yj_base += step_y
+            xi_base += step_x
+            xj_base += step_x
+        mask = mask_i[:, None] & mask_j[None, :]
+        # C first, so that its accumulator is dead when G's mirror (a transposed store: the compiler
+        # converts acc_g's register layout through shared memory) needs registers for both layouts
+        # (measured: with G first the 128-tile G+C kernel spills)
         if HAS_C:
-            _tile_rmw(acc_c, c_ptr, stride_c0, stride_c1, offs_i, offs_j, d)
+            _tile_add(acc_c, c_ptr, row_i, col_j, stride_c0, stride_c1, lb, mask)
+        _tile_add(acc_g, g_ptr, row_i, col_j, stride_g0, stride_g1, lb, mask)
+        if i != j:
+            # the mirrored tile G_ji = (G_ij)ᵀ: element (r, c) of acc_g goes to G[col_j + c, row_i + r],
+            # at offset (row_i + r)·stride_g1 + (col_j + c)·stride_g0: the same call, strides swapped
+            _tile_add(acc_g, g_ptr, row_i, col_j, stride_g1, stride_g0, lb, mask)
     else:
         if HAS_C:
             # ---- strictly lower tile pair (i, j), i > j: C_ij only (C is not symmetric) ----------
             i, j = _lower_pair(pid - n_upper)
-            offs_i = i * BLOCK_D + offs_b
-            offs_j = j * BLOCK_D + offs_b
-            mask_i = offs_i < d
-            mask_j = offs_j < d
-            xi_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_i[None, :] * stride_xd
-            yj_ptrs = y_ptr + offs_t[:, None] * stride_yt + offs_j[None, :] * stride_yd
+            off_x = lt[:, None] * stride_xt + lb[None, :] * stride_xd
+            off_y = lt[:, None] * stride_yt + lb[None, :] * stride_yd
+            row_i = i * BLOCK_D
+            col_j = j * BLOCK_D
+            mask_i = offs_b < d - row_i
+            mask_j = offs_b < d - col_j
+            xi_base = x_ptr + row_i.to(tl.int64) * stride_xd
+            yj_base = y_ptr + col_j.to(tl.int64) * stride_yd
             acc_c = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
             for k in range(n_chunks):
                 t_ok = (k * BLOCK_T + offs_t) < T
-                xi = tl.load(xi_ptrs, mask=t_ok[:, None] & mask_i[None, :], other=0.0)
-                yj = tl.load(yj_ptrs, mask=t_ok[:, None] & mask_j[None, :], other=0.0)
-                if IEEE:
-                    acc_c = tl.dot(tl.trans(xi), yj, acc_c, input_precision="ieee")
-                else:
-                    acc_c = tl.dot(tl.trans(xi), yj, acc_c)
-                xi_ptrs += BLOCK_T * stride_xt
-                yj_ptrs += BLOCK_T * stride_yt
-            _tile_rmw(acc_c, c_ptr, stride_c0, stride_c1, offs_i, offs_j, d)
+                xi = tl.load(xi_base + off_x, mask=t_ok[:, None] & mask_i[None, :], other=0.0)
+                yj = tl.load(yj_base + off_y, mask=t_ok[:, None] & mask_j[None, :], other=0.0)
+                acc_c = _dot(tl.trans(xi), yj, acc_c, IEEE)
+                xi_base += step_x
+                yj_base += step_y
+            _tile_add(acc_c, c_ptr, row_i, col_j, stride_c0, stride_c1, lb, mask_i[:, None] & mask_j[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,19 +200,48 @@ def _num_sms(index: int) -> int:
 # name -> (BLOCK_D, BLOCK_T, num_warps, num_stages)
 CONFIGS = {
     # 16-bit inputs, tensor cores (wgmma), fp32 accumulators in registers. 128×128 tiles: the
-    # arithmetic intensity of a 128×128×64 GEMM tile; shared memory 3 stages × (2 or 3) × 16 KiB.
+    # arithmetic intensity of a 128×128×64 GEMM tile (with the cross term, x_iᵀ[x_j | y_j] is a
+    # 128×256 tile, the shape of a Hopper GEMM's two consumer warpgroups); shared memory 3 stages ×
+    # (2 or 3) × 16 KiB; one CTA of 8 warps per SM (the G+C accumulators alone take 128 of its
+    # registers per thread, so registers, like the 144 KiB of shared memory, allow one CTA).
+    # Chosen by the compiler's numbers (no GPU to time on; ptxas -v, sm_90a, Triton 3.9 / 3.6):
+    # the first version (a 64-bit pointer per element advanced every chunk, a load-add-store
+    # epilogue with G's mirror before C) needed 255 registers and spilled 80/104 B (3.9) or 48/72 B
+    # (3.6) in G+C. 16 warps (64 registers of accumulators per thread, a 128-register cap) still
+    # spilled 28-92 B; 64-token chunks vs 32, 2-4 stages changed nothing; per-tile 64-bit origins with
+    # loop-invariant 32-bit offsets reached 254 registers with no spill but no margin (a maxnreg of
+    # 232 spilled 116-180 B). What the registers went to was the epilogue: old values loaded back
+    # while both accumulators are live, and the mirror's layout conversion of acc_g. With C's
+    # tile added first and relaxed atomic adds (red.global, no values loaded back): 220 (3.9) / 229
+    # (3.6) registers, no spills, wgmma m64n128k16, 16-byte cp.async.
     "tc128": (128, 64, 8, 3),
     # small d (too few 128-tiles to fill the SMs): 64×64 tiles, 4 warps (one warpgroup), 4 stages.
     "tc64": (64, 64, 4, 4),
     # fp32 inputs: exact fp32 dots (input_precision="ieee", no TF32, to match the fp32 reference
-    # to ~1e-6), which run on the FMA units, not the tensor cores.
-    "fp32": (64, 32, 4, 3),
+    # to ~1e-6), which run on the FMA units, not the tensor cores. 8 warps: at 4 warps the G+C
+    # variant spills (255 registers, 344-512 B); at 8, 149 (3.9) / 75 (3.6) registers, no spills.
+    "fp32": (64, 32, 8, 3),
     # the CPU interpreter: small tiles exercise several tiles (and the masks) on small d; its cost is
     # mostly per program, so larger d gets larger tiles.
     "interp16": (16, 16, 4, 1),
     "interp32": (32, 16, 4, 1),
     "interp64": (64, 32, 4, 1),
 }
+
+
+_INT32_MAX = 2 ** 31 - 1
+
+
+def needs_off64(block_t: int, block_d: int, *, x_strides, y_strides, acc_strides) -> bool:
+    """Whether an offset inside one tile can pass 2³¹ elements, so the kernel must form them in 64
+    bits (OFF64). x/y tiles span (block_t − 1)·stride_t + (block_d − 1)·stride_d; accumulator tiles
+    (block_d − 1)·(stride_0 + stride_1). Tile origins and the per-chunk steps are always 64-bit."""
+    span = 0
+    for st, sd in list(x_strides) + list(y_strides):
+        span = max(span, (block_t - 1) * abs(st) + (block_d - 1) * abs(sd))
+    for s0, s1 in acc_strides:
+        span = max(span, (block_d - 1) * (abs(s0) + abs(s1)))
+    return span > _INT32_MAX
 
 
 def _n_programs(d: int, block_d: int, has_c: bool) -> int:
@@ -255,6 +312,8 @@ def covariance_update(
     grid = (_n_programs(d, block_d, has_c),)
     yy = y if has_c else x  # dummies when there is no cross term (never read: HAS_C is False)
     CC = C if has_c else G
+    off64 = needs_off64(block_t, block_d, x_strides=[x.stride()], y_strides=[yy.stride()],
+                        acc_strides=[G.stride(), CC.stride()])
     covariance_kernel[grid](
         x, yy, G, CC,
         T, d,
@@ -265,6 +324,7 @@ def covariance_update(
         IEEE=x.dtype == torch.float32,
         BLOCK_T=block_t,
         BLOCK_D=block_d,
+        OFF64=off64,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -280,7 +340,6 @@ def covariance_update(
 # of 16. Only with these does Triton vectorize the tile loads into cp.async and pipeline them
 # (num_stages buffers in shared memory); for d % 16 != 0 the loads stay unpipelined (correct, slower).
 _UNIT_STRIDES = ("stride_xd", "stride_yd", "stride_g1", "stride_c1")
-_DIVISIBLE_16 = ("x_ptr", "y_ptr", "g_ptr", "c_ptr", "d", "stride_xt", "stride_yt", "stride_g0", "stride_c0")
 
 
 def _signature(dtype: str) -> dict:
@@ -288,7 +347,7 @@ def _signature(dtype: str) -> dict:
     for name in ("T", "d", "stride_xt", "stride_xd", "stride_yt", "stride_yd",
                  "stride_g0", "stride_g1", "stride_c0", "stride_c1", "n_blocks"):
         sig[name] = "constexpr" if name in _UNIT_STRIDES else "i32"
-    for name in ("HAS_C", "IEEE", "BLOCK_T", "BLOCK_D"):
+    for name in ("HAS_C", "IEEE", "BLOCK_T", "BLOCK_D", "OFF64"):
         sig[name] = "constexpr"
     return sig
 
@@ -298,28 +357,46 @@ def aot_specs() -> list[dict]:
     the cross term, specialized as the JIT specializes contiguous inputs (unit strides constant).
 
     Each spec also carries ``attrs`` (Triton's ``ASTSource(attrs=...)``: 16-divisibility of the
-    pointers, d and the row strides). Compiled with them, the bf16 kernels pipeline their loads
-    (cp.async, num_stages buffers: 96 KiB of shared memory for G, 144 KiB for G+C at 128-tiles);
-    compiled without them (``prehab_svd.aot`` today ignores the key) the loads are not vectorized and
-    the table shows the unpipelined variant (64 KiB). Both issue wgmma.
+    pointers, d and the row strides), so the table shows the variant aligned calls run: pipelined
+    16-byte cp.async loads (num_stages buffers: 96 KiB of shared memory for G, 144 KiB for G+C at
+    128-tiles). Plus the 128-tile G+C kernel for column-major x and y (token stride 1, feature stride
+    T, T a multiple of 16), with 32-bit and with 64-bit offsets inside a tile (OFF64: a column-major
+    x of more than 2³¹/127 ≈ 16.9M tokens).
     """
-    attrs = {(covariance_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in _DIVISIBLE_16}
+    names = covariance_kernel.arg_names
     specs = []
-    for cfg, dtype in (("tc128", "bf16"), ("tc64", "bf16"), ("fp32", "fp32")):
+
+    def add(dtype, cfg, has_c, unit, off64=False, label=""):
         block_d, block_t, num_warps, num_stages = CONFIGS[cfg]
+        div16 = [n for n in ("x_ptr", "y_ptr", "g_ptr", "c_ptr", "d", "stride_xt", "stride_xd", "stride_yt",
+                             "stride_yd", "stride_g0", "stride_c0") if n not in unit]
+        if "stride_xt" in unit:
+            div16.append("T")  # column-major: stride_xd = T, a multiple of 16
+        constexprs = {"HAS_C": has_c, "IEEE": dtype == "fp32", "BLOCK_T": block_t, "BLOCK_D": block_d,
+                      "OFF64": off64}
+        constexprs.update({n: 1 for n in unit})
+        sig = _signature(dtype)
+        for n in sig:
+            if n.startswith("stride_"):
+                sig[n] = "constexpr" if n in unit else "i32"
+        specs.append({
+            "name": "covariance_kernel",
+            "fn": covariance_kernel,
+            "signature": sig,
+            "constexprs": constexprs,
+            "attrs": {(names.index(n),): [["tt.divisibility", 16]] for n in div16},
+            "num_warps": num_warps,
+            "num_stages": num_stages,
+            "tensor_cores": dtype != "fp32",
+            "vector_loads": True,
+            "config": f"{dtype} {'G+C' if has_c else 'G'} {cfg} D{block_d} T{block_t} "
+                      f"w{num_warps} s{num_stages}{label}",
+        })
+
+    for cfg, dtype in (("tc128", "bf16"), ("tc64", "bf16"), ("fp32", "fp32")):
         for has_c in (False, True):
-            constexprs = {"HAS_C": has_c, "IEEE": dtype == "fp32", "BLOCK_T": block_t, "BLOCK_D": block_d}
-            constexprs.update({n: 1 for n in _UNIT_STRIDES})
-            specs.append({
-                "name": "covariance_kernel",
-                "fn": covariance_kernel,
-                "signature": _signature(dtype),
-                "constexprs": constexprs,
-                "attrs": attrs,
-                "num_warps": num_warps,
-                "num_stages": num_stages,
-                "tensor_cores": dtype != "fp32",
-                "config": f"{dtype} {'G+C' if has_c else 'G'} {cfg} D{block_d} T{block_t} "
-                          f"w{num_warps} s{num_stages}",
-            })
+            add(dtype, cfg, has_c, _UNIT_STRIDES)
+    col_major = ("stride_xt", "stride_yt", "stride_g1", "stride_c1")
+    add("bf16", "tc128", True, col_major, label=" x col-major")
+    add("bf16", "tc128", True, col_major, off64=True, label=" x col-major OFF64")
     return specs

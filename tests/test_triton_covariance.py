@@ -159,6 +159,60 @@ def test_strided_inputs_and_accumulators():
     assert torch.equal(Cbuf[outside], Cbuf0[outside])
 
 
+def _sparse_column_major(tmp_path, T, d, stride, dtype, g):
+    """[T, d] view with strides (1, stride) over a sparse memory-mapped file: element (t, c) sits at
+    c·stride + t, far past 2³¹ for the last columns, while only the T·d used elements touch memory."""
+    n = (d - 1) * stride + T
+    path = tmp_path / "x.bin"
+    with open(path, "wb") as f:
+        f.truncate(n * torch.tensor([], dtype=dtype).element_size())
+    store = torch.from_file(str(path), shared=True, size=n, dtype=dtype)
+    x = store.as_strided((T, d), (1, stride))
+    x.copy_(randn(T, d, g=g, dtype=dtype).cpu())
+    return x
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter reads CPU memory directly (the file is mapped there)")
+@pytest.mark.parametrize("stride,off64", [(140_000_000, False), (2 ** 30 + 16, True)],
+                         ids=["int64-origins", "int64-in-tile"])
+def test_offsets_past_2_31(tmp_path, stride, off64):
+    """A column-major x whose element offsets pass 2³¹ (T·d ≥ 2³¹ with T tokens as the feature stride).
+
+    stride 140M, d = 20 (interpreter tiles of 16 columns): the second tile starts at column 16, offset
+    16·140M = 2.24e9 > 2³¹, while every offset inside a tile stays below 2³¹ (15·140M + 15), so this
+    checks the 64-bit tile origins with 32-bit in-tile offsets (the launcher's OFF64 stays off). With
+    32-bit index·stride products the kernel would read at a wrapped (negative) offset. stride 2³⁰+16,
+    d = 4: in-tile offsets pass 2³¹ (3·stride), so the launcher must choose OFF64."""
+    cov = kmod()
+    T, d = 37, 20 if not off64 else 4
+    g = gen("off64", stride)
+    x = _sparse_column_major(tmp_path, T, d, stride, torch.float16, g)
+    y = randn(T, d, g=g, dtype=torch.float16)
+    block_d, block_t = cov.CONFIGS[cov.pick_config(d, T, x.dtype, True, "cpu")][:2]
+    assert cov.needs_off64(block_t, block_d, x_strides=[x.stride()], y_strides=[y.stride()],
+                           acc_strides=[(d, 1)]) is off64
+    assert (d - 1) * stride > 2 ** 31
+    G, C = randn(d, d, g=g), randn(d, d, g=g)
+    G0, C0 = G.clone(), C.clone()
+    cov.covariance_update(G, x, C, y)
+    check_acc(G, G0, x, x, TOL[torch.float16])
+    check_acc(C, C0, x, y, TOL[torch.float16])
+
+
+def test_needs_off64_bounds():
+    """The launcher's 64-bit decision: the largest in-tile offset, exactly at the int32 edge."""
+    cov = kmod()
+    lim = 2 ** 31 - 1
+    # x tile span (block_t - 1)·st + (block_d - 1)·sd
+    edge = (lim - 63) // 127  # 63 + 127·edge <= 2³¹ - 1 < 63 + 127·(edge + 1)
+    assert not cov.needs_off64(64, 128, x_strides=[(1, edge)], y_strides=[], acc_strides=[])
+    assert cov.needs_off64(64, 128, x_strides=[(1, edge + 1)], y_strides=[], acc_strides=[])
+    assert cov.needs_off64(64, 128, x_strides=[], y_strides=[(2 ** 26, 1)], acc_strides=[])
+    # accumulator tile span (block_d - 1)·(s0 + s1): G with rows of stride 17M (127·17M > 2³¹)
+    assert not cov.needs_off64(64, 128, x_strides=[(4096, 1)], y_strides=[(4096, 1)], acc_strides=[(4096, 1)])
+    assert cov.needs_off64(64, 128, x_strides=[], y_strides=[], acc_strides=[(17_000_000, 1)])
+
+
 def test_public_dispatch():
     """Through prehab_svd.ops.covariance_update(..., backend="triton") and CovarianceAccumulator."""
     T, d = 53, 70
@@ -268,41 +322,35 @@ _AOT_SCRIPT = """
 import json
 from prehab_svd import aot
 results = aot.compile_all(90, modules=["covariance"])
-# the largest configuration as the JIT compiles it for aligned inputs (attrs: pipelined cp.async loads)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from prehab_svd.kernels.covariance import aot_specs
-spec = [s for s in aot_specs() if s["config"].startswith("bf16 G+C tc128")][0]
-k = triton.compile(ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"],
-                             attrs=spec["attrs"]), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
 print(json.dumps({"table": aot.format_table(results),
-                  "rows": [dict(module=r.module, ok=r.ok, failed=r.failed, wgmma=r.wgmma,
-                                tensor_cores=r.tensor_cores, shared=r.shared) for r in results],
-                  "aligned": dict(shared=k.metadata.shared, wgmma="wgmma.mma_async" in k.asm["ptx"],
-                                  cp_async="cp.async" in k.asm["ptx"], limit=aot.SHARED_LIMIT[90])}))
+                  "rows": [dict(module=r.module, config=r.config, ok=r.ok, failed=r.failed, wgmma=r.wgmma,
+                                tensor_cores=r.tensor_cores, shared=r.shared, registers=r.registers,
+                                spill_stores=r.spill_stores, spill_loads=r.spill_loads,
+                                load_bytes=r.load_bytes) for r in results],
+                  "limit": aot.SHARED_LIMIT[90]}))
 """
 
 
 def test_aot_compile_for_sm90():
-    """prehab_svd.aot.compile_all() on this module's specs only: all compile for sm_90, fit the
-    shared memory, and the tensor-core (bf16) ones issue wgmma. Plus the biggest configuration
-    compiled with the specs' alignment attrs, as the JIT compiles it for aligned inputs: pipelined
-    (cp.async) and still within Hopper's shared memory.
+    """prehab_svd.aot.compile_all() on this module's specs only, compiled with the alignment attrs
+    the JIT infers for aligned inputs: all compile for sm_90, fit the shared memory, do not spill a
+    register (ptxas -v), load 16 bytes per global access, and the tensor-core (bf16) ones issue
+    wgmma; the 128-tile G+C kernel (aa-svd at d = 4096, 11008) is pipelined into 144 KiB.
 
     In a subprocess with the interpreter off: in a process where TRITON_INTERPRET=1 was set before
     the kernel module was imported, its kernels are InterpretedFunctions, which cannot be compiled.
     """
     out = run_aot_script(_AOT_SCRIPT, timeout=600)
     rows, table = out["rows"], out["table"]
-    assert len(rows) == len(kmod().aot_specs()) == 6, table
+    assert len(rows) == len(kmod().aot_specs()) == 8, table
     assert all(r["module"] == "covariance" for r in rows), table
     assert not any(r["failed"] for r in rows), table
+    assert all(r["registers"] and r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in rows), table
+    assert all(r["load_bytes"] == 16 for r in rows), table
     tc = [r for r in rows if r["tensor_cores"]]
-    assert len(tc) == 4 and all(r["wgmma"] for r in tc), table
-    aligned = out["aligned"]  # 3 stages × 3 tiles × 128×64 bf16 = 144 KiB, pipelined, under 227 KiB
-    assert aligned["wgmma"] and aligned["cp_async"] and aligned["shared"] <= aligned["limit"], aligned
+    assert len(tc) == 6 and all(r["wgmma"] for r in tc), table
+    big = [r for r in rows if r["config"] == "bf16 G+C tc128 D128 T64 w8 s3"]
+    assert len(big) == 1 and big[0]["shared"] == 3 * 3 * 128 * 64 * 2 <= out["limit"], table
 
 
 # ---------------------------------------------------------------------------------------------
