@@ -32,7 +32,14 @@ gpu_build_ext() {
     mkdir -p "$dir"
     export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
     export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-    export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}"
+    if [ -z "${CUDA_HOME:-}" ]; then  # the toolkit's root (a wrapper script on PATH is not it)
+        if [ -x /usr/local/cuda/bin/nvcc ]; then
+            CUDA_HOME=/usr/local/cuda
+        elif command -v nvcc >/dev/null 2>&1; then
+            CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+        fi
+    fi
+    export CUDA_HOME
     {
         echo "build: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST CUDA_HOME=$CUDA_HOME MAX_JOBS=$MAX_JOBS"
         "$PY" setup.py build_ext --build-lib "$dir/lib" --build-temp "$dir/tmp"

@@ -474,7 +474,7 @@ class Run:
             L32 = L.float()  # the same rounded factor for every variant and the oracle
             with torch.no_grad():
                 state0 = reference.stable_rank(Ws[0].float(), L32, "stable", None, 6)[2]  # a previous step's vector
-            for kind in SR_KINDS:
+            for kind in a.sr_kinds:
                 case = f"{kind} B={B} {m}x{n}"
                 if not self.fits(f"stable_rank {case}", 2.0):
                     continue
@@ -620,6 +620,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--cov-d", nargs="+", type=int, default=None)
     ap.add_argument("--cov-tokens", nargs="+", type=int, default=None)
     ap.add_argument("--sr-shapes", nargs="+", type=_pair, default=None, help="BxMxN stable-rank batches")
+    ap.add_argument("--sr-kinds", nargs="+", default=list(SR_KINDS), choices=SR_KINDS)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])

@@ -141,6 +141,8 @@ def plan(dev: torch.device, quick: bool = False):
 
     cuda = dev.type == "cuda"
     dtypes = ["bf16", "fp16", "fp32"] if cuda else ["fp32", "fp16"]
+    if quick:
+        dtypes = dtypes[:1]
     calls = []
 
     def have(op, backend, dt):
@@ -166,11 +168,13 @@ def plan(dev: torch.device, quick: bool = False):
             if backend == "torch" and dt != dtypes[0]:
                 lr = lr[:1]
             calls += [lr_call(backend, *c[:4], D, c[4], dev) for c in lr]
-            if backend == "triton" and not quick:
-                calls += [lr_call("triton-path", 1, 37, 29, 13, D, True, dev, path="decode", block_t=1),
-                          lr_call("triton-path", 9, 37, 29, 13, D, False, dev, path="decode", block_t=16),
-                          lr_call("triton-path", 3, 300, 29, 13, D, True, dev, path="decode", split_k=3),
-                          lr_call("triton-path", 9, 37, 29, 13, D, True, dev, path="gemm")]
+            if backend == "triton":
+                paths = [lr_call("triton-path", 3, 300, 29, 13, D, True, dev, path="decode", split_k=3),
+                         lr_call("triton-path", 9, 37, 29, 13, D, True, dev, path="gemm")]
+                if not quick:
+                    paths += [lr_call("triton-path", 1, 37, 29, 13, D, True, dev, path="decode", block_t=1),
+                              lr_call("triton-path", 9, 37, 29, 13, D, False, dev, path="decode", block_t=16)]
+                calls += paths
             if backend == "cuda" and not quick:
                 from prehab_svd.ops import _cuda
 
@@ -186,6 +190,8 @@ def plan(dev: torch.device, quick: bool = False):
             whitens = ("none", "shared", "batched")
             if backend == "torch" or quick:
                 shapes, whitens = shapes[:1], ("shared",)
+            if quick and backend != "torch":
+                shapes, whitens = [(1, 70, 30)], ("batched",)  # m > n: the transposed iteration
             if backend == "torch" and dt != dtypes[0]:
                 continue
             calls += [sr_call(backend, k, *s, D, w, dev) for s in shapes for k in kinds for w in whitens]
