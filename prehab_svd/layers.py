@@ -12,7 +12,38 @@ from .errors import PrehabError
 from .ops import _registry
 from .ops import reference as _reference
 
-__all__ = ["LowRankLinear"]
+__all__ = ["LowRankLinear", "ALIGN", "padded_empty"]
+
+# Row strides of the stored factors are multiples of ALIGN elements. Triton marks an integer argument
+# (a stride, a size) as aligned only when it is divisible by 16, and its vector loads and cp.async
+# pipelines need that; the CUDA kernels need 16-byte row starts (8 bf16). A rank such as 819 would
+# otherwise misalign every row of U [out, r].
+ALIGN = 16
+
+
+def _row_len(cols: int) -> int:
+    return -(-cols // ALIGN) * ALIGN
+
+
+def padded_empty(rows: int, cols: int, *, device=None, dtype=None) -> torch.Tensor:
+    """A [rows, cols] tensor whose row stride is ``cols`` rounded up to a multiple of 16: the view
+    ``[:, :cols]`` of a zero-initialised [rows, cols16] buffer (a plain contiguous tensor when
+    ``cols`` is already a multiple of 16)."""
+    ld = _row_len(cols)
+    if ld == cols:
+        return torch.empty(rows, cols, device=device, dtype=dtype)
+    return torch.zeros(rows, ld, device=device, dtype=dtype)[:, :cols]
+
+
+def _is_padded(t: torch.Tensor) -> bool:
+    return (t.dim() == 2 and t.stride(1) == 1 and t.stride(0) == _row_len(t.shape[1])
+            and (t.storage_offset() * t.element_size()) % 16 == 0)
+
+
+def _padded_copy(t: torch.Tensor) -> torch.Tensor:
+    out = padded_empty(t.shape[0], t.shape[1], device=t.device, dtype=t.dtype)
+    out.copy_(t)
+    return out
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -25,7 +56,26 @@ def _autocast_enabled(device_type: str) -> bool:
 class LowRankLinear(nn.Module):
     """``y = (x Vᵀ) Uᵀ + b`` with ``U`` [out, rank] and ``V`` [rank, in].
 
-    Holds ``rank·(in + out)`` weights instead of ``in·out``. The forward goes through
+    Holds ``rank·(in + out)`` weights instead of ``in·out``: ``U``, ``V`` and ``num_params`` have exactly
+    ``rank`` columns / rows, and so does every saved checkpoint.
+
+    Storage: each factor's row stride is padded to a multiple of 16 elements (:data:`ALIGN`):
+    ``U`` is the view ``[:, :rank]`` of an [out, rank16] buffer and ``V`` the view ``[:, :in]`` of an
+    [rank, in16] buffer (``n16`` = n rounded up to a multiple of 16; the padding is zero and never
+    read). The keep rule's ranks are rarely multiples of 16 (LLaMA-7B: 819, 1228, 1638, 1791), and
+    without this every row of U starts misaligned: Triton then drops from 16-byte cp.async pipelines
+    to scalar loads and the CUDA kernels miss their vector path. Memory cost: ``out·(rank16 − rank) +
+    rank·(in16 − in)`` extra elements per layer (at most 15·(out + rank); ``padding_elements``), e.g.
+    13·4096 = 53 248 bf16 elements (104 KiB, 0.8 % of the layer) for a 4096² layer at rank 819; for
+    all of LLaMA-7B (ranks 819 / 1194 at keep 0.4, 1228 / 1791 at 0.6, 1638 / 2388 at 0.8) 11.8 M,
+    2.9 M and 15.3 M elements: 23.7, 5.9 and 30.5 MB in bf16, 0.46 %, 0.08 % and 0.29 % of the kept
+    weights.
+    The layout survives ``.to()``/``.cuda()``/``.half()``, ``load_state_dict`` (also ``assign=True``),
+    ``copy.deepcopy`` and pickling (each re-pads); ``state_dict()`` returns contiguous copies of
+    padded factors (safetensors stores only contiguous tensors: a transient copy of U per layer while
+    a state dict is alive), so checkpoints hold exactly ``rank`` columns and load as before.
+
+    The forward goes through
     :func:`prehab_svd.ops.lowrank_linear`, which picks the fastest backend for the device (the caller
     can force one with ``backend=`` or the ``PREHAB_SVD_BACKEND`` environment variable).
 
@@ -54,8 +104,8 @@ class LowRankLinear(nn.Module):
         self.out_features = out_features
         self.rank = rank
         self.backend = backend
-        self.U = nn.Parameter(torch.empty(out_features, rank, **kw))
-        self.V = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.U = nn.Parameter(padded_empty(out_features, rank, **kw))
+        self.V = nn.Parameter(padded_empty(rank, in_features, **kw))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **kw))
         else:
@@ -72,6 +122,44 @@ class LowRankLinear(nn.Module):
         nn.init.uniform_(self.U, -bound_u, bound_u)
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound_v, bound_v)
+
+    # -- the padded layout: restored wherever torch would hand back a contiguous copy ---------------
+
+    def _repad(self) -> None:
+        """Give U and V their padded layout again where a conversion made them contiguous (a
+        non-dense view comes back contiguous from ``.to()``, ``clone`` and ``deepcopy``)."""
+        with torch.no_grad():
+            for name in ("U", "V"):
+                p = self._parameters.get(name)
+                if p is None or type(p.data) is not torch.Tensor or p.dim() != 2 or _is_padded(p):
+                    continue  # absent, a tensor subclass (FSDP / DTensor shards), or already padded
+                p.data = _padded_copy(p.data)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._repad()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)  # copies into the padded views (or assigns)
+        self._repad()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars:  # exactly `rank` columns, contiguous (safetensors refuses strided views)
+            for name in ("U", "V"):
+                t = destination.get(prefix + name)
+                if t is not None and not t.is_contiguous():
+                    destination[prefix + name] = t.contiguous()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._repad()
+
+    @property
+    def padding_elements(self) -> int:
+        """Elements allocated beyond the parameters by the 16-element row padding of U and V."""
+        return sum(p.shape[0] * (_row_len(p.shape[1]) - p.shape[1]) for p in (self.U, self.V))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         U, V, bias = self.U, self.V, self.bias
@@ -105,13 +193,12 @@ class LowRankLinear(nn.Module):
         if U.dtype != V.dtype or U.device != V.device:
             raise PrehabError("U and V must share dtype and device")
         layer = cls(V.shape[1], U.shape[0], U.shape[1], bias=bias is not None, device="meta", dtype=U.dtype)
-        # Contiguous copies: the forward's GEMMs then see the same memory layout as after a
-        # save/load round trip (so outputs are bit-identical), and the fast path.
-        fmt = torch.contiguous_format
-        layer.U = nn.Parameter(U.detach().clone(memory_format=fmt))
-        layer.V = nn.Parameter(V.detach().clone(memory_format=fmt))
+        # Copies in the padded layout: the forward's GEMMs then see the same memory layout as after
+        # a save/load round trip (so outputs are bit-identical), and the kernels' aligned paths.
+        layer.U = nn.Parameter(_padded_copy(U.detach()))
+        layer.V = nn.Parameter(_padded_copy(V.detach()))
         if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().to(U.device, U.dtype).clone(memory_format=fmt))
+            layer.bias = nn.Parameter(bias.detach().to(U.device, U.dtype).clone(memory_format=torch.contiguous_format))
         return layer
 
     @classmethod

@@ -88,3 +88,97 @@ def test_bad_arguments():
     for bad in (0, True, 2.0):  # the same rank check as the closed forms (linalg.check_rank)
         with pytest.raises(PrehabError, match="rank must be a positive integer"):
             LowRankLinear.from_linear(nn.Linear(4, 4), bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# the padded storage: row strides multiples of 16, exactly `rank` columns everywhere else
+# ---------------------------------------------------------------------------------------------
+
+
+def _assert_padded(layer):
+    for p, cols in ((layer.U, layer.rank), (layer.V, layer.in_features)):
+        assert p.stride(1) == 1 and p.stride(0) % 16 == 0 and p.stride(0) - cols < 16, (p.shape, p.stride())
+
+
+@pytest.mark.parametrize("rank", [13, 16, 819])
+def test_padded_storage_and_parameter_count(rank):
+    """Row strides of U and V padded to 16, parameters exactly rank·(in + out) (+ bias), padding zero."""
+    layer = LowRankLinear(40, 24, rank)
+    _assert_padded(layer)
+    assert layer.U.shape == (24, rank) and layer.V.shape == (rank, 40)
+    assert layer.num_params == rank * (40 + 24) + 24
+    r16 = -(-rank // 16) * 16
+    assert layer.padding_elements == 24 * (r16 - rank) + rank * (48 - 40)
+    assert (layer.U.stride(0) == r16) and (rank % 16 == 0) == layer.U.is_contiguous()
+    buf = torch.as_strided(layer.U, (24, r16), (r16, 1))  # the whole buffer, padding included
+    assert (buf[:, rank:] == 0).all()
+    x = torch.randn(3, 40)
+    ref = (x.double() @ layer.V.double().T) @ layer.U.double().T + layer.bias.double()
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_survives_conversions_and_copies():
+    import copy
+    import pickle
+
+    torch.manual_seed(5)
+    layer = LowRankLinear.from_factors(torch.randn(24, 13), torch.randn(13, 45), torch.randn(24))
+    _assert_padded(layer)
+    x = torch.randn(4, 45)
+    y = layer(x)
+    for other, tol in ((copy.deepcopy(layer), 0), (pickle.loads(pickle.dumps(layer)), 0),
+                       (copy.deepcopy(layer).double().float(), 0), (copy.deepcopy(layer).half().float(), 1e-2),
+                       (copy.deepcopy(layer).to("cpu", torch.float64), 1e-6)):
+        _assert_padded(other)
+        assert other.U.shape == (24, 13) and other.V.shape == (13, 45)
+        out = other(x.to(other.U.dtype)).float()
+        assert ((out - y).norm() / y.norm()).item() <= tol
+    p = layer.U
+    layer.to(torch.float64)
+    assert layer.U is p  # the same Parameter object (optimizers keep their references)
+    _assert_padded(layer)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_state_dict_is_contiguous_and_load_repads(assign):
+    torch.manual_seed(6)
+    a = LowRankLinear(45, 24, 13)
+    sd = a.state_dict()
+    assert sd["U"].shape == (24, 13) and sd["V"].shape == (13, 45)
+    assert all(t.is_contiguous() for t in sd.values())  # what safetensors can store
+    assert sd["U"].untyped_storage().nbytes() == 24 * 13 * 4  # exactly r columns, no padding bytes
+    b = LowRankLinear(45, 24, 13)
+    b.load_state_dict(sd, assign=assign)
+    _assert_padded(b)
+    x = torch.randn(3, 45)
+    assert torch.equal(a(x), b(x))  # same layout, same arithmetic
+    assert a.state_dict(keep_vars=True)["U"] is a.U
+
+
+def test_safetensors_round_trip_bit_identical(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(7)
+    model = nn.Sequential(LowRankLinear(45, 37, 13), nn.ReLU(), LowRankLinear(37, 20, 819 % 20 + 1))
+    st.save_model(model, str(tmp_path / "m.safetensors"))
+    loaded = st.load_file(str(tmp_path / "m.safetensors"))
+    assert loaded["0.U"].shape == (37, 13) and loaded["2.V"].shape == (819 % 20 + 1, 37)
+    other = nn.Sequential(LowRankLinear(45, 37, 13), nn.ReLU(), LowRankLinear(37, 20, 819 % 20 + 1))
+    missing, unexpected = st.load_model(other, str(tmp_path / "m.safetensors"))
+    assert not missing and not unexpected
+    for layer in (other[0], other[2]):
+        _assert_padded(layer)
+    x = torch.randn(5, 45)
+    assert torch.equal(model(x), other(x))
+
+
+def test_optimizer_step_keeps_layout_and_zero_padding():
+    torch.manual_seed(8)
+    layer = LowRankLinear(45, 24, 13)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        layer(torch.randn(6, 45)).square().sum().backward()
+        opt.step()
+    _assert_padded(layer)
+    buf = torch.as_strided(layer.U, (24, 16), (16, 1))
+    assert (buf[:, 13:] == 0).all() and layer.U.grad.shape == (24, 13)
