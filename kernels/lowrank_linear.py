@@ -45,11 +45,18 @@ Two paths, picked by the token count T (:func:`choose_path`; ``path=`` forces on
 fp32 inputs use ``input_precision="ieee"`` (exact fp32 products like torch's default), or tf32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch.mm would.
 
-Alignment: the kernels take any shape and stride, but 16-byte vector loads and the cp.async
-pipeline need rows that start 16-byte aligned. An odd rank (r = 819 for a 4096² layer at keep 0.4)
-makes every row of U [out, r] (and of z) misaligned, so those loads fall back to 2-byte scalars and
-the GEMMs' K loop is not pipelined. Storing factors with r rounded to a multiple of 8 (zero-padded
-columns of U / rows of V change nothing in y) avoids it; that is a choice for the layer, not here.
+Alignment: the kernels take any shape and stride; their speed needs 16-aligned row strides. Triton
+marks an integer argument as aligned only when it is divisible by 16, and only then issues 16-byte
+vector loads and cp.async pipelines. Real ranks are ragged (LLaMA-7B at keep 0.4/0.6/0.8: 819, 1228,
+1638, 1791), so (1) LowRankLinear stores U [out, r] as a view of an [out, r16] buffer (and V of
+[r, in16]): U's row stride is aligned whatever r is; (2) the launchers allocate z in a [T, r16]
+buffer and pass that padded stride (and R_STORE / N_STORE = r16 for its stores); (3) the loops over r
+mask at 16·⌊r/16⌋ (a bound the compiler sees as a multiple of 16), then take one 16-wide masked step
+for the last r mod 16 columns, never reading past column r (so the padding's content is irrelevant,
+and an unpadded U is still read correctly, with scalar loads). Measured on the sm_90a compile of
+y = z Uᵀ at 128×128×64, r = 819: before, scalar ld.b16, no cp.async pipeline (32 KB of shared
+memory), 255 registers; after, 16-byte cp.async into 4 stages (128 KB), 113 registers, as at r = 1024.
+Every (tile index × runtime stride) product is int64 (x may be column-major with T·in ≥ 2³¹).
 
 Block sizes come from a small deterministic shape heuristic (no autotuning: it fails under the
 interpreter and costs seconds per new shape); under ``TRITON_INTERPRET=1`` one small config is used.
