@@ -68,8 +68,14 @@ gpu_env_facts() {
     echo "host: $(uname -srm); cpus: $(nproc)"
     echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')"
     if command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,temperature.gpu,persistence_mode,compute_mode \
-            --format=csv 2>&1 | sed 's/^/nvidia-smi: /'
+        local q
+        if q=$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,temperature.gpu,persistence_mode,compute_mode \
+                --format=csv 2>&1); then
+            echo "$q" | sed 's/^/nvidia-smi: /'
+        else
+            echo "$q" | sed 's/^/nvidia-smi (query failed): /'
+            nvidia-smi -L 2>&1 | sed 's/^/nvidia-smi: /'
+        fi
     else
         echo "nvidia-smi: not found"
     fi
