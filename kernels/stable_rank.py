@@ -72,10 +72,14 @@ _TF32_MASK = -8192  # 0xFFFFE000 as int32: clears the 13 mantissa bits that tf32
 
 @triton.jit
 def _round_tf32(x):
-    """Round fp32 to the nearest tf32 value (ties away from zero), kept in fp32."""
+    """Round fp32 to the nearest tf32 value (ties away from zero), kept in fp32. NaN and ±inf pass
+    unchanged: the add would carry out of a high NaN mantissa (e.g. 0x7FFFFFFF + 0x1000 wraps to
+    0x80000FFF, which the mask makes −0.0), so values whose exponent is all ones keep their bits.
+    A finite value that rounds past the largest tf32 becomes inf, as rounding should."""
     xi = x.to(tl.int32, bitcast=True)
-    xi = (xi + 0x1000) & -8192
-    return xi.to(tl.float32, bitcast=True)
+    r = (xi + 0x1000) & -8192
+    special = (xi & 0x7F800000) == 0x7F800000
+    return tl.where(special, xi, r).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -393,6 +397,7 @@ def _fp32_dot(device: torch.device) -> tuple[str, bool]:
 
 
 _SMS = 132  # H100 SXM; only used to size the GEMV grids
+_CUDA = torch.device("cuda")  # for the config rules in aot_specs (no GPU needed to build it)
 
 # name -> (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 GEMM_CONFIGS = {
@@ -426,11 +431,24 @@ def _syrk_config(S: int, device: torch.device) -> str:
     return "small" if S <= 128 else "tf32"
 
 
-def _gemv_config(rows: int, batch: int, cuda: bool) -> tuple[int, int]:
+GEMV_TILE = {True: 8192, False: 4096}  # fp32 elements of the register tile: aligned / unaligned rows
+
+
+def _aligned(n: int) -> bool:
+    """Whether rows of length n (contiguous [.., m, n] operands) start 16-byte aligned and the JIT
+    marks the row stride divisible by 16: then loads vectorize."""
+    return n % 16 == 0
+
+
+def _gemv_config(rows: int, batch: int, cuda: bool, aligned: bool = True) -> tuple[int, int]:
     """(rows per Mv program (or columns per Mᵀy program), length of the streamed chunk).
 
     On CUDA: the largest block of 128..16 that still gives about two waves of programs on the 132
-    SMs, and a chunk that keeps the register tile at 8K fp32 elements (64 per thread at 4 warps).
+    SMs, and a chunk that keeps the register tile at GEMV_TILE fp32 elements: 8K (64 per thread at 4
+    warps) when the rows are aligned (16-byte loads, one address per 4-8 elements), 4K when not
+    (row length not a multiple of 16, e.g. an odd n): unvectorized loads need an address per
+    element, and the 8K tile then spilled (255 registers, 1,100 B on Triton 3.6; 4K: 165 registers,
+    none; 2K oddly spilled 4 B on 3.6 at 72 registers).
     In the interpreter: 32 and 64 (several programs and chunks on small test shapes).
     """
     if not cuda:
@@ -440,7 +458,8 @@ def _gemv_config(rows: int, batch: int, cuda: bool) -> tuple[int, int]:
         if triton.cdiv(rows, b) * batch >= 2 * _SMS:
             blk = b
             break
-    return blk, max(64, min(512, 8192 // blk))
+    tile = GEMV_TILE[aligned]
+    return blk, max(16, min(512, tile // blk))
 
 
 def _p2(n: int) -> int:
@@ -455,6 +474,19 @@ def _p2(n: int) -> int:
 def _empty(*shape: int, device) -> torch.Tensor:
     """fp32 buffer for a kernel output (one place, so tests can pre-fill every output with NaN)."""
     return torch.empty(*shape, device=device, dtype=torch.float32)
+
+
+def _pad16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def _empty_rows16(Bt: int, r: int, c: int, *, device) -> torch.Tensor:
+    """[Bt, r, c] fp32 view of a [Bt, r, pad16(c)] buffer: rows (and matrices) start 16-element
+    aligned whatever c is, so the kernels reading these internal operands (M = W L, the Newton–Schulz
+    iterates) get the JIT's aligned variant (16-byte vectorized loads, and no spills; the unaligned
+    variant of the b·A + c·A² product spilled on Triton 3.6) even for an odd n. The padding columns
+    are never read or written (every kernel masks by the logical size)."""
+    return _empty(Bt, r, _pad16(c), device=device)[:, :, :c]
 
 
 def batched_gemm(A: torch.Tensor, B: torch.Tensor, *, out: Optional[torch.Tensor] = None,
@@ -539,7 +571,7 @@ def polar_newton_schulz(M: torch.Tensor, iters: int, fro_part: Optional[torch.Te
     if fro_part is None:
         fro_part = _sumsq_partials(M)
     s, l = min(m, n), max(m, n)
-    X = _empty(Bt, s, l, device=dev)
+    X = _empty_rows16(Bt, s, l, device=dev)
     Xt = X.mT if m > n else X  # [B, m, n] view to write M/‖M‖_F into
     bm, bn, nw = _elem_cfg(dev)
     scale_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), Bt)](
@@ -547,9 +579,9 @@ def polar_newton_schulz(M: torch.Tensor, iters: int, fro_part: Optional[torch.Te
         M.stride(0), M.stride(1), M.stride(2), Xt.stride(0), Xt.stride(1), Xt.stride(2), fro_part.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, FP=_p2(fro_part.shape[1]), ROUND_TF32=round_tf32, num_warps=nw, num_stages=1,
     )
-    Xn = _empty(*X.shape, device=dev)
-    A = _empty(Bt, s, s, device=dev)
-    Pm = _empty(*A.shape, device=dev)
+    Xn = _empty_rows16(Bt, s, l, device=dev)
+    A = _empty_rows16(Bt, s, s, device=dev)
+    Pm = _empty_rows16(Bt, s, s, device=dev)
     n_cubic = min(6, iters // 2)
     a, b, c = _ref.NS_QUINTIC
     kw = dict(prec=prec, round_tf32=round_tf32)
@@ -574,8 +606,11 @@ def top_singular_pair(M: torch.Tensor, v0: torch.Tensor, iters: int):
     Bt, m, n = M.shape
     dev = M.device
     cuda = dev.type == "cuda" and not _interpreting()
-    bm, chunk_n = _gemv_config(m, Bt, cuda)    # Mv: bm rows per program, chunk_n columns per step
-    bn_t, chunk_m = _gemv_config(n, Bt, cuda)  # Mᵀy: bn_t columns per program, chunk_m rows per step
+    # rows of M aligned: unit column stride, row and batch strides divisible by 16 (what the JIT
+    # specializes on; the pointer itself is assumed aligned, as fresh allocations are)
+    aligned = M.stride(2) == 1 and M.stride(1) % 16 == 0 and (Bt == 1 or M.stride(0) % 16 == 0)
+    bm, chunk_n = _gemv_config(m, Bt, cuda, aligned)    # Mv: bm rows per program, chunk_n columns per step
+    bn_t, chunk_m = _gemv_config(n, Bt, cuda, aligned)  # Mᵀy: bn_t columns per program, chunk_m rows per step
     pm, pn = triton.cdiv(m, bm), triton.cdiv(n, bn_t)
     w = v0.to(device=dev, dtype=torch.float32).contiguous()
     wpart = w.square().sum(dim=1, keepdim=True)  # [B, 1]: the start vector's norm², tiny
@@ -615,6 +650,26 @@ def top_singular_pair(M: torch.Tensor, v0: torch.Tensor, iters: int):
 # ---------------------------------------------------------------------------------------------
 
 
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _matrix_span(t: torch.Tensor) -> int:
+    """Largest element offset inside one matrix of t [..., r, c] (the batch dimension excluded)."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[-2:], t.stride()[-2:]))
+
+
+def offsets_fit_int32(W: torch.Tensor, L: Optional[torch.Tensor]) -> bool:
+    """Whether every offset inside one matrix, of the inputs and of the internal buffers (M = W L and
+    the Newton–Schulz iterates, rows padded to 16), stays below 2³¹: the kernels form index·stride
+    products in 32 bits within a matrix and in 64 bits across the batch."""
+    m, n = W.shape[-2], W.shape[-1]
+    s, l = min(m, n), max(m, n)
+    spans = [_matrix_span(W), m * _pad16(n), s * _pad16(l)]
+    if L is not None:
+        spans.append(_matrix_span(L))
+    return max(spans) <= _INT32_MAX
+
+
 def stable_rank(
     W: torch.Tensor,
     L: Optional[torch.Tensor],
@@ -635,6 +690,10 @@ def stable_rank(
     Bt, m, n = W.shape
     dev = W.device
     interp = dev.type != "cuda" or _interpreting()
+    if not offsets_fit_int32(W, L):
+        # one matrix spans 2³¹ elements or more: the kernels' in-matrix offsets are 32-bit (the batch
+        # offset is 64-bit), so the reference (torch, same device) computes it
+        return _ref.stable_rank(W, L, kind, state, iters)
 
     # M = W L (fp32), or M = W read in place
     if L is not None:
@@ -645,7 +704,7 @@ def stable_rank(
         Wx = W
         if interp and Wx.dtype == torch.bfloat16:
             Wx = Wx.to(torch.float32)
-        M = batched_gemm(Wx, L3)
+        M = batched_gemm(Wx, L3, out=_empty_rows16(Bt, m, n, device=dev))
     else:
         L3 = None
         M = W
@@ -689,91 +748,132 @@ def stable_rank(
 # ---------------------------------------------------------------------------------------------
 
 
-def _sig(fn, types: dict, constexprs: dict) -> dict:
-    """Signature for ASTSource: every parameter of fn, typed from ``types`` (pointers) or i32 (ints),
-    "fp32" for alpha/beta, "constexpr" for constexprs."""
-    import inspect
+# The calls the AOT table compiles: the issue's batch (32 matrices of 4096², every size a multiple of
+# 16, so the JIT marks the strides divisible by 16 and vectorizes) and the same with an odd n (4093:
+# no row stride divisible by 16, the unaligned variant the JIT compiles for such shapes).
+AOT_SHAPES = ((32, 4096, 4096), (32, 4096, 4093))
 
-    sig = {}
-    for name in inspect.signature(getattr(fn, "fn", fn)).parameters:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in types:
-            sig[name] = types[name]
-        elif name in ("alpha", "beta"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+
+def _call_specs(Bt: int, m: int, n: int) -> list[tuple]:
+    """(name, kernel, argument values, constexprs, num_warps, num_stages, tensor cores, label) of
+    every launch ``stable_rank`` makes on CUDA for a contiguous W [Bt, m, n] (bf16 W with a bf16 L;
+    fp32 W without L; fp32 M and Newton–Schulz iterates), with the strides and sizes its launchers
+    pass (see batched_gemm, symmetric_product, top_singular_pair, polar_newton_schulz, stable_rank;
+    internal buffers from _empty_rows16 have row strides padded to 16). Pointers are dtype strings
+    (fresh allocations: 16-byte aligned)."""
+    out = []
+    f32 = "*fp32"
+    tag = f"{Bt}x{m}x{n}"
+    s_, l_ = min(m, n), max(m, n)
+    np_, sp_, lp_ = _pad16(n), _pad16(s_), _pad16(l_)
+    w_str = (m * n, n, 1)            # W, grad (contiguous)
+    m_str = (m * np_, np_, 1)        # M = W L (padded rows)
+    x_str = (s_ * lp_, lp_, 1)       # X, Xn [s, l]
+    a_str = (s_ * sp_, sp_, 1)       # A, Pm [s, s]
+
+    def gemm(label, cfg, dt, M, N, K, a, b, c, has_d, ns_round):
+        bm, bn, bk, gm, nw, ns = GEMM_CONFIGS[cfg]
+        vals = dict(a_ptr=f"*{dt}", b_ptr=f"*{dt}", c_ptr=f32, d_ptr=f32, M=M, N=N, K=K, alpha=1.0, beta=0.5,
+                    s_ab=a[0], s_am=a[1], s_ak=a[2], s_bb=b[0], s_bk=b[1], s_bn=b[2], s_cb=c[0], s_cm=c[1],
+                    s_cn=c[2], s_db=c[0], s_dm=c[1], s_dn=c[2])
+        ce = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "HAS_D": has_d,
+              "CAST_F32": dt == "fp32", "PREC": "tf32" if dt == "fp32" else "ieee", "ROUND_TF32": ns_round}
+        out.append(("bmm_kernel", bmm_kernel, vals, ce, nw, ns, True, f"{dt} {label} {bm}x{bn}x{bk} w{nw} s{ns} {tag}"))
+
+    # M = W L (bf16 tensor cores), L [n, n] shared (batch stride 0); grad_W = grad_M Lᵀ (Lᵀ by strides)
+    gemm("M = W L", _gemm_config(m, n, True, _CUDA), "bf16", m, n, n, w_str, (0, n, 1), m_str, False, False)
+    gemm("grad_M Lᵀ", _gemm_config(m, n, False, _CUDA), "fp32", m, n, n, w_str, (0, 1, n), w_str, False, False)
+    # Newton–Schulz on X [s, l]: X <- a·X + P X (P [s, s]); cubic steps are the same call
+    gemm("NS X <- aX + P X", _gemm_config(s_, l_, False, _CUDA), "fp32", s_, l_, s_, a_str, x_str, x_str, True,
+         True)
+    for label, K, xs, has_d in (("X Xᵀ", l_, x_str, False), ("b·A + c·A²", s_, a_str, True)):
+        blk, bk, nw, ns = SYRK_CONFIGS[_syrk_config(s_, _CUDA)]
+        vals = dict(x_ptr=f32, c_ptr=f32, d_ptr=f32, S=s_, K=K, alpha=1.0, beta=0.5, s_xb=xs[0], s_xm=xs[1],
+                    s_xk=xs[2], s_cb=a_str[0], s_cm=a_str[1], s_cn=a_str[2], s_db=a_str[0], s_dm=a_str[1],
+                    s_dn=a_str[2])
+        ce = {"BLOCK": blk, "BLOCK_K": bk, "HAS_D": has_d, "PREC": "tf32", "ROUND_TF32": True}
+        out.append(("syrk_kernel", syrk_kernel, vals, ce, nw, ns, True,
+                    f"fp32/tf32 {label} {blk}x{blk}x{bk} w{nw} s{ns} {tag}"))
+    # power iteration ("stable"): on W read in place (L None: bf16 or fp32, W's strides) and on fp32
+    # M = W L (padded rows)
+    for dt, mm, what in (("bf16", w_str, "W"), ("fp32", w_str, "W"), ("fp32", m_str, "WL")):
+        if what == "WL" and np_ == n:
+            continue  # the same strides as fp32 W
+        aligned = mm[1] % 16 == 0
+        bm, chunk_n = _gemv_config(m, Bt, True, aligned)
+        bn_t, chunk_m = _gemv_config(n, Bt, True, aligned)
+        pm, pn = triton.cdiv(m, bm), triton.cdiv(n, bn_t)
+        # first call: x = v0 with its one norm partial, ‖M‖_F² fused; then x = w (pn partials); the
+        # last call writes v
+        for label, n_xpart, write_v, fro in (("first", 1, False, True), ("", pn, False, False),
+                                              ("last", pn, True, False)):
+            vals = dict(m_ptr=f"*{dt}", x_ptr=f32, xpart_ptr=f32, y_ptr=f32, ypart_ptr=f32, v_ptr=f32,
+                        fpart_ptr=f32, M=m, N=n, n_xpart=n_xpart, s_mb=mm[0], s_mm=mm[1], s_mn=mm[2], s_xb=n,
+                        s_xpb=n_xpart, s_yb=m, s_ypb=pm, s_vb=n, s_fb=pm)
+            ce = {"BLOCK_M": bm, "BLOCK_N": chunk_n, "XP": _p2(n_xpart), "WRITE_V": write_v, "FRO": fro}
+            out.append(("mv_kernel", mv_kernel, vals, ce, 4, STREAM_STAGES, False,
+                        f"{dt} {what} y = M v{' ' + label if label else ''}, {bm} rows x {chunk_n} {tag}"))
+        vals = dict(m_ptr=f"*{dt}", y_ptr=f32, w_ptr=f32, wpart_ptr=f32, M=m, N=n, s_mb=mm[0], s_mm=mm[1],
+                    s_mn=mm[2], s_yb=m, s_wb=n, s_wpb=pn)
+        out.append(("mtv_kernel", mtv_kernel, vals, {"BLOCK_M": chunk_m, "BLOCK_N": bn_t}, 4, STREAM_STAGES, False,
+                    f"{dt} {what} w = Mᵀ y, {bn_t} cols x {chunk_m} {tag}"))
+    # ("nuclear") reductions, X0 = M/‖M‖_F, and the fused value + gradient epilogues, on fp32 M = W L
+    rbm, rbn, rnw = ROWDOT_CONFIG["cuda"]
+    n_rowdot = triton.cdiv(m, rbm)
+    p_str = x_str if m <= n else (x_str[0], x_str[2], x_str[1])  # P = X, or X.mT when m > n
+    for same in (True, False):
+        vals = dict(a_ptr=f32, b_ptr=f32, part_ptr=f32, M=m, N=n, s_ab=(m_str if same else p_str)[0],
+                    s_am=(m_str if same else p_str)[1], s_an=(m_str if same else p_str)[2], s_bb=m_str[0],
+                    s_bm=m_str[1], s_bn=m_str[2], s_pb=n_rowdot)
+        out.append(("rowdot_kernel", rowdot_kernel, vals, {"BLOCK_M": rbm, "BLOCK_N": rbn, "SAME": same}, rnw,
+                    STREAM_STAGES, False, f"fp32 {'|M|_F²' if same else '<P, M>'} {rbm}x{rbn} {tag}"))
+    ebm, ebn, enw = ELEM_CONFIG["cuda"]
+    vals = dict(a_ptr=f32, o_ptr=f32, fpart_ptr=f32, M=m, N=n, n_fpart=n_rowdot, s_ab=m_str[0], s_am=m_str[1],
+                s_an=m_str[2], s_ob=p_str[0], s_om=p_str[1], s_on=p_str[2], s_fb=n_rowdot)
+    out.append(("scale_kernel", scale_kernel, vals, {"BLOCK_M": ebm, "BLOCK_N": ebn, "FP": _p2(n_rowdot),
+                                                     "ROUND_TF32": True}, enw, 1, False,
+                f"fp32 X0 = M/|M|_F {ebm}x{ebn} {tag}"))
+    bm, _ = _gemv_config(m, Bt, True, m_str[1] % 16 == 0)
+    pm = triton.cdiv(m, bm)
+    stable = dict(m_ptr=f32, p_ptr=f32, u_ptr=f32, v_ptr=f32, fpart_ptr=f32, spart_ptr=f32, value_ptr=f32,
+                  g_ptr=f32, M=m, N=n, n_fpart=pm, n_spart=pm, s_mb=m_str[0], s_mm=m_str[1], s_mn=m_str[2],
+                  s_pb=0, s_pm=0, s_pn=0, s_ub=m, s_vb=n, s_fb=pm, s_sb=pm, s_gb=w_str[0], s_gm=w_str[1],
+                  s_gn=w_str[2])
+    nuclear = dict(stable, n_fpart=n_rowdot, n_spart=n_rowdot, s_pb=p_str[0], s_pm=p_str[1], s_pn=p_str[2],
+                   s_ub=0, s_vb=0, s_fb=n_rowdot, s_sb=n_rowdot)
+    for nuc, vals in ((False, stable), (True, nuclear)):
+        ce = {"BLOCK_M": ebm, "BLOCK_N": ebn, "FP": _p2(vals["n_fpart"]), "SP": _p2(vals["n_spart"]),
+              "NUCLEAR": nuc}
+        out.append(("epilogue_kernel", epilogue_kernel, vals, ce, enw, 1, False,
+                    f"fp32 {'nuclear' if nuc else 'stable (rank-1 fused)'} {ebm}x{ebn} {tag}"))
+    return out
+
+
+def _all_aligned(sig: dict, attrs: dict, fn) -> bool:
+    """Every non-constexpr int argument of the specialization divisible by 16: the loads must then be
+    16 bytes wide (an unaligned variant may legitimately load narrower)."""
+    names = list(fn.arg_names)
+    return all(t not in ("i32", "i64") or (names.index(n),) in attrs for n, t in sig.items())
 
 
 def aot_specs() -> list[dict]:
-    """The kernel configurations the launcher uses on H100 (bf16 W/L and fp32 paths).
+    """Every kernel launch ``stable_rank`` makes on H100 for the shapes of :data:`AOT_SHAPES`,
+    specialized as Triton's JIT specializes those calls (:func:`prehab_svd.aot.jit_specialization`:
+    ints equal to 1 constant, ints divisible by 16 and the pointers marked 16-divisible), so the
+    table shows the variants real calls run, the unaligned (odd n) ones included. Aligned variants
+    must load 16 bytes per global access (``vector_loads``)."""
+    from prehab_svd.aot import jit_specialization
 
-    Unit strides are passed as constexpr 1 where the launcher's tensors have them (row-major W, L, M,
-    X, A): Triton's JIT specializes an integer argument equal to 1 the same way at run time, so the
-    compiled code is what the GPU runs for contiguous inputs.
-    """
-    specs = []
-
-    def add(name, fn, types, constexprs, num_warps, num_stages, tensor_cores, config):
-        specs.append({"name": name, "fn": fn, "signature": _sig(fn, types, constexprs),
-                      "constexprs": constexprs, "num_warps": num_warps, "num_stages": num_stages,
-                      "tensor_cores": tensor_cores, "config": config})
-
-    # batched GEMM: M = W L in bf16 (tensor cores, exact products), fp32 (tf32) for the Newton–Schulz
-    # update X <- a·X + P X and grad_M Lᵀ (B operand transposed: unit stride along K)
-    for cfg, dt, has_d, b_unit, label in (
-        ("tc16", "bf16", False, "s_bn", "M = W L"),
-        ("tf32", "fp32", True, "s_bn", "NS X <- aX + P X"),
-        ("tf32", "fp32", False, "s_bk", "grad_M Lᵀ"),
-        ("small", "fp32", True, "s_bn", "NS, a side <= 64"),
-    ):
-        bm, bn, bk, gm, nw, ns = GEMM_CONFIGS[cfg]
-        prec = "tf32" if dt == "fp32" else "ieee"
-        ce = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "HAS_D": has_d,
-              "CAST_F32": dt == "fp32", "PREC": prec, "ROUND_TF32": has_d,
-              "s_ak": 1, b_unit: 1, "s_cn": 1}
-        if has_d:
-            ce["s_dn"] = 1
-        add("bmm_kernel", bmm_kernel, {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": "*fp32", "d_ptr": "*fp32"},
-            ce, nw, ns, True, f"{dt} {label} {bm}x{bn}x{bk} w{nw} s{ns}")
-    # symmetric product (A = X Xᵀ; P = c·A Aᵀ + b·A), tf32
-    for cfg, has_d in (("tf32", False), ("tf32", True), ("small", False)):
-        blk, bk, nw, ns = SYRK_CONFIGS[cfg]
-        ce = {"BLOCK": blk, "BLOCK_K": bk, "HAS_D": has_d, "PREC": "tf32", "ROUND_TF32": True,
-              "s_xk": 1, "s_cn": 1}
-        if has_d:
-            ce["s_dn"] = 1
-        add("syrk_kernel", syrk_kernel, {"x_ptr": "*fp32", "c_ptr": "*fp32", "d_ptr": "*fp32"}, ce, nw, ns, True,
-            f"fp32/tf32 {'b·A + c·A²' if has_d else 'X Xᵀ'} {blk}x{blk}x{bk} w{nw} s{ns}")
-    # power iteration GEMVs (CUDA cores: memory bound) on bf16 W (L None) and fp32 M, at the
-    # issue's shape (32 matrices of 4096²: 128-row blocks) and for one matrix (16-row blocks)
-    for dt, batch in (("bf16", 32), ("fp32", 32), ("fp32", 1)):
-        blk, chunk = _gemv_config(4096, batch, True)
-        ce = {"BLOCK_M": blk, "BLOCK_N": chunk, "XP": _p2(triton.cdiv(4096, blk)), "WRITE_V": False, "FRO": True,
-              "s_mn": 1}
-        add("mv_kernel", mv_kernel, {"m_ptr": f"*{dt}", "x_ptr": "*fp32", "xpart_ptr": "*fp32", "y_ptr": "*fp32",
-                                     "ypart_ptr": "*fp32", "v_ptr": "*fp32", "fpart_ptr": "*fp32"},
-            ce, 4, STREAM_STAGES, False, f"{dt} y = M v, {blk} rows x {chunk}")
-        ce = {"BLOCK_M": chunk, "BLOCK_N": blk, "s_mn": 1}
-        add("mtv_kernel", mtv_kernel, {"m_ptr": f"*{dt}", "y_ptr": "*fp32", "w_ptr": "*fp32", "wpart_ptr": "*fp32"},
-            ce, 4, STREAM_STAGES, False, f"{dt} w = Mᵀ y, {blk} cols x {chunk}")
-    bm, bn, nw = ELEM_CONFIG["cuda"]
-    for nuclear in (False, True):
-        ce = {"BLOCK_M": bm, "BLOCK_N": bn, "FP": 256, "SP": 64 if not nuclear else 256, "NUCLEAR": nuclear,
-              "s_mn": 1, "s_gn": 1}
-        if nuclear:
-            ce["s_pn"] = 1
-        add("epilogue_kernel", epilogue_kernel,
-            {"m_ptr": "*fp32", "p_ptr": "*fp32", "u_ptr": "*fp32", "v_ptr": "*fp32", "fpart_ptr": "*fp32",
-             "spart_ptr": "*fp32", "value_ptr": "*fp32", "g_ptr": "*fp32"},
-            ce, nw, 1, False, f"fp32 {'nuclear' if nuclear else 'stable (rank-1 fused)'} {bm}x{bn}")
-    rbm, rbn, rnw = ROWDOT_CONFIG["cuda"]
-    add("rowdot_kernel", rowdot_kernel, {"a_ptr": "*fp32", "b_ptr": "*fp32", "part_ptr": "*fp32"},
-        {"BLOCK_M": rbm, "BLOCK_N": rbn, "SAME": False, "s_an": 1, "s_bn": 1}, rnw, STREAM_STAGES, False,
-        f"fp32 <P, M> {rbm}x{rbn}")
-    add("scale_kernel", scale_kernel, {"a_ptr": "*fp32", "o_ptr": "*fp32", "fpart_ptr": "*fp32"},
-        {"BLOCK_M": bm, "BLOCK_N": bn, "FP": 256, "ROUND_TF32": True, "s_an": 1, "s_on": 1}, nw, 1, False,
-        f"fp32 X0 = M/|M|_F {bm}x{bn}")
+    specs, seen = [], set()
+    for Bt, m, n in AOT_SHAPES:
+        for name, fn, vals, ce, nw, ns, tc, label in _call_specs(Bt, m, n):
+            sig, constexprs, attrs = jit_specialization(fn, vals, ce)
+            key = (name, repr(sorted(sig.items())), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
+                   nw, ns)
+            if key in seen:  # the same compiled variant (e.g. a shape-independent reduction)
+                continue
+            seen.add(key)
+            specs.append({"name": name, "fn": fn, "signature": sig, "constexprs": constexprs, "attrs": attrs,
+                          "num_warps": nw, "num_stages": ns, "tensor_cores": tc,
+                          "vector_loads": _all_aligned(sig, attrs, fn), "config": label})
     return specs

@@ -37,7 +37,7 @@ import tempfile
 from dataclasses import dataclass
 
 __all__ = ["AotResult", "compile_all", "format_table", "parse_ptxas_log", "max_global_load_bytes",
-           "SHARED_LIMIT"]
+           "jit_specialization", "SHARED_LIMIT"]
 
 # Hopper: up to 227 KiB of shared memory per block (opt-in), 228 KiB per SM.
 SHARED_LIMIT = {90: 232448}
@@ -87,6 +87,42 @@ class AotResult:
         if self.vector_loads and not self.vectorized:
             out.append(f"global loads not 16-byte ({self.load_bytes} B widest)")
         return out
+
+
+def jit_specialization(fn, values: dict, constexprs: dict | None = None) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ``ASTSource``, specialized as Triton's JIT specializes a
+    call with these argument values: ``values`` maps every non-constexpr parameter of ``fn`` to a
+    pointer type string (``"*bf16"``: a tensor; assumed 16-byte aligned, as fresh torch allocations
+    are), an int, or a float. An int equal to 1 becomes the constant 1, an int divisible by 16 gets
+    the ``tt.divisibility`` 16 attribute (what makes Triton vectorize and pipeline loads), other
+    ints are ``i32`` (``i64`` past 2³¹), floats ``fp32``. ``constexprs``: the kernel's meta-parameters.
+    """
+    names = list(fn.arg_names)
+    constexprs = dict(constexprs or {})
+    missing = [n for n in names if n not in values and n not in constexprs]
+    if missing:
+        raise ValueError(f"{fn.__name__}: no value for {missing}")
+    sig, attrs = {}, {}
+    for n in names:
+        if n in constexprs:
+            sig[n] = "constexpr"
+            continue
+        v = values[n]
+        if isinstance(v, str):
+            sig[n] = v
+            attrs[(names.index(n),)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{fn.__name__}.{n}: expected a pointer type string, an int or a float, got {v!r}")
+        elif isinstance(v, float):
+            sig[n] = "fp32"
+        elif v == 1:
+            sig[n] = "constexpr"
+            constexprs[n] = 1
+        else:
+            sig[n] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+            if v % 16 == 0:
+                attrs[(names.index(n),)] = [["tt.divisibility", 16]]
+    return sig, constexprs, attrs
 
 
 def _modules():

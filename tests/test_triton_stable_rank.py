@@ -306,6 +306,69 @@ def test_tf32_output_rounding(nan_outputs):
     assert cosines(P, U @ Vh).min().item() >= 0.9999
 
 
+import triton.language as tl  # noqa: E402
+
+from prehab_svd.kernels.stable_rank import _round_tf32  # noqa: E402
+
+
+@triton.jit
+def _round_tf32_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(o_ptr + offs, _round_tf32(tl.load(x_ptr + offs, mask=ok, other=0.0)), mask=ok)
+
+
+def _round_tf32_ref(bits: torch.Tensor) -> torch.Tensor:
+    """Bit-exact reference (int64 arithmetic on the fp32 bit patterns): NaN and ±inf unchanged; a
+    finite value's magnitude rounded to 10 mantissa bits, ties away from zero (overflow to inf)."""
+    b = bits.to(torch.int64) & 0xFFFFFFFF
+    sign, mag = b & 0x80000000, b & 0x7FFFFFFF
+    special = (mag & 0x7F800000) == 0x7F800000
+    rounded = sign | ((mag + 0x1000) & 0x7FFFE000)
+    out = torch.where(special, b, rounded)
+    return torch.where(out >= 2 ** 31, out - 2 ** 32, out).to(torch.int32)
+
+
+def test_round_tf32_keeps_nan_and_inf():
+    """_round_tf32 on NaNs of every mantissa (0x7FFFFFFF is the GPU's canonical NaN: the old
+    add-and-mask carried it into the sign bit and returned −0.0), ±inf, the largest finite value
+    (rounds to inf), ties, subnormals and random values, against a bit-exact int64 reference."""
+    g = gen("round-nan")
+    special = [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFFF000, 0x7FFFEFFF,
+               0x7F800000, 0xFF800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x3F801000, 0x3F800FFF, 0xBF801000,
+               0x00001000, 0x80000FFF, 0x00000000, 0x80000000]
+    rnd = torch.randint(0, 2 ** 32, (301,), generator=g, dtype=torch.int64)
+    bits64 = torch.cat([torch.tensor(special, dtype=torch.int64), rnd])
+    bits = torch.where(bits64 >= 2 ** 31, bits64 - 2 ** 32, bits64).to(torch.int32)
+    x = bits.view(torch.float32).to(DEV)
+    out = torch.empty_like(x)
+    _round_tf32_kernel[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    got = out.cpu().view(torch.int32)
+    want = _round_tf32_ref(bits)
+    assert torch.equal(got, want), (got != want).nonzero()[:5]
+    assert torch.isnan(out[:6].cpu()).all() and torch.isnan(x[:6].cpu()).all()
+    assert torch.isinf(out[7:11].cpu()).all()  # ±inf kept, ±max finite rounds to ±inf
+    assert (got[:11] == bits[:11]).sum() == 9  # specials unchanged, but the two max-finite values
+
+
+def test_matrices_past_int32_offsets_go_to_the_reference(monkeypatch):
+    """In-matrix offsets are 32-bit in the kernels (the batch offset is 64-bit): a matrix spanning
+    2³¹ elements (here a meta tensor, no memory) is computed by the reference instead; one just
+    below does not."""
+    K = kmod()
+    calls = []
+    monkeypatch.setattr(K._ref, "stable_rank", lambda *a: calls.append(a) or "reference")
+    big = torch.empty_strided((2, 3, 5), (0, 2 ** 29, 1), device="meta")  # span 2·2²⁹ + 4 < 2³¹
+    assert K.offsets_fit_int32(big, None)
+    huge = torch.empty_strided((2, 5, 3), (0, 2 ** 29, 1), device="meta")  # span 4·2²⁹ + 2 > 2³¹
+    assert not K.offsets_fit_int32(huge, None)
+    assert not K.offsets_fit_int32(torch.empty(1, 4, 4, device="meta"),
+                                   torch.empty_strided((4, 4), (1, 2 ** 30), device="meta"))
+    # internal buffers: M = W L is [m, pad16(n)]; 46341² > 2³¹
+    assert not K.offsets_fit_int32(torch.empty_strided((1, 46341, 46341), (0, 1, 0), device="meta"), None)
+    assert K.stable_rank(huge, None, "stable", None, 2) == "reference" and len(calls) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # through the public dispatch and autograd
 # ---------------------------------------------------------------------------------------------
@@ -367,28 +430,61 @@ import json
 from prehab_svd import aot
 results = aot.compile_all(90, modules=["stable_rank"])
 print(json.dumps({"table": aot.format_table(results),
-                  "rows": [dict(module=r.module, name=r.name, ok=r.ok, failed=r.failed, wgmma=r.wgmma,
-                                tensor_cores=r.tensor_cores, shared=r.shared) for r in results]}))
+                  "rows": [dict(module=r.module, name=r.name, config=r.config, ok=r.ok, failed=r.failed,
+                                wgmma=r.wgmma, tensor_cores=r.tensor_cores, shared=r.shared,
+                                registers=r.registers, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
+                                load_bytes=r.load_bytes, vector_loads=r.vector_loads) for r in results]}))
 """
 
 
 @pytest.mark.slow
 def test_aot_compile_for_sm90():
-    """prehab_svd.aot.compile_all() on this module's specs: all compile for sm_90 within the shared
-    memory limit, and every tensor-core kernel (bf16 W L, tf32 GEMM and symmetric product) issues
-    wgmma. In a subprocess with the interpreter off (InterpretedFunctions cannot be compiled)."""
+    """prehab_svd.aot.compile_all() on this module's specs (every launch of stable_rank at 32 × 4096²
+    and at an odd n, specialized as the JIT specializes those calls): all compile for sm_90 within
+    the shared memory limit, none spills a register (ptxas -v), every aligned variant loads 16 bytes
+    per global access (the bf16 M = W L included: 2-byte loads when the alignment was not passed),
+    and every tensor-core kernel (bf16 W L, tf32 GEMM and symmetric product) issues wgmma. In a
+    subprocess with the interpreter off (InterpretedFunctions cannot be compiled)."""
     out = run_aot_script(_AOT_SCRIPT, timeout=900)
     rows, table = out["rows"], out["table"]
-    specs = kmod().aot_specs()
+    K = kmod()
+    specs = K.aot_specs()
     assert len(rows) == len(specs), table
     assert all(r["module"] == "stable_rank" for r in rows), table
     assert not any(r["failed"] for r in rows), table
+    assert all(r["registers"] and r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in rows), table
+    aligned = [r for r in rows if r["vector_loads"]]
+    assert len(aligned) >= 18 and all(r["load_bytes"] == 16 for r in aligned), table
+    assert all(r["config"].endswith("32x4096x4096") for r in aligned), table
     tc = [r for r in rows if r["tensor_cores"]]
     assert {r["name"] for r in tc} == {"bmm_kernel", "syrk_kernel"}, table
     assert all(r["wgmma"] for r in tc), table
     names = {s["name"] for s in specs}
     assert names == {"bmm_kernel", "syrk_kernel", "mv_kernel", "mtv_kernel", "epilogue_kernel",
                      "rowdot_kernel", "scale_kernel"}
+    # the odd-n launches are in the table too (the JIT compiles them for such shapes)
+    assert any(r["config"].endswith("32x4096x4093") and r["name"] == "mv_kernel" for r in rows), table
+
+
+def test_aot_specs_are_the_jit_specializations():
+    """The specs' signatures follow the JIT's rule on the launch arguments: an int equal to 1 is the
+    constant 1, one divisible by 16 carries the 16-divisibility attribute, pointers are aligned."""
+    K = kmod()
+    specs = K.aot_specs()
+    wl = [s for s in specs if s["config"].startswith("bf16 M = W L")]
+    assert len(wl) == 2
+    names = list(K.bmm_kernel.arg_names)
+    for s in wl:
+        odd = s["config"].endswith("4093")
+        assert s["constexprs"]["s_ak"] == 1 and s["constexprs"]["s_bn"] == 1 and s["constexprs"]["s_cn"] == 1
+        # s_am = n: divisible by 16 at n = 4096, not at 4093; s_cm = pad16(n) always (M's padded rows)
+        assert ((names.index("s_am"),) in s["attrs"]) is (not odd)
+        assert (names.index("s_cm"),) in s["attrs"]
+        assert (names.index("a_ptr"),) in s["attrs"] and s["signature"]["a_ptr"] == "*bf16"
+    mv_odd = [s for s in specs if s["name"] == "mv_kernel" and s["config"].startswith("bf16 W y = M v,")
+              and s["config"].endswith("4093")]
+    assert len(mv_odd) == 1 and mv_odd[0]["constexprs"]["BLOCK_N"] * mv_odd[0]["constexprs"]["BLOCK_M"] \
+        == K.GEMV_TILE[False]
 
 
 # ---------------------------------------------------------------------------------------------
