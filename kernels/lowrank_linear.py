@@ -14,8 +14,11 @@ Two paths, picked by the token count T (:func:`choose_path`; ``path=`` forces on
 
     1. ``_lowrank_down_kernel``, grid (r-blocks × in-splits × token-blocks): z = x Vᵀ. Each program
        reads one [BLOCK_R, in/split] slab of V; when ``in`` is split (needed to fill 132 SMs when r is
-       only a few hundred rows) the partial sums are added into z with fp32 atomics (z is zeroed
-       first), otherwise stored.
+       only a few hundred rows) the partial sums are either stored, one [T, r] slice per split, and
+       summed by the up kernel as it loads z (``split_reduce="load"``: the default for the GEMV
+       programs, T = 1, up to ``_LOAD_MAX_SPLIT`` splits: two launches in all, deterministic), or added
+       into one zeroed z with fp32 atomics (``"atomic"``: a memset launch more; the default for token
+       tiles, whose up to 16 splits of T·r partials would be re-read by every out-block).
     2. ``_lowrank_up_kernel``, grid (out-blocks × token-blocks): y = z Uᵀ + b, bias in the epilogue.
        Each program reads one [BLOCK_O, r] slab of U and all of z.
 
@@ -26,9 +29,12 @@ Two paths, picked by the token count T (:func:`choose_path`; ``path=`` forces on
     round trip but needs an fp32 y accumulator with T·out·(r/BLOCK_R) atomics, a memset of it and a
     final cast launch: more launches and more atomic traffic, not fewer bytes of factors. Here the
     only atomics are the in-split partial sums of z (T·r·split of them), and there are none at all
-    when the r-blocks alone fill the GPU (then the result is bitwise deterministic; with
-    ``split > 1`` the order of the fp32 atomic additions varies from run to run, so results may
-    differ in the last bits between runs).
+    when the r-blocks alone fill the GPU or the partials are summed on load (then the result is
+    bitwise deterministic; with atomics the order of the fp32 additions varies from run to run, so
+    results may differ in the last bits between runs). The price of summing on load: each up program
+    reads split·r fp32 words of z from L2 instead of r (T = 1, r = 819, 4 splits: 13 KB next to its
+    8·819·2 = 13 KB slab of U from HBM); whether that beats the memset launch is for bench/ on the GPU
+    (``split_reduce=`` forces either).
 
     T == 1 uses GEMV programs (``BLOCK_T == 1``: broadcast-multiply and ``tl.sum`` in fp32, no
     tensor cores: a GEMV has nothing for them to do, and z stays fp32 end to end). T > 1 uses
@@ -75,6 +81,11 @@ from prehab_svd.ops._triton import interpreting as _interpreting
 
 __all__ = ["lowrank_linear", "choose_path", "aot_specs", "DECODE_MAX_T"]
 
+# Decode path, in-split partial sums: up to this many splits of a GEMV (T = 1) down kernel are summed
+# by the up kernel when it loads z (2 launches, deterministic); more splits, and the token-tile
+# kernels (split up to 16, T·r per split), add into a zeroed z with fp32 atomics (3 launches).
+_LOAD_MAX_SPLIT = 8
+
 # Token count up to which the decode path (a) runs; above it the two tensor-core GEMMs (b).
 # At T ≈ 64 the decode path re-reads z (T·r fp32) from L2 once per out-block, which begins to cost as
 # much as streaming U, while the GEMM path's tiles fill the GPU from a few hundred tokens on; the
@@ -108,14 +119,26 @@ def choose_path(T: int) -> str:
 
 
 @triton.jit
+def _load_z(ptrs, mask, N_PARTS, stride_zs):
+    """z at ``ptrs``: the sum of the N_PARTS split partials stored stride_zs apart (in fp32, in a
+    fixed order: deterministic), or z itself for N_PARTS = 1 (a constexpr then: no loop)."""
+    z = tl.load(ptrs, mask=mask, other=0.0)
+    for p in range(1, N_PARTS):
+        z += tl.load(ptrs + tl.cast(stride_zs, tl.int64) * p, mask=mask, other=0.0)
+    return z
+
+
+@triton.jit
 def _lowrank_down_kernel(
     x_ptr, v_ptr, z_ptr,
     T, R, R_STORE, K, K_PER_SPLIT,
-    stride_xt, stride_xk, stride_vr, stride_vk, stride_zt, stride_zr,
+    stride_xt, stride_xk, stride_vr, stride_vk, stride_zs, stride_zt, stride_zr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """z[t, j] (+)= Σ_{k in this program's in-split} x[t, k] V[j, k], in fp32.
+    """z[s, t, j] (+)= Σ_{k in in-split s} x[t, k] V[j, k], in fp32: with stride_zs = 0 every split
+    adds into one z (ATOMIC, z zeroed first); with stride_zs = T·r16 each split stores its own partial
+    (summed by the up kernel on load: no memset launch, no atomics).
 
     Columns R ≤ j < R_STORE (z's row padding, R_STORE its 16-aligned row length) are stored as 0
     (their V rows are masked out): the store mask is then 16-aligned too, so stores are vectors."""
@@ -129,7 +152,7 @@ def _lowrank_down_kernel(
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     offs_kb = tl.arange(0, BLOCK_K)
     v_rows = v_ptr + offs_r.to(tl.int64)[:, None] * stride_vr
-    z_cols = offs_r.to(tl.int64) * stride_zr
+    z_cols = offs_r.to(tl.int64) * stride_zr + pid_k.to(tl.int64) * stride_zs
     if BLOCK_T == 1:
         # GEMV: one token per program; V tile [BLOCK_R, BLOCK_K] times the broadcast x chunk.
         x_row = x_ptr + pid_t.to(tl.int64) * stride_xt
@@ -172,12 +195,13 @@ def _lowrank_down_kernel(
 @triton.jit
 def _lowrank_up_kernel(
     z_ptr, u_ptr, b_ptr, y_ptr,
-    T, N, R,
-    stride_zt, stride_zr, stride_un, stride_ur, stride_yt, stride_yn,
+    T, N, R, N_PARTS,
+    stride_zs, stride_zt, stride_zr, stride_un, stride_ur, stride_yt, stride_yn,
     HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """y[t, o] = Σ_j z[t, j] U[o, j] + b[o]; z is the fp32 workspace of the down kernel.
+    """y[t, o] = Σ_j z[t, j] U[o, j] + b[o]; z is the fp32 workspace of the down kernel (the sum of
+    its N_PARTS split partials, stride_zs apart, when the down kernel stored partials).
 
     The r loop covers R_EVEN = 16·⌊R/16⌋ with 16-aligned masks (vector loads), then one 16-wide
     masked step for the last R − R_EVEN columns (see the note above the kernels)."""
@@ -196,7 +220,7 @@ def _lowrank_up_kernel(
             offs_r = r0 + offs_rb
             r_mask = offs_r < R_EVEN
             cr = offs_r.to(tl.int64)
-            zv = tl.load(z_row + cr * stride_zr, mask=r_mask, other=0.0)
+            zv = _load_z(z_row + cr * stride_zr, r_mask, N_PARTS, stride_zs)
             u = tl.load(u_rows + cr[None, :] * stride_ur, mask=o_mask[:, None] & r_mask[None, :],
                         other=0.0).to(tl.float32)
             acc += tl.sum(u * zv[None, :], axis=1)
@@ -204,7 +228,7 @@ def _lowrank_up_kernel(
             offs_r = R_EVEN + offs_rt
             r_mask = offs_r < R
             cr = offs_r.to(tl.int64)
-            zv = tl.load(z_row + cr * stride_zr, mask=r_mask, other=0.0)
+            zv = _load_z(z_row + cr * stride_zr, r_mask, N_PARTS, stride_zs)
             u = tl.load(u_rows + cr[None, :] * stride_ur, mask=o_mask[:, None] & r_mask[None, :],
                         other=0.0).to(tl.float32)
             acc += tl.sum(u * zv[None, :], axis=1)
@@ -222,8 +246,8 @@ def _lowrank_up_kernel(
             r_mask = offs_r < R_EVEN
             cr = offs_r.to(tl.int64)
             # z is rounded to the factors' dtype here (a no-op for fp32), like torch's baseline
-            zt = tl.load(z_rows + cr[None, :] * stride_zr, mask=t_mask[:, None] & r_mask[None, :],
-                         other=0.0).to(u_ptr.dtype.element_ty)
+            zt = _load_z(z_rows + cr[None, :] * stride_zr, t_mask[:, None] & r_mask[None, :], N_PARTS,
+                         stride_zs).to(u_ptr.dtype.element_ty)
             u = tl.load(u_rows + cr[None, :] * stride_ur, mask=o_mask[:, None] & r_mask[None, :],
                         other=0.0)
             acc = tl.dot(zt, tl.trans(u), acc, input_precision=DOT_PREC)
@@ -231,8 +255,8 @@ def _lowrank_up_kernel(
             offs_r = R_EVEN + offs_rt
             r_mask = offs_r < R
             cr = offs_r.to(tl.int64)
-            zt = tl.load(z_rows + cr[None, :] * stride_zr, mask=t_mask[:, None] & r_mask[None, :],
-                         other=0.0).to(u_ptr.dtype.element_ty)
+            zt = _load_z(z_rows + cr[None, :] * stride_zr, t_mask[:, None] & r_mask[None, :], N_PARTS,
+                         stride_zs).to(u_ptr.dtype.element_ty)
             u = tl.load(u_rows + cr[None, :] * stride_ur, mask=o_mask[:, None] & r_mask[None, :],
                         other=0.0)
             acc = tl.dot(zt, tl.trans(u), acc, input_precision=DOT_PREC)
@@ -456,7 +480,7 @@ def _plan_gemm(x2, U, V, bias, y, prec, cuda, n_sm) -> list[_Launch]:
             _gemm_launch(z, U, (U.stride(1), U.stride(0)), bias, y, U.shape[0], prec, cuda, n_sm, "gemm-y")]
 
 
-def _plan_decode(x2, U, V, bias, y, prec, split_k, block_t, cuda, n_sm) -> list[_Launch]:
+def _plan_decode(x2, U, V, bias, y, prec, split_k, block_t, cuda, n_sm, split_reduce="auto") -> list[_Launch]:
     T, K = x2.shape
     R = V.shape[0]
     N = U.shape[0]
@@ -471,23 +495,31 @@ def _plan_decode(x2, U, V, bias, y, prec, split_k, block_t, cuda, n_sm) -> list[
     split_k = max(1, min(int(split_k), triton.cdiv(max(K, 1), cfg.down_k)))
     k_per_split = triton.cdiv(triton.cdiv(max(K, 1), split_k), cfg.down_k) * cfg.down_k
     split_k = triton.cdiv(max(K, 1), k_per_split)  # no empty splits
-    atomic = split_k > 1
-    # fp32 workspace [T, r] in a [T, r16] buffer (16-aligned rows); tiny (T·r words); zeroed only when
-    # split partial sums are added into it
+    if split_reduce == "auto":
+        split_reduce = "load" if cfg.block_t == 1 and split_k <= _LOAD_MAX_SPLIT else "atomic"
+    if split_reduce not in ("atomic", "load"):
+        raise ValueError(f"split_reduce must be 'auto', 'atomic' or 'load', got {split_reduce!r}")
+    atomic = split_k > 1 and split_reduce == "atomic"
+    n_parts = split_k if split_k > 1 and not atomic else 1
+    # fp32 workspace [T, r] in a [T, r16] buffer (16-aligned rows); tiny (T·r words). Split partial
+    # sums either go into one zeroed z with atomics, or each into its own [T, r16] slice of an
+    # [n_parts, T, r16] buffer, summed by the up kernel when it loads z.
     R_pad = _pad16(R)
     z = (torch.zeros((T, R_pad), dtype=torch.float32, device=dev) if atomic
-         else _empty((T, R_pad), torch.float32, dev))
+         else _empty((n_parts, T, R_pad), torch.float32, dev))
+    zs = 0 if z.dim() == 2 else z.stride(0)
     down = _Launch(
         _lowrank_down_kernel, (n_r, split_k, n_t),
         dict(x_ptr=x2, v_ptr=V, z_ptr=z, T=T, R=R, R_STORE=R_pad, K=K, K_PER_SPLIT=k_per_split,
              stride_xt=x2.stride(0), stride_xk=x2.stride(1), stride_vr=V.stride(0), stride_vk=V.stride(1),
-             stride_zt=z.stride(0), stride_zr=z.stride(1)),
+             stride_zs=zs, stride_zt=z.stride(-2), stride_zr=z.stride(-1)),
         dict(BLOCK_T=cfg.block_t, BLOCK_R=cfg.down_r, BLOCK_K=cfg.down_k, ATOMIC=atomic, DOT_PREC=prec),
         cfg.down_warps, cfg.stages, "down")
     up = _Launch(
         _lowrank_up_kernel, (triton.cdiv(N, cfg.up_o), n_t),
-        dict(z_ptr=z, u_ptr=U, b_ptr=bias if bias is not None else y, y_ptr=y, T=T, N=N, R=R,
-             stride_zt=z.stride(0), stride_zr=z.stride(1), stride_un=U.stride(0), stride_ur=U.stride(1),
+        dict(z_ptr=z, u_ptr=U, b_ptr=bias if bias is not None else y, y_ptr=y, T=T, N=N, R=R, N_PARTS=n_parts,
+             stride_zs=zs, stride_zt=z.stride(-2), stride_zr=z.stride(-1), stride_un=U.stride(0),
+             stride_ur=U.stride(1),
              stride_yt=y.stride(0), stride_yn=y.stride(1)),
         dict(HAS_BIAS=bias is not None, BLOCK_T=cfg.block_t, BLOCK_O=cfg.up_o, BLOCK_R=cfg.up_r,
              DOT_PREC=prec),
@@ -495,9 +527,9 @@ def _plan_decode(x2, U, V, bias, y, prec, split_k, block_t, cuda, n_sm) -> list[
     return [down, up]
 
 
-def _plan(path, x2, U, V, bias, y, prec, split_k, block_t, cuda, n_sm) -> list[_Launch]:
+def _plan(path, x2, U, V, bias, y, prec, split_k, block_t, cuda, n_sm, split_reduce="auto") -> list[_Launch]:
     if path == "decode":
-        return _plan_decode(x2, U, V, bias, y, prec, split_k, block_t, cuda, n_sm)
+        return _plan_decode(x2, U, V, bias, y, prec, split_k, block_t, cuda, n_sm, split_reduce)
     return _plan_gemm(x2, U, V, bias, y, prec, cuda, n_sm)
 
 
@@ -523,12 +555,14 @@ def lowrank_linear(
     path: str = "auto",
     split_k: Optional[int] = None,
     block_t: Optional[int] = None,
+    split_reduce: str = "auto",
 ) -> torch.Tensor:
     """``y = (x Vᵀ) Uᵀ + bias`` with Triton: x [..., in], V [r, in], U [out, r], bias [out] -> [..., out].
 
     ``path``: ``"auto"`` (by token count, :func:`choose_path`), ``"decode"`` or ``"gemm"``.
-    ``split_k`` (decode path): number of in-splits of the down kernel (None: heuristic; > 1 adds the
-    partial sums with fp32 atomics). ``block_t`` (decode path): token tile, 1 for GEMV programs or a
+    ``split_k`` (decode path): number of in-splits of the down kernel (None: heuristic).
+    ``split_reduce`` (decode path, split_k > 1): ``"load"`` (partials summed by the up kernel),
+    ``"atomic"`` (fp32 atomics into a zeroed z) or ``"auto"`` (see the module docstring). ``block_t`` (decode path): token tile, 1 for GEMV programs or a
     power of two ≥ 16 for tensor-core tiles (None: 1 when T == 1, else 16-64). These keywords are for
     tests and benchmarks; the dispatch calls the positional form.
     """
@@ -571,7 +605,7 @@ def lowrank_linear(
         path = choose_path(T)
     prec = _dot_precision(dtype, dev)
     cuda = dev.type == "cuda"
-    launches = _plan(path, x2, U, V, bias, y, prec, split_k, block_t, cuda, _num_sms(dev))
+    launches = _plan(path, x2, U, V, bias, y, prec, split_k, block_t, cuda, _num_sms(dev), split_reduce)
     if cuda:
         with torch.cuda.device(dev):
             _execute(launches)

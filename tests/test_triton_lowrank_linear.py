@@ -95,10 +95,35 @@ def test_larger_shape(dtype, path, lead):
 
 @pytest.mark.parametrize("T", [1, 17])
 @pytest.mark.parametrize("split_k", [1, 2, 5])
-def test_decode_split_in(T, split_k):
-    """The down kernel's in-splits: plain stores (split 1) and fp32 atomics into a zeroed z."""
+@pytest.mark.parametrize("split_reduce", ["auto", "atomic", "load"])
+def test_decode_split_in(T, split_k, split_reduce):
+    """The down kernel's in-splits: plain stores (split 1), fp32 atomics into a zeroed z, and one
+    partial per split in a NaN-prefilled buffer summed by the up kernel on load (a partial no program
+    wrote would poison y)."""
     x, U, V, b = _make((T,), 150, 41, 23, torch.float32, seed=split_k)
-    _check(lk.lowrank_linear(x, U, V, b, path="decode", split_k=split_k), x, U, V, b)
+    _check(lk.lowrank_linear(x, U, V, b, path="decode", split_k=split_k, split_reduce=split_reduce),
+           x, U, V, b)
+
+
+def test_decode_gemv_split_is_two_launches_without_memset(monkeypatch):
+    """T = 1 with in-splits: by default the partials are summed on load, so the plan is the two
+    kernels and nothing else (no zeroed workspace: torch.zeros is never called); token tiles with
+    splits keep the atomics into a zeroed z."""
+    x, U, V, b = _make((1,), 150, 41, 23, torch.float32)
+    y = torch.empty(1, 41)
+    zeros = []
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: zeros.append(a) or real_zeros(*a, **k))
+    plan = lk._plan("decode", x, U, V, b, y, "ieee", 4, None, False, 4)
+    assert [ln.kind for ln in plan] == ["down", "up"] and not zeros
+    down, up = plan
+    assert not down.meta["ATOMIC"] and up.args["N_PARTS"] == down.grid[1] == 3  # K=150: 3 splits of 64
+    assert down.args["stride_zs"] == up.args["stride_zs"] == lk._pad16(23)
+    x17 = torch.randn(17, 150)
+    plan = lk._plan("decode", x17, U, V, b, torch.empty(17, 41), "ieee", 4, None, False, 4)
+    assert plan[0].meta["ATOMIC"] and plan[1].args["N_PARTS"] == 1 and len(zeros) == 1
+    with pytest.raises(ValueError, match="split_reduce"):
+        lk.lowrank_linear(x, U, V, b, path="decode", split_k=2, split_reduce="tree")
 
 
 @pytest.mark.parametrize("T,block_t", [(3, 1), (5, 32), (70, 16)])
@@ -409,3 +434,20 @@ def test_cuda_bf16_dispatch_and_fp32_tf32_off():
             _check(lk.lowrank_linear(x, U, V, b, path=path), x, U, V, b)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@needs_cuda
+@pytest.mark.parametrize("path,block_t", [("decode", 64), ("gemm", None)])
+def test_cuda_int64_offsets_column_major_x(path, block_t):
+    """A column-major x with T·in ≥ 2³¹: the element (t, k) sits at t + k·T, past int32 for the last
+    columns (k·T with T = 2¹⁹ + 3, k ≥ 4096). int32 offsets would wrap and read the wrong memory."""
+    T, K, N, R = 2 ** 19 + 3, 4100, 64, 40
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(K, T, device="cuda", dtype=torch.float16, generator=g).T  # 4.3 GB, stride (1, T)
+    assert x.stride(1) * (K - 1) >= 2 ** 31
+    U = (torch.randn(N, R, device="cuda", generator=g) / R ** 0.5).half()
+    V = (torch.randn(R, K, device="cuda", generator=g) / K ** 0.5).half()
+    y = lk.lowrank_linear(x, U, V, None, path=path, block_t=block_t)
+    assert torch.isfinite(y).all()
+    for rows in (slice(0, 8), slice(T - 8, T)):
+        _check(y[rows], x[rows], U, V, None)
