@@ -234,6 +234,20 @@ def _whitening_factors(model, plan, calib: list, wanted: set, damping: float, bl
     return factors, tokens
 
 
+def _op_factor(Ls: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
+    """The whitening factors as passed to the stable-rank op: in bf16 when the weights are bf16, else
+    the stored fp32. The op (its documented numerics: fp32 accumulation throughout) multiplies a bf16
+    W by a bf16 L on the bf16 tensor cores (exact products, fp32 accumulation, twice tf32's rate); with
+    an fp32 L it upcasts W and runs tf32, which truncates L to 10 mantissa bits. Everything after
+    M = W L stays fp32. Rounding L to bf16 (8 bits, round to nearest) changes each entry by at most
+    2⁻⁹ relative, unbiased: inside the op's bf16 tolerance (1e-2) and immaterial to a regularizer's
+    direction; bf16 has fp32's exponent range, so no factor overflows or flushes.
+    fp16 weights keep the fp32 factor (fp16's range could flush small entries of L). The tail
+    surrogate and the truncation (fp64 SVDs of W·L) keep the fp32 factor. The cast is one pass over
+    the n×n factors per step, against the op's 2·m·n² multiply."""
+    return Ls.to(torch.bfloat16) if weight_dtype == torch.bfloat16 else Ls
+
+
 class WhitenedTargets:
     """The targeted weights grouped by shape, with their whitening factors and power-iteration states.
 
@@ -306,11 +320,12 @@ class WhitenedTargets:
                     cold, _ = ops.reference.power_start(None, n_all, W.shape[2], W.device,
                                                         ops.reference.compute_dtype(W.dtype), None)
                     state, iters = cold[rows], ops.reference.STABLE_ITERS_COLD
+            Lop = _op_factor(Ls, W.dtype)
             if grad:
-                val, new_state = ops.stable_rank_loss(W, Ls, kind=kind, state=state, iters=iters,
+                val, new_state = ops.stable_rank_loss(W, Lop, kind=kind, state=state, iters=iters,
                                                       backend=self.backend)
             else:
-                val, _g, new_state = ops.stable_rank(W, Ls, kind=kind, state=state, iters=iters,
+                val, _g, new_state = ops.stable_rank(W, Lop, kind=kind, state=state, iters=iters,
                                                      backend=self.backend)
             if kind == "stable":
                 for n, st in zip(names, new_state.detach().unbind(0)):

@@ -113,6 +113,42 @@ def test_surrogate_gradient_matches_autograd_through_float64_svd(make_model, mak
         assert (w.grad - W.grad).norm() < 1e-4 * W.grad.norm(), n
 
 
+@pytest.mark.parametrize("kind", ["stable", "nuclear"])
+def test_bf16_weights_get_a_bf16_factor(kind, make_model, make_batches, monkeypatch):
+    """With bf16 weights the op gets L in bf16 (the bf16 tensor-core path of M = W L, not tf32);
+    fp32 weights keep the fp32 factor. The values stay within the op's bf16 tolerance of the float64
+    surrogate of W·L with the exact (fp32) factor."""
+    import prehab_svd.ops as ops
+    from prehab_svd.prehab import _square_factor
+
+    model = make_model("llama")
+    batches = make_batches(n=2, batch=2)
+    names = plan_targets(model).targets
+    grams = layer_input_grams(model, names, batches)
+    factors = {n: _square_factor(g, 0.0) for n, (g, _t) in grams.items()}
+    seen = []
+    real = ops.stable_rank
+
+    def spy(W, L=None, **kw):
+        seen.append((W.dtype, None if L is None else L.dtype))
+        return real(W, L, **kw)
+
+    monkeypatch.setattr(ops, "stable_rank", spy)
+    WhitenedTargets(model, names, factors).values(kind, grad=False)
+    assert seen and all(ld == torch.float32 for _wd, ld in seen)
+    seen.clear()
+    model = model.to(torch.bfloat16)
+    wt = WhitenedTargets(model, names, factors)
+    for _ in range(30):  # warm-started power iteration ("stable") converges over calls
+        vals = wt.values(kind, grad=False)
+    assert seen and all(wd == torch.bfloat16 and ld == torch.bfloat16 for wd, ld in seen)
+    for n, v in zip(names, vals):
+        M = model.get_submodule(n).weight.double() @ factors[n].to(torch.float32).double()
+        s = torch.linalg.svdvals(M)
+        want = s.square().sum() / s[0].square() if kind == "stable" else s.sum().square() / s.square().sum()
+        assert abs(v.item() - want.item()) <= 1e-2 * want.item(), (n, v.item(), want.item())
+
+
 def test_tail_surrogate_value_and_gradient_match_float64_svd(make_model, make_batches):
     """surrogate="tail": Σ_{i>r}σᵢ²/‖WL‖_F² at the rank keep_ratio gives each shape, its gradient
     (top-r subspace held fixed) equal to autograd through a float64 SVD."""
