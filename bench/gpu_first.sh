@@ -216,6 +216,10 @@ main() {
         echo "|---|---|---|---|"
         printf '%s\n' "${ROWS[@]}"
         echo
+        if command -v nvidia-smi >/dev/null 2>&1; then
+            echo "After the run: $(nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 | tr '\n' ' ')"
+            echo
+        fi
         if [ -f "$OUT/ratios.json" ]; then
             "$PY" bench/ratios.py --render "$OUT/ratios.json" 2>&1
         else

@@ -506,6 +506,12 @@ class Run:
             self.common.free_device_memory()
 
     def run(self):
+        try:  # the device's measured ceilings, for reading the rows' TFLOP/s and GB/s
+            from prehab_svd.profiling import measure_peaks
+
+            self.result["peaks"] = measure_peaks(self.device, self.dtype if self.device.type == "cuda" else None)
+        except Exception as e:
+            self.result["errors"].append(f"peaks: {type(e).__name__}: {str(e)[:200]}")
         for op in self.args.ops:
             try:
                 {"lowrank_linear": self.lowrank, "covariance_update": self.covariance,
@@ -549,6 +555,10 @@ def render(result: dict, compact: bool = False) -> str:
            f"triton {env.get('triton')}, CUDA {env.get('cuda')}): ratio = baseline time / variant time "
            "(>1: faster than the strongest plain-torch path)" + ("; cells eager/graph" if compact else "")
            + "; err = rel. error vs float64"]
+    pk = result.get("peaks")
+    if pk:
+        out.append(f"- measured peaks: {pk['matmul_tflops']:.3g} TFLOP/s ({pk['matmul_dtype']} matmul {pk['matmul_size']}³), "
+                   f"{pk['copy_gbps']:.3g} GB/s (copy, read + write)")
     if not compact:
         out += [f"- baseline {op}: {name}" for op, name in result.get("baselines", {}).items()]
     for op in OPS:
