@@ -104,13 +104,18 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 
 __device__ __forceinline__ float safe_inv(float s) { return s > 0.f ? __frcp_rn(s) : 0.f; }
 
-// 16-byte asynchronous copy global -> shared; pred false writes 16 zero bytes (reads nothing).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+// 16-byte asynchronous copy global -> shared that reads only the first n (0..16) bytes at gmem and
+// zero-fills the rest (PTX cp.async's src-size): a chunk straddling the end of a row is copied
+// without reading past it. gmem must be 16-byte aligned even when n < 16.
+__device__ __forceinline__ void cp_async16_n(void* smem, const void* gmem, int n) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
 #endif
+}
+// 16-byte asynchronous copy global -> shared; pred false writes 16 zero bytes (reads nothing).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  cp_async16_n(smem, gmem, pred ? 16 : 0);
 }
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -140,8 +145,10 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[E
 
 // A [ROWS][COLS] tile of a row-major matrix g (row stride ldg elements) into shared memory s (row
 // stride LDS), rows row0.. (valid below row_end), columns col0.. (valid below col_end); the rest is
-// zero. VEC: 16-byte cp.async chunks; the caller guarantees 16-byte aligned rows, col0 and col_end
-// multiples of the chunk, so a chunk is entirely valid or entirely out. Else element by element.
+// zero. VEC: 16-byte cp.async chunks; the caller guarantees 16-byte aligned rows and col0 a multiple
+// of the chunk. A chunk that straddles col_end (a ragged K such as the rank 819 of a padded U) reads
+// only its valid bytes (cp.async src-size) and zero-fills the rest, so col_end may be anything. Else
+// (not VEC) element by element.
 template <typename T, int ROWS, int COLS, int LDS, int NT, bool VEC>
 __device__ __forceinline__ void load_tile(T* __restrict__ s, const T* __restrict__ g, int64_t ldg, int64_t row0,
                                           int64_t row_end, int64_t col0, int64_t col_end) {
@@ -156,7 +163,9 @@ __device__ __forceinline__ void load_tile(T* __restrict__ s, const T* __restrict
         const int r = q / CPR, c = (q % CPR) * E;
         const int64_t gr = row0 + r, gc = col0 + c;
         const bool ok = gr < row_end && gc < col_end;
-        cp_async16(s + r * LDS + c, ok ? static_cast<const void*>(g + gr * ldg + gc) : static_cast<const void*>(g), ok);
+        const int bytes = ok ? static_cast<int>(min(static_cast<int64_t>(E), col_end - gc) * sizeof(T)) : 0;
+        cp_async16_n(s + r * LDS + c, ok ? static_cast<const void*>(g + gr * ldg + gc) : static_cast<const void*>(g),
+                     bytes);
       }
     }
   } else {
@@ -538,9 +547,12 @@ __global__ void __launch_bounds__(GV_NT) gemv_nt_kernel(const TA* __restrict__ A
   for (int m = 0; m < MT; ++m) acc[m] = 0.f;
   const TB* brow = B + n * ldb;
   if constexpr (VEC) {
+    // whole 16-byte vectors below k_vec (k0 is a multiple of E: the splits are multiples of 32·E),
+    // then the last (k1 − k0) mod E elements (a ragged rank: K = r for the up product) one by one
     constexpr int E = 16 / sizeof(TB);
+    const int64_t k_vec = k0 + ((k1 - k0) / E) * E;
 #pragma unroll 2
-    for (int64_t k = k0 + lane * E; k < k1; k += 32 * E) {
+    for (int64_t k = k0 + lane * E; k < k_vec; k += 32 * E) {
       float bv[E];
       load_vec<TB, E>(brow + k, bv);
 #pragma unroll
@@ -552,6 +564,12 @@ __global__ void __launch_bounds__(GV_NT) gemv_nt_kernel(const TA* __restrict__ A
           for (int e = 0; e < E; ++e) acc[m] = fmaf(av[e], bv[e], acc[m]);
         }
       }
+    }
+    for (int64_t k = k_vec + lane; k < k1; k += 32) {
+      const float bv = Cvt<TB>::to(brow[k]);
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+        if (m < M) acc[m] = fmaf(Cvt<TA>::to(A[m * lda + k]), bv, acc[m]);
     }
   } else {
 #pragma unroll 4
@@ -1082,14 +1100,18 @@ void lowrank_decode(const at::Tensor& x, const at::Tensor& U, const at::Tensor& 
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t es = x.element_size();
   const int64_t E = 16 / es;
-  // z = x Vᵀ in fp32, rows padded to a multiple of 8 (16-byte aligned row starts)
-  const int64_t ldz = round_up(std::max<int64_t>(R, 1), 8);
+  // z = x Vᵀ in fp32, rows padded to a multiple of 16 elements (16-byte aligned row starts)
+  const int64_t ldz = round_up(std::max<int64_t>(R, 1), kAlign);
   const auto f32 = x.options().dtype(at::kFloat);
   const CT* Vp = reinterpret_cast<const CT*>(V.data_ptr());
   const CT* Up = reinterpret_cast<const CT*>(U.data_ptr());
-  const bool vec_down = K % E == 0 && x.stride(0) % E == 0 && V.stride(0) % E == 0 && aligned16(x.data_ptr()) &&
+  // 16-byte loads need 16-byte aligned row starts only: the kernels finish a ragged K (in, or the
+  // rank r for the up product) element by element. So a rank that is not a multiple of 8 (819, 1228,
+  // 1638, 1791 ...) still takes the vector path when U's rows are padded (LowRankLinear stores U as a
+  // view of an [out, r16] buffer); an unpadded [out, 819] U has misaligned rows and scalar loads.
+  const bool vec_down = x.stride(0) % E == 0 && V.stride(0) % E == 0 && aligned16(x.data_ptr()) &&
                         aligned16(V.data_ptr());
-  const bool vec_up = R % E == 0 && U.stride(0) % E == 0 && aligned16(U.data_ptr());
+  const bool vec_up = U.stride(0) % E == 0 && aligned16(U.data_ptr());
 
   DecodeOut o{};
   o.ldy = y.stride(0);
@@ -1159,7 +1181,10 @@ at::Tensor lowrank_linear(const at::Tensor& x_in, const at::Tensor& U_in, const 
   if (path == kPathCublas || R == 0 || K == 0) {
     // Many tokens: two compute-bound GEMMs, where cuBLAS is the fastest kernel available (the same
     // calls as the reference, bias fused into the second GEMM's epilogue).
-    const at::Tensor z = at::mm(x_in, V_in.t());
+    // z in a [T, r16] buffer: cuBLAS(Lt) takes its fast kernels only for 16-byte aligned leading
+    // dimensions, which an odd rank's [T, r] z would not have.
+    at::Tensor z = at::empty({Tn, round_up(std::max<int64_t>(R, 1), kAlign)}, x_in.options()).narrow(1, 0, R);
+    at::mm_out(z, x_in, V_in.t());
     if (bias.defined()) {
       at::addmm_out(y, bias, z, U_in.t());
     } else {
@@ -1295,6 +1320,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stable_rank(const at::Tensor& W, 
                                                         fpart.data_ptr<float>(), nred);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // Newton–Schulz exactly as reference.polar_newton_schulz, on cuBLAS (the iterate stays fp32).
+    // Precision (a documented choice): these fp32 bmm/baddbmm calls follow torch's global TF32 switch
+    // (torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision), exactly as the
+    // reference's torch.bmm does on the same GPU: SGEMM by default, TF32 tensor cores when the caller
+    // allows them. Forcing TF32 (or bf16 operands) here would break the match with the torch backend
+    // (tests: 1e-5) and, per kernels/stable_rank.py's measurement, move the nuclear value ~1.6e-3 off
+    // the float64 one (tests: 1e-4) unless every product's output is re-rounded to TF32, which
+    // cuBLAS cannot do; the Triton backend is the tensor-core Newton–Schulz.
     const at::Tensor fro = fpart.sum(1).sqrt_();
     const at::Tensor inv_f = at::where(fro > 0, fro.reciprocal(), at::zeros_like(fro));
     at::Tensor X = M * inv_f.view({B, 1, 1});

@@ -14,6 +14,9 @@ namespace prehab_svd {
 // the tensor-core decode kernels (16-bit) up to kDecodeMaxT, cuBLAS above.
 constexpr int64_t kGemvMaxT = 8;
 constexpr int64_t kDecodeMaxT = 64;
+// Row length (elements) the low-rank linear pads its intermediate z to, and LowRankLinear pads U and
+// V to (prehab_svd.layers.ALIGN): 16-byte aligned rows for every dtype.
+constexpr int64_t kAlign = 16;
 
 // Paths of lowrank_linear, for tests and benchmarks (0 = choose by the token count).
 enum LowRankPath : int64_t { kPathAuto = 0, kPathGemv = 1, kPathTensorCore = 2, kPathCublas = 3 };

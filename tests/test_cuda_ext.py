@@ -415,3 +415,53 @@ def test_lowrank_linear_op_strided_and_autograd(dtype):
     ops.lowrank_linear(xr, Ur, Vr, b, backend="torch").sum().backward()
     for a, r in ((xs, xr), (Us, Ur), (Vs, Vr)):
         assert rel(a.grad, r.grad) <= TOL[dtype]
+
+
+def _padded_cuda(rows, cols, dtype, g, scale=1.0):
+    """[rows, cols] as LowRankLinear stores a factor: a view of a [rows, cols16] buffer, padding NaN
+    (a kernel that reads past column `cols` poisons its output)."""
+    buf = torch.full((rows, -(-cols // 16) * 16), float("nan"))
+    buf[:, :cols] = torch.randn(rows, cols, generator=g) * scale
+    return _cuda_tensor(buf, dtype)[:, :cols]
+
+
+# ranks that are not multiples of 8 or 16 (LLaMA-7B's 819, 1228 at small widths), one that is
+LR_RAGGED = [(64, 48, 13), (1024, 96, 819), (520, 40, 1228), (256, 64, 48)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("K,N,R", LR_RAGGED)
+@pytest.mark.parametrize("T", [1, 5, 16, 40, 100])
+def test_lowrank_linear_ragged_rank_padded_factors(T, K, N, R, dtype):
+    """Padded factors (16-aligned row strides, NaN padding) at ragged ranks: every path takes its
+    16-byte vector loads (rows aligned) and finishes the last r mod 8 columns element by element;
+    nothing past column r is read (the NaN would reach y), z's padded rows are never read past r."""
+    mod = _cuda.load()
+    g = gen("lr-ragged", T, K, N, R, dtype)
+    x = _padded_cuda(T, K, dtype, g)
+    V = _padded_cuda(R, K, dtype, g, K ** -0.5)
+    U = _padded_cuda(N, R, dtype, g, R ** -0.5)
+    b = _cuda_tensor(torch.randn(N, generator=g), dtype)
+    ref = _lr_oracle(x, U, V, b)
+    paths = ["auto", "cublas"] + (["gemv"] if T <= mod.GEMV_MAX_T else []) + \
+        (["tensor_core"] if dtype != torch.float32 else [])
+    for path in paths:
+        out = torch.full((T, N), float("nan"), dtype=dtype, device="cuda")
+        mod.lowrank_linear(x, U, V, b, mod.PATHS[path], out)
+        assert torch.isfinite(out).all(), f"{path}: an output element was not written, or padding was read"
+        assert rel(out, ref) <= TOL[dtype], f"{path}: relative error {rel(out, ref):.2e}"
+
+
+@needs_gpu
+def test_lowrank_layer_on_cuda_backend_is_padded_and_right():
+    from prehab_svd import LowRankLinear
+
+    torch.manual_seed(0)
+    layer = LowRankLinear(96, 80, 819 % 96, backend="cuda").to("cuda", torch.bfloat16)
+    assert layer.U.stride(0) % 16 == 0 and layer.U.stride(0) != layer.rank
+    for T in (1, 7, 33, 200):
+        x = torch.randn(T, 96, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = layer(x)
+        assert rel(y, _lr_oracle(x, layer.U, layer.V, layer.bias)) <= TOL[torch.bfloat16]
