@@ -270,7 +270,7 @@ class Run:
         self.modes = [m for m in args.modes if m != "graph" or self.device.type == "cuda"]
         self.timer = Timer(self.device, args.target_s, args.samples)
         self.t_end = None if args.budget_s is None else time.monotonic() + args.budget_s
-        self.gen = torch.Generator().manual_seed(args.seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(args.seed)  # inputs drawn where they live
         self.result = {
             "kind": "ratios", "schema": SCHEMA, "env": common.environment(str(self.device)),
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
@@ -287,8 +287,8 @@ class Run:
         return float("inf") if self.t_end is None else self.t_end - time.monotonic()
 
     def randn(self, *shape, scale=1.0, dtype=None):
-        t = torch.randn(*shape, generator=self.gen) * scale
-        return t.to(self.device, dtype or self.dtype)
+        t = torch.randn(*shape, generator=self.gen, device=self.device) * scale
+        return t.to(dtype or self.dtype)
 
     def save(self):
         if self.args.json:
@@ -301,11 +301,15 @@ class Run:
         self.result["backends"][op] = names
         return names
 
-    def measure(self, op, case, variant, calls_fn, err, extra=None):
+    def measure(self, op, case, variant, calls_fn, err, extra=None, graph_ok=True):
         """Time ``calls_fn`` (a list of zero-argument calls, one per input set) in every mode."""
         rows = []
         for mode in self.modes:
             row = {"op": op, "case": case, "variant": variant, "mode": mode, "rel_err": err, **(extra or {})}
+            if mode == "graph" and not graph_ok:
+                row["na"] = "not captured: the cold start draws its vector with a fresh generator"
+                rows.append(row)
+                continue
             try:
                 def step():
                     for c in calls_fn:
@@ -469,7 +473,7 @@ class Run:
             # triangle (a Cholesky factor of a covariance), both in the weights' dtype; L shared by the
             # batch, as q/k/v (and gate/up) share their input's covariance
             Ws = [self.randn(B, m, n, scale=n ** -0.5) for _ in range(K)]
-            L32 = (torch.eye(n) + torch.randn(n, n, generator=self.gen).tril(-1) * (0.3 / n ** 0.5)).to(self.device)
+            L32 = torch.eye(n, device=self.device) + self.randn(n, n, dtype=torch.float32).tril(-1) * (0.3 / n ** 0.5)
             L = L32.to(self.dtype)
             L32 = L.float()  # the same rounded factor for every variant and the oracle
             with torch.no_grad():
@@ -494,13 +498,15 @@ class Run:
 
                 rows = []
                 with torch.no_grad():
+                    # a cold start draws its vector from a new generator each call: not capturable
+                    graph_ok = kind != "stable-cold"
                     base = [lambda W=W: base_fn(W, L, L32, k, state, iters) for W in Ws]
-                    rows += self.measure("stable_rank", case, "baseline", base, err_of(base[0]()))
+                    rows += self.measure("stable_rank", case, "baseline", base, err_of(base[0]()), graph_ok=graph_ok)
                     for be in backends:
                         calls = [lambda W=W, be=be: ops.stable_rank(W, L, kind=k, state=state, iters=iters, backend=be)
                                  for W in Ws]
                         err = self.call_errors(f"stable_rank {case} {be}", lambda: err_of(calls[0]()))
-                        rows += self.measure("stable_rank", case, be, calls, err)
+                        rows += self.measure("stable_rank", case, be, calls, err, graph_ok=graph_ok)
                 self.finish_case(rows)
             del Ws, L, L32
             self.common.free_device_memory()
@@ -532,6 +538,8 @@ class Run:
 def _fmt_ratio(r) -> str:
     if r is None:
         return "-"
+    if "na" in r:
+        return "n/a"
     if "error" in r:
         return "ERR"
     return f"{r['ratio']:.3g}x" if "ratio" in r else "-"

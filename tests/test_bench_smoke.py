@@ -187,11 +187,17 @@ def test_render_shows_failures_and_partial_runs():
            "rows": [{"op": "covariance_update", "case": "d=5", "variant": "baseline", "mode": "eager",
                      "seconds": 1e-3, "ratio": 1.0, "rel_err": 1e-7},
                     {"op": "covariance_update", "case": "d=5", "variant": "triton", "mode": "eager",
-                     "error": "RuntimeError: boom", "rel_err": None}],
+                     "error": "RuntimeError: boom", "rel_err": None},
+                    {"op": "covariance_update", "case": "d=5", "variant": "baseline", "mode": "graph",
+                     "seconds": 5e-4, "ratio": 1.0, "rel_err": 1e-7},
+                    {"op": "covariance_update", "case": "d=5", "variant": "triton", "mode": "graph",
+                     "na": "not captured", "rel_err": None}],
            "skipped": ["covariance d=9: budget"], "errors": [], "complete": False}
     for compact in (False, True):
         text = ratios.render(res, compact=compact)
         assert "ERR" in text and "boom" in text and "budget" in text and text.endswith("complete: False")
+        assert "n/a" in text and "not captured" not in text  # not measured by design, not a failure
+    assert "| d=5 | 1.000 | ERR/n/a | - |" in ratios.render(res, compact=True)  # worst of the backends
 
 
 def test_timer_reports_seconds_per_call():
