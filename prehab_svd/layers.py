@@ -12,7 +12,7 @@ from .errors import PrehabError
 from .ops import _registry
 from .ops import reference as _reference
 
-__all__ = ["LowRankLinear", "ALIGN", "padded_empty"]
+__all__ = ["LowRankLinear", "ALIGN", "padded_empty", "unpad"]
 
 # Row strides of the stored factors are multiples of ALIGN elements. Triton marks an integer argument
 # (a stride, a size) as aligned only when it is divisible by 16, and its vector loads and cp.async
@@ -74,6 +74,9 @@ class LowRankLinear(nn.Module):
     ``copy.deepcopy`` and pickling (each re-pads); ``state_dict()`` returns contiguous copies of
     padded factors (safetensors stores only contiguous tensors: a transient copy of U per layer while
     a state dict is alive), so checkpoints hold exactly ``rank`` columns and load as before.
+    FSDP2's ``fully_shard`` refuses non-contiguous parameters: call :func:`unpad` (or
+    ``layer.unpad_()``) on the model first; the layers then stay contiguous (``pad_storage`` False)
+    until ``repad_()``.
 
     The forward goes through
     :func:`prehab_svd.ops.lowrank_linear`, which picks the fastest backend for the device (the caller
@@ -104,6 +107,7 @@ class LowRankLinear(nn.Module):
         self.out_features = out_features
         self.rank = rank
         self.backend = backend
+        self.pad_storage = True  # keep U, V in the padded layout (unpad_() for FSDP2)
         self.U = nn.Parameter(padded_empty(out_features, rank, **kw))
         self.V = nn.Parameter(padded_empty(rank, in_features, **kw))
         if bias:
@@ -128,6 +132,8 @@ class LowRankLinear(nn.Module):
     def _repad(self) -> None:
         """Give U and V their padded layout again where a conversion made them contiguous (a
         non-dense view comes back contiguous from ``.to()``, ``clone`` and ``deepcopy``)."""
+        if not getattr(self, "pad_storage", True):
+            return
         with torch.no_grad():
             for name in ("U", "V"):
                 p = self._parameters.get(name)
@@ -156,10 +162,27 @@ class LowRankLinear(nn.Module):
         super().__setstate__(state)
         self._repad()
 
+    def unpad_(self) -> "LowRankLinear":
+        """Store U and V contiguously (the same Parameter objects), e.g. before FSDP2's
+        ``fully_shard``, which refuses strided parameters; conversions and loads keep them so."""
+        self.pad_storage = False
+        with torch.no_grad():
+            for name in ("U", "V"):
+                p = self._parameters.get(name)
+                if p is not None and type(p.data) is torch.Tensor and not p.is_contiguous():
+                    p.data = p.data.contiguous()
+        return self
+
+    def repad_(self) -> "LowRankLinear":
+        """Back to the padded layout (the default) after :meth:`unpad_`."""
+        self.pad_storage = True
+        self._repad()
+        return self
+
     @property
     def padding_elements(self) -> int:
         """Elements allocated beyond the parameters by the 16-element row padding of U and V."""
-        return sum(p.shape[0] * (_row_len(p.shape[1]) - p.shape[1]) for p in (self.U, self.V))
+        return sum(p.shape[0] * (p.stride(0) - p.shape[1]) for p in (self.U, self.V) if p.shape[0] > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         U, V, bias = self.U, self.V, self.bias
@@ -233,3 +256,14 @@ class LowRankLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}"
         )
+
+
+def unpad(model: nn.Module) -> int:
+    """:meth:`LowRankLinear.unpad_` on every LowRankLinear in ``model`` (before FSDP2's
+    ``fully_shard``: it refuses non-contiguous parameters). Returns how many layers it changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LowRankLinear) and m.pad_storage:
+            m.unpad_()
+            n += 1
+    return n

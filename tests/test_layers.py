@@ -182,3 +182,26 @@ def test_optimizer_step_keeps_layout_and_zero_padding():
     _assert_padded(layer)
     buf = torch.as_strided(layer.U, (24, 16), (16, 1))
     assert (buf[:, 13:] == 0).all() and layer.U.grad.shape == (24, 13)
+
+
+def test_unpad_for_fsdp_and_repad():
+    """unpad() makes every layer's factors contiguous (what FSDP2's fully_shard requires) and keeps
+    them so through conversions and loads; repad_() restores the padded layout; same outputs."""
+    import copy
+
+    from prehab_svd.layers import unpad
+
+    torch.manual_seed(9)
+    model = nn.Sequential(LowRankLinear(45, 24, 13), nn.ReLU(), LowRankLinear(24, 20, 5))
+    x = torch.randn(3, 45)
+    y = model(x)
+    assert unpad(model) == 2 and unpad(model) == 0
+    for layer in (model[0], model[2]):
+        assert layer.U.is_contiguous() and layer.V.is_contiguous() and layer.padding_elements == 0
+    model.double().float()
+    model.load_state_dict(copy.deepcopy(model).state_dict())
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert torch.equal(model(x), y) or torch.allclose(model(x), y, rtol=1e-6, atol=1e-6)
+    model[0].repad_()
+    _assert_padded(model[0])
+    assert torch.allclose(model(x), y, rtol=1e-6, atol=1e-6)
