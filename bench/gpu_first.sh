@@ -13,9 +13,11 @@
 #              folder; ptxas -v in build.log), placed into prehab_svd/ only when done   300 from its start
 #   triton     tests/test_triton_*.py on the GPU (bf16/fp16/fp32, odd shapes, NaN-prefilled outputs;
 #              the AOT compile tests are left to the CPU CI)                                         150
+#   sanitize   compute-sanitizer memcheck over bench/sanitize_ops.py (every op, backend and path once),
+#              the Triton and torch paths while the extension still builds                         150
 #   cuda       tests/test_cuda_ext.py against the built extension                                   100
-#   sanitize   compute-sanitizer memcheck over bench/sanitize_ops.py (every op/backend/path once) 150,
-#              but never eating into the 190 s kept for the ratios
+#   sanitize-cuda  the same memcheck over the CUDA extension's paths (appended to sanitizer.log)    150
+#              (neither sanitizer stage eats into the 170 s kept for the ratios)
 #   ratios     bench/ratios.py at LLaMA-7B shapes: every backend against the strongest torch path (and
 #              the dense layer), eager and CUDA graphs, rel. error vs float64         what is left - 15
 #
@@ -34,7 +36,7 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_first.XXXXXX")
 export PY="${PYTHON:-python3}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 BUDGET=${GPU_FIRST_BUDGET_S:-520}
-RATIO_RESERVE=${GPU_FIRST_RATIO_RESERVE_S:-190}
+RATIO_RESERVE=${GPU_FIRST_RATIO_RESERVE_S:-170}
 BUILD_MODE=${GPU_FIRST_BUILD:-aot}
 WANT=${GPU_FIRST_STAGES:-build triton cuda sanitize ratios}
 START=$(date +%s)
@@ -129,6 +131,29 @@ main() {
         fi
     fi
 
+    # -- compute-sanitizer memcheck, part 1: the Triton and torch paths (while the build runs) ---------
+    local san
+    san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+    sanitize() {  # sanitize STAGE CAP LOG BACKENDS...
+        local stage=$1 cap=$2 log=$3
+        shift 3
+        if [ $DRY = 1 ]; then
+            run_stage "$stage" 60 "$log" "$PY" bench/sanitize_ops.py --list --backends "$@"
+        elif [ -z "$san" ]; then
+            record "$stage" FAILED 0 "compute-sanitizer not found"
+        elif [ "$cap" -lt 20 ]; then
+            record "$stage" skipped 0 "no budget left before the ratios"
+        else
+            run_stage "$stage" "$cap" "$log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool memcheck \
+                --error-exitcode 3 --print-limit 40 "$PY" bench/sanitize_ops.py --backends "$@"
+        fi
+    }
+    if wanted sanitize; then
+        local cap=$(($(left) - RATIO_RESERVE - 100))  # leaves time for the CUDA tests and part 2
+        [ $cap -gt 150 ] && cap=150
+        sanitize sanitize "$cap" "$OUT/sanitizer.log" triton torch
+    fi
+
     # -- wait for the build ---------------------------------------------------------------------
     if [ -n "$build_pid" ]; then
         local waited=0
@@ -172,21 +197,14 @@ main() {
         fi
     fi
 
-    # -- compute-sanitizer memcheck -------------------------------------------------------------
+    # -- compute-sanitizer memcheck, part 2: the CUDA extension's paths ---------------------------
     if wanted sanitize; then
         local cap=$(($(left) - RATIO_RESERVE))
         [ $cap -gt 150 ] && cap=150
-        local san
-        san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
-        if [ $DRY = 1 ]; then
-            run_stage sanitize 60 "$OUT/sanitizer.log" "$PY" bench/sanitize_ops.py --list
-        elif [ -z "$san" ]; then
-            record sanitize "FAILED" 0 "compute-sanitizer not found"
-        elif [ $cap -lt 20 ]; then
-            record sanitize skipped 0 "no budget left before the ratios"
-        else
-            run_stage sanitize "$cap" "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-                "$san" --tool memcheck --error-exitcode 3 --print-limit 40 "$PY" bench/sanitize_ops.py
+        sanitize sanitize-cuda "$cap" "$WORK/sanitizer_cuda.log" cuda
+        if [ -f "$WORK/sanitizer_cuda.log" ]; then
+            { echo; echo "==== part 2: the CUDA extension (bench/sanitize_ops.py --backends cuda)"; cat "$WORK/sanitizer_cuda.log"; } \
+                >>"$OUT/sanitizer.log"
         fi
     fi
 

@@ -642,7 +642,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])
-    ap.add_argument("--target-s", type=float, default=None, help="seconds per measurement (default 0.1 cuda, 0.02 cpu)")
+    ap.add_argument("--target-s", type=float, default=None, help="seconds per measurement (default 0.06 cuda, 0.02 cpu)")
     ap.add_argument("--samples", type=int, default=9)
     ap.add_argument("--budget-s", type=float, default=None, help="skip cases that no longer fit")
     ap.add_argument("--seed", type=int, default=0)
@@ -668,7 +668,7 @@ def main(argv=None) -> dict:
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.target_s is None:
-        args.target_s = 0.1 if on_cuda else 0.02
+        args.target_s = 0.06 if on_cuda else 0.02
     result = Run(args).run()
     text = render(result)
     if args.md:

@@ -135,7 +135,10 @@ def sr_call(backend, kind, B, m, n, dt, whiten, dev):
     return f"stable_rank {backend} {kind} {str(dt)[6:]} B={B} {m}x{n} L={whiten}", fn, None
 
 
-def plan(dev: torch.device, quick: bool = False):
+BACKENDS = ("triton", "cuda", "torch")
+
+
+def plan(dev: torch.device, quick: bool = False, backends=BACKENDS):
     """[(name, fn or None, why-skipped)] for every backend that can run on ``dev``."""
     from prehab_svd import ops
 
@@ -151,7 +154,7 @@ def plan(dev: torch.device, quick: bool = False):
     def have(op, backend, dt):
         return backend in ops.available_backends(op, dev, DT[dt])
 
-    for backend in ("triton", "cuda", "torch"):
+    for backend in [b for b in BACKENDS if b in backends]:
         for dt in dtypes:
             if not have("covariance_update", backend, dt):
                 calls.append((f"{backend} {dt}", None, f"backend {backend!r} cannot run {dev.type}/{dt} here"))
@@ -208,11 +211,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--list", action="store_true", help="print the planned calls; run nothing")
     ap.add_argument("--quick", action="store_true", help="fewer shapes (the CPU smoke test)")
+    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS,
+                    help="only these (gpu_first.sh runs triton and torch while the CUDA extension builds)")
     ap.add_argument("--tol", type=float, default=5e-2, help="relative error that counts as a failure")
     args = ap.parse_args(argv)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _nan_buffers()
-    calls = plan(dev, quick=args.quick)
+    calls = plan(dev, quick=args.quick, backends=args.backends)
     n_fail = n_skip = n_run = 0
     t0 = time.time()
     for name, fn, why in calls:
