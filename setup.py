@@ -94,7 +94,16 @@ setup(
         "peft>=0.13,<1",  # LoRA rehab
         "matplotlib>=3.7,<4",  # rank and spectra plots
     ],
-    extras_require={"test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "hypothesis>=6.100,<7"]},
+    extras_require={
+        "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "hypothesis>=6.100,<7"],
+        # Triton 3.6 (the lent GPU machine's version) on a CPU machine: its interpreter
+        # (TRITON_INTERPRET=1, the CPU kernel tests) fails with numpy >= 2.4 (`int()` of a
+        # one-element array). A requirement cannot depend on another package's version (PEP 508
+        # markers see only the platform), so the pair is this extra: `pip install .[test,triton36]`.
+        # Compiling (GPU, ahead of time) is unaffected, and Triton >= 3.7 works with numpy 2.4.
+        "triton36": ["triton>=3.6,<3.7; platform_system == 'Linux' and platform_machine == 'x86_64'",
+                     "numpy>=1.26,<2.4"],
+    },
     entry_points={"console_scripts": ["prehab-svd=prehab_svd.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -36,7 +36,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-__all__ = ["AotResult", "compile_all", "format_table", "parse_ptxas_log", "max_global_load_bytes",
+__all__ = ["AotResult", "compile_all", "compile_specs", "format_table", "parse_ptxas_log", "max_global_load_bytes",
            "jit_specialization", "SHARED_LIMIT"]
 
 # Hopper: up to 227 KiB of shared memory per block (opt-in), 228 KiB per SM.
@@ -213,6 +213,20 @@ def _compile_with_ptxas_log(triton, src, target, options):
 
 def compile_all(arch: int = 90, modules=None) -> list[AotResult]:
     """Compile every spec of ``modules`` (default: every kernel module) for sm_<arch>."""
+    results = []
+    for module in (_modules() if modules is None else modules):
+        try:
+            mod = importlib.import_module(f"prehab_svd.kernels.{module}")
+            specs = mod.aot_specs()
+        except Exception as e:  # a missing or broken kernel module is a failure, reported
+            results.append(AotResult(module, "-", "-", False, error=f"{type(e).__name__}: {e}"))
+            continue
+        results.extend(compile_specs(module, specs, arch))
+    return results
+
+
+def compile_specs(module: str, specs: list[dict], arch: int = 90) -> list[AotResult]:
+    """Compile ``specs`` (the format of ``aot_specs()``) for sm_<arch>; one result per spec."""
     from .errors import PrehabError
     from .ops._triton import interpreting
 
@@ -226,43 +240,36 @@ def compile_all(arch: int = 90, modules=None) -> list[AotResult]:
     target = GPUTarget("cuda", arch, 32)
     limit = SHARED_LIMIT.get(arch)
     results = []
-    for module in (_modules() if modules is None else modules):
+    for spec in specs:
+        res = AotResult(module, spec["name"], spec.get("config", ""), False,
+                        tensor_cores=bool(spec.get("tensor_cores")),
+                        vector_loads=bool(spec.get("vector_loads")))
         try:
-            mod = importlib.import_module(f"prehab_svd.kernels.{module}")
-            specs = mod.aot_specs()
-        except Exception as e:  # a missing or broken kernel module is a failure, reported
-            results.append(AotResult(module, "-", "-", False, error=f"{type(e).__name__}: {e}"))
-            continue
-        for spec in specs:
-            res = AotResult(module, spec["name"], spec.get("config", ""), False,
-                            tensor_cores=bool(spec.get("tensor_cores")),
-                            vector_loads=bool(spec.get("vector_loads")))
-            try:
-                # attrs (e.g. 16-byte alignment of pointers and strides) make the compiler build the
-                # variant that runs on aligned shapes (pipelined loads), not the generic one.
-                src = ASTSource(fn=spec["fn"], signature=spec["signature"],
-                                constexprs=spec.get("constexprs", {}), attrs=spec.get("attrs"))
-                k, log = _compile_with_ptxas_log(
-                    triton, src, target, {"num_warps": spec.get("num_warps", 4),
-                                          "num_stages": spec.get("num_stages", 3)})
-                ptx = k.asm["ptx"]
-                res.shared = int(k.metadata.shared)
-                res.num_warps = int(k.metadata.num_warps)
-                res.wgmma = "wgmma" in ptx
-                res.load_bytes, res.load_kind = max_global_load_bytes(ptx)
-                report, res.ptxas_source = parse_ptxas_log(log), "triton"
-                if report is None:
-                    report, res.ptxas_source = parse_ptxas_log(_rerun_ptxas(ptx, arch)), "rerun"
-                if report is not None:
-                    res.registers = report["registers"]
-                    res.spill_stores = report["spill_stores"]
-                    res.spill_loads = report["spill_loads"]
-                res.ok = limit is None or res.shared <= limit
-                if not res.ok:
-                    res.error = f"needs {res.shared} B of shared memory, over the {limit} B limit"
-            except Exception as e:
-                res.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            results.append(res)
+            # attrs (e.g. 16-byte alignment of pointers and strides) make the compiler build the
+            # variant that runs on aligned shapes (pipelined loads), not the generic one.
+            src = ASTSource(fn=spec["fn"], signature=spec["signature"],
+                            constexprs=spec.get("constexprs", {}), attrs=spec.get("attrs"))
+            k, log = _compile_with_ptxas_log(
+                triton, src, target, {"num_warps": spec.get("num_warps", 4),
+                                      "num_stages": spec.get("num_stages", 3)})
+            ptx = k.asm["ptx"]
+            res.shared = int(k.metadata.shared)
+            res.num_warps = int(k.metadata.num_warps)
+            res.wgmma = "wgmma" in ptx
+            res.load_bytes, res.load_kind = max_global_load_bytes(ptx)
+            report, res.ptxas_source = parse_ptxas_log(log), "triton"
+            if report is None:
+                report, res.ptxas_source = parse_ptxas_log(_rerun_ptxas(ptx, arch)), "rerun"
+            if report is not None:
+                res.registers = report["registers"]
+                res.spill_stores = report["spill_stores"]
+                res.spill_loads = report["spill_loads"]
+            res.ok = limit is None or res.shared <= limit
+            if not res.ok:
+                res.error = f"needs {res.shared} B of shared memory, over the {limit} B limit"
+        except Exception as e:
+            res.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        results.append(res)
     return results
 
 
