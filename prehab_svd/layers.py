@@ -53,6 +53,23 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _lowrank_padded_z(x, U, V, bias) -> torch.Tensor:
+    """The torch backend's two GEMMs with the bottleneck z = x Vᵀ written into a [T, r16] buffer, so
+    that the second GEMM reads z at a 16-aligned leading dimension (cuBLASLt's fast Hopper kernels
+    need 16-byte aligned leading dimensions; a ragged rank's [T, r] z has none). Inference only
+    (``out=`` has no autograd); the same products and accumulation as ``F.linear`` twice."""
+    x2 = x.reshape(-1, x.shape[-1])
+    r = V.shape[0]
+    z = torch.empty(x2.shape[0], _row_len(r), device=x.device, dtype=x.dtype)[:, :r]
+    torch.mm(x2, V.t(), out=z)
+    y = torch.mm(z, U.t()) if bias is None else torch.addmm(bias, z, U.t())
+    return y.reshape(*x.shape[:-1], U.shape[0])
+
+
 class LowRankLinear(nn.Module):
     """``y = (x Vᵀ) Uᵀ + b`` with ``U`` [out, rank] and ``V`` [rank, in].
 
@@ -84,7 +101,9 @@ class LowRankLinear(nn.Module):
 
     When that choice is the plain-torch backend (and outside ``torch.compile`` and autocast), the
     forward calls its two GEMMs directly instead of through the ``torch.library`` custom op: the same
-    arithmetic, without the op's per-call host cost (about 20 µs on the CPU, paid by every layer at
+    arithmetic (on CUDA, without autograd and at a rank that is not a multiple of 16, with z in a
+    [T, rank16] buffer so the second GEMM sees an aligned leading dimension), without the op's
+    per-call host cost (about 20 µs on the CPU, paid by every layer at
     every decode step), with autograd through the GEMMs themselves.
     """
 
@@ -190,6 +209,8 @@ class LowRankLinear(nn.Module):
                 and not torch.compiler.is_compiling()
                 and _registry.resolve("lowrank_linear", self.backend, x.device, x.dtype) == "torch"
                 and not _autocast_enabled(x.device.type)):
+            if x.is_cuda and self.rank % ALIGN and not _needs_grad(x, U, V, bias):
+                return _lowrank_padded_z(x, U, V, bias)
             return _reference.lowrank_linear(x, U, V, bias)
         # Anything else (another backend, autocast, compile, a bad input with its clear error).
         return ops.lowrank_linear(x, U, V, bias, backend=self.backend)

@@ -205,3 +205,32 @@ def test_unpad_for_fsdp_and_repad():
     model[0].repad_()
     _assert_padded(model[0])
     assert torch.allclose(model(x), y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(7,), (2, 5), ()])
+def test_padded_z_forward_matches_two_linears(bias, lead):
+    """The CUDA inference forward of the torch backend (z in a [T, r16] buffer), run here on CPU
+    tensors: the same products as F.linear twice, z written in place with its padded stride."""
+    from prehab_svd.layers import _lowrank_padded_z
+
+    torch.manual_seed(10)
+    layer = LowRankLinear(45, 24, 13, bias=bias)
+    x = torch.randn(*lead, 45)
+    with torch.no_grad():
+        y = _lowrank_padded_z(x, layer.U, layer.V, layer.bias)
+        ref = torch.nn.functional.linear(torch.nn.functional.linear(x, layer.V), layer.U, layer.bias)
+    assert y.shape == (*lead, 24)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the padded-z path is CUDA only)")
+@pytest.mark.parametrize("T", [1, 16, 300])
+def test_cuda_torch_backend_forward_with_padded_z(T):
+    torch.manual_seed(11)
+    layer = LowRankLinear(512, 384, 819 % 512, backend="torch").to("cuda", torch.bfloat16)
+    x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+    ref = (x.double() @ layer.V.double().T) @ layer.U.double().T + layer.bias.double()
+    assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-2
