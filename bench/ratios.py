@@ -398,12 +398,12 @@ class Run:
                             dref = dsets[0][0].double() @ dsets[0][1].double().T + dsets[0][2].double()
                             dcalls = [lambda s=s: F.linear(*s) for s in dsets]
                             dense_rows = self.measure("lowrank_linear", case, "dense", dcalls, rel(dcalls[0](), dref))
-                            del dsets, dcalls
+                            dsets = dcalls = None
                         rows += [dict(d, case=case) for d in dense_rows]
                     flops = 2 * T * r * (m + n)
                     nbytes = elt * (T * n + r * (m + n) + T * m + m)
                     self.finish_case(rows, flops, nbytes)
-                    del sets, ref
+                    sets = ref = None  # free before the next case
                 self.common.free_device_memory()
 
     # -- covariance_update ----------------------------------------------------------------------
@@ -452,7 +452,7 @@ class Run:
                     flops = 2 * T * d * d * streams
                     nbytes = streams * (elt * T * d + 2 * 4 * d * d)
                     self.finish_case(rows, flops, nbytes)
-                    del sets, acc, refG, refC
+                    sets = acc = refG = refC = None
                     self.common.free_device_memory()
 
     # -- stable_rank ----------------------------------------------------------------------------
@@ -508,7 +508,7 @@ class Run:
                         err = self.call_errors(f"stable_rank {case} {be}", lambda: err_of(calls[0]()))
                         rows += self.measure("stable_rank", case, be, calls, err, graph_ok=graph_ok)
                 self.finish_case(rows)
-            del Ws, L, L32
+            Ws = L = L32 = None
             self.common.free_device_memory()
 
     def run(self):

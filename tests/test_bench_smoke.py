@@ -123,7 +123,7 @@ def test_gpu_first_records_a_failing_stage(tmp_path):
 
 
 def test_ratios_triton_interpreter(tmp_path):
-    triton = pytest.importorskip("triton")  # noqa: F841
+    pytest.importorskip("triton")
     sizes = dict(TINY, lr_shapes=[(37, 29)], keeps=[0.4], cov_d=[37], sr_shapes=[(2, 37, 23)],
                  sr_kinds=["stable-warm"])
     js = tmp_path / "r.json"
