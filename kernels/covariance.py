@@ -107,10 +107,10 @@ def covariance_kernel(
     """Addressing: every tile is a 64-bit scalar origin plus loop-invariant offsets inside the tile
     (32-bit, or 64-bit with OFF64). The origins of the x/y tiles advance by a 64-bit scalar step per
     token chunk, so no product of an index and a stride is formed in 32 bits where it can reach 2³¹
-    (a column-major x with T·d ≥ 2³¹, a d×d accumulator with d² ≥ 2³¹). Keeping the per-element state
-    of the loop to one offset per loaded vector (instead of a 64-bit pointer per element advanced
-    every chunk) is also what keeps the 128-tile G+C configuration within 255 registers without
-    spilling (see CONFIGS)."""
+    (a column-major x with T·d ≥ 2³¹, a d×d accumulator with d² ≥ 2³¹). It also keeps the loop's
+    per-element state to one 32-bit offset per loaded vector (the first version advanced a 64-bit
+    pointer per element every chunk); what removed the 128-tile G+C kernel's spill was the epilogue
+    (see _tile_add and CONFIGS)."""
     pid = tl.program_id(0)
     n_upper = n_blocks * (n_blocks + 1) // 2
     offs_t = tl.arange(0, BLOCK_T)
