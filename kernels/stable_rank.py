@@ -771,18 +771,22 @@ def _call_specs(Bt: int, m: int, n: int) -> list[tuple]:
     x_str = (s_ * lp_, lp_, 1)       # X, Xn [s, l]
     a_str = (s_ * sp_, sp_, 1)       # A, Pm [s, s]
 
-    def gemm(label, cfg, dt, M, N, K, a, b, c, has_d, ns_round):
+    def gemm(label, cfg, dt, M, N, K, a, b, c, has_d, ns_round, b_dt=None):
         bm, bn, bk, gm, nw, ns = GEMM_CONFIGS[cfg]
-        vals = dict(a_ptr=f"*{dt}", b_ptr=f"*{dt}", c_ptr=f32, d_ptr=f32, M=M, N=N, K=K, alpha=1.0, beta=0.5,
+        vals = dict(a_ptr=f"*{dt}", b_ptr=f"*{b_dt or dt}", c_ptr=f32, d_ptr=f32, M=M, N=N, K=K, alpha=1.0, beta=0.5,
                     s_ab=a[0], s_am=a[1], s_ak=a[2], s_bb=b[0], s_bk=b[1], s_bn=b[2], s_cb=c[0], s_cm=c[1],
                     s_cn=c[2], s_db=c[0], s_dm=c[1], s_dn=c[2])
         ce = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "HAS_D": has_d,
               "CAST_F32": dt == "fp32", "PREC": "tf32" if dt == "fp32" else "ieee", "ROUND_TF32": ns_round}
-        out.append(("bmm_kernel", bmm_kernel, vals, ce, nw, ns, True, f"{dt} {label} {bm}x{bn}x{bk} w{nw} s{ns} {tag}"))
+        dts = dt if b_dt is None else f"{dt}x{b_dt}"
+        out.append(("bmm_kernel", bmm_kernel, vals, ce, nw, ns, True, f"{dts} {label} {bm}x{bn}x{bk} w{nw} s{ns} {tag}"))
 
     # M = W L (bf16 tensor cores), L [n, n] shared (batch stride 0); grad_W = grad_M Lᵀ (Lᵀ by strides)
     gemm("M = W L", _gemm_config(m, n, True, _CUDA), "bf16", m, n, n, w_str, (0, n, 1), m_str, False, False)
     gemm("grad_M Lᵀ", _gemm_config(m, n, False, _CUDA), "fp32", m, n, n, w_str, (0, 1, n), w_str, False, False)
+    # the same with a bf16 L (Prehab passes L in bf16 for bf16 weights): fp32 grad_M, bf16 Lᵀ, upcast
+    gemm("grad_M Lᵀ", _gemm_config(m, n, False, _CUDA), "fp32", m, n, n, w_str, (0, 1, n), w_str, False, False,
+         b_dt="bf16")
     # Newton–Schulz on X [s, l]: X <- a·X + P X (P [s, s]); cubic steps are the same call
     gemm("NS X <- aX + P X", _gemm_config(s_, l_, False, _CUDA), "fp32", s_, l_, s_, a_str, x_str, x_str, True,
          True)
