@@ -212,10 +212,10 @@ main() {
     if wanted ratios; then
         local t=$(($(left) - 15))
         if [ $DRY = 1 ]; then
-            run_stage ratios 120 "$OUT/ratios.log" "$PY" bench/ratios.py --sizes tiny --device cpu \
+            run_stage ratios 120 "$OUT/ratios.log" "$PY" bench/ratios.py --sizes tiny --device cpu --isolate \
                 --target-s 0.002 --samples 3 --json "$OUT/ratios.json" --budget-s 100
         else
-            run_stage ratios "$t" "$OUT/ratios.log" "$PY" bench/ratios.py --sizes 7b \
+            run_stage ratios "$t" "$OUT/ratios.log" "$PY" bench/ratios.py --sizes 7b --isolate \
                 --json "$OUT/ratios.json" --budget-s $((t - 25))
         fi
     fi

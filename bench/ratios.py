@@ -259,6 +259,10 @@ def stable_rank_baseline(device: torch.device, dtype: torch.dtype):
 # ---------------------------------------------------------------------------------------------
 
 
+class ContextLost(RuntimeError):
+    pass
+
+
 class Run:
     def __init__(self, args):
         from bench.scale import common
@@ -323,8 +327,20 @@ class Run:
                 row.update(t)
             except Exception as e:  # one failing variant or mode must not lose the rest
                 row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                self.check_context(f"{op} {case} {variant} {mode}")
             rows.append(row)
         return rows
+
+    def check_context(self, what: str) -> None:
+        """After a failure: an illegal memory access poisons the CUDA context for the whole process, and
+        every later measurement would fail too. Stop this op then (``--isolate`` runs each op in its own
+        process, so the others still run)."""
+        if self.device.type != "cuda":
+            return
+        try:
+            torch.cuda.synchronize(self.device)
+        except Exception as e:
+            raise ContextLost(f"the CUDA context is lost after {what}: {type(e).__name__}: {str(e)[:200]}") from e
 
     def finish_case(self, rows, flops=None, nbytes=None):
         """Ratios against the case's baseline (and dense) in the same mode, then record."""
@@ -356,6 +372,7 @@ class Run:
             return fn()
         except Exception as e:
             self.result["errors"].append(f"{what}: {type(e).__name__}: {str(e)[:300]}")
+            self.check_context(what)
             return None
 
     # -- lowrank_linear -------------------------------------------------------------------------
@@ -518,10 +535,16 @@ class Run:
             self.result["peaks"] = measure_peaks(self.device, self.dtype if self.device.type == "cuda" else None)
         except Exception as e:
             self.result["errors"].append(f"peaks: {type(e).__name__}: {str(e)[:200]}")
-        for op in self.args.ops:
+        for i, op in enumerate(self.args.ops):
+            if os.environ.get(ABORT_ENV) == op:  # the tests' stand-in for a kernel that kills the process
+                os._exit(3)
             try:
                 {"lowrank_linear": self.lowrank, "covariance_update": self.covariance,
                  "stable_rank": self.stable_rank}[op]()
+            except ContextLost as e:
+                self.result["errors"].append(f"{op}: {e}")
+                self.result["skipped"] += [f"{o}: the CUDA context was lost" for o in self.args.ops[i + 1:]]
+                break
             except Exception as e:  # keep the other ops
                 self.result["errors"].append(f"{op}: {type(e).__name__}: {str(e)[:500]}")
         self.result["complete"] = not self.result["skipped"] or all(
@@ -648,9 +671,76 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
+    ap.add_argument("--isolate", action="store_true",
+                    help="each op in its own process (a poisoned CUDA context loses one op, not the run)")
     ap.add_argument("--render", default=None, metavar="JSON", help="print the table of a result file and exit")
     ap.add_argument("--compact", action="store_true", help="with --render: one line per case (eager/graph)")
     return ap
+
+
+ABORT_ENV = "PREHAB_BENCH_RATIOS_ABORT_IN"  # tests only: the process dies when it reaches this op
+OP_SHARE = {"lowrank_linear": 0.35, "covariance_update": 0.2, "stable_rank": 0.45}  # of the budget, measured need
+
+
+def _child_argv(args, op: str, json_path: str, budget) -> list:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--sizes", args.sizes, "--ops", op,
+            "--modes", *args.modes, "--target-s", str(args.target_s), "--samples", str(args.samples),
+            "--seed", str(args.seed), "--json", json_path, "--sr-kinds", *args.sr_kinds,
+            "--lr-shapes", *[f"{m}x{n}" for m, n in args.lr_shapes], "--keeps", *map(str, args.keeps),
+            "--tokens", *map(str, args.tokens), "--cov-d", *map(str, args.cov_d),
+            "--cov-tokens", *map(str, args.cov_tokens), "--sr-shapes", *[f"{b}x{m}x{n}" for b, m, n in args.sr_shapes]]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    if budget is not None:
+        argv += ["--budget-s", f"{max(budget, 1.0):.0f}"]
+    return argv
+
+
+def isolated(args) -> dict:
+    """Each op in its own process, one merged result: a kernel that poisons the CUDA context (an
+    illegal address, say) loses the rest of its op, not the run. The budget is shared out by
+    ``OP_SHARE``; what an op leaves unused goes to the next. The merged JSON is written after each op."""
+    import subprocess
+    import tempfile
+
+    from bench.scale import common
+
+    t_end = None if args.budget_s is None else time.monotonic() + args.budget_s
+    merged = None
+    for i, op in enumerate(args.ops):
+        left = None if t_end is None else t_end - time.monotonic()
+        share = None if left is None else left * OP_SHARE[op] / sum(OP_SHARE[o] for o in args.ops[i:])
+        with tempfile.TemporaryDirectory() as tmp:
+            js = os.path.join(tmp, f"{op}.json")
+            note = None
+            try:  # the child's budget stops new cases; a case in flight gets a grace period
+                proc = subprocess.run(_child_argv(args, op, js, share), capture_output=True, text=True,
+                                      timeout=None if left is None else max(left - 5, 10))
+                sys.stderr.write(proc.stderr[-3000:])  # its table is in the merged one printed below
+                if proc.returncode != 0:
+                    note = f"{op}: the process ended with status {proc.returncode}: {proc.stderr.strip()[-300:]}"
+            except subprocess.TimeoutExpired:
+                note = f"{op}: the process outlived the budget and was stopped"
+            part = json.loads(Path(js).read_text()) if os.path.isfile(js) else None
+        if part is None:
+            part = {"rows": [], "skipped": [], "errors": [], "baselines": {}, "backends": {}, "complete": False}
+        if merged is None:
+            merged = {**part, "rows": [], "skipped": [], "errors": [], "baselines": {}, "backends": {},
+                      "ops": list(args.ops), "isolated": True, "complete": True}
+            merged["args"] = {k: v for k, v in vars(args).items() if k != "render"}
+        for key in ("rows", "skipped", "errors"):
+            merged[key] += [x for x in part.get(key, []) if key == "rows" or x not in merged[key]]
+        for key in ("baselines", "backends"):
+            merged[key].update(part.get(key, {}))
+        merged.setdefault("peaks", part.get("peaks"))
+        if note:
+            merged["errors"].append(note)
+        merged["complete"] = merged["complete"] and bool(part.get("complete")) and note is None
+        if args.json:
+            common.write_json(args.json, merged)
+    return merged
 
 
 def main(argv=None) -> dict:
@@ -669,7 +759,7 @@ def main(argv=None) -> dict:
             setattr(args, k, v)
     if args.target_s is None:
         args.target_s = 0.06 if on_cuda else 0.02
-    result = Run(args).run()
+    result = isolated(args) if args.isolate and len(args.ops) > 1 else Run(args).run()
     text = render(result)
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)

@@ -141,6 +141,26 @@ def test_ratios_triton_interpreter(tmp_path):
     assert md == ratios.render(res) + "\n"
 
 
+def test_ratios_isolated_op_that_dies_loses_only_itself(tmp_path):
+    """--isolate: an op whose process dies (as after an illegal memory access) is reported, and the
+    other ops' rows are all there."""
+    js = tmp_path / "r.json"
+    argv = [sys.executable, "bench/ratios.py", "--sizes", "tiny", "--device", "cpu", "--isolate",
+            "--sr-shapes", "1x20x45", "--sr-kinds", "stable-warm", "--target-s", "0.001", "--samples", "3",
+            "--json", str(js)]
+    env = {**_env(False), ratios.ABORT_ENV: "covariance_update"}
+    out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads(js.read_text())
+    assert res["complete"] is False
+    assert any(e.startswith("covariance_update: the process ended with status 3") for e in res["errors"]), res["errors"]
+    ops_seen = {r["op"] for r in res["rows"]}
+    assert ops_seen == {"lowrank_linear", "stable_rank"}
+    n_lr = len(_expected_cases(TINY)["lowrank_linear"])
+    assert len([r for r in res["rows"] if r["op"] == "lowrank_linear" and r["variant"] == "baseline"]) == n_lr
+    assert "complete: False" in out.stdout and "the process ended with status 3" in out.stdout
+
+
 def test_sanitize_driver_runs_every_path_it_plans():
     out = subprocess.run([sys.executable, "bench/sanitize_ops.py", "--quick", "--device", "cpu"], cwd=ROOT,
                          env=_env(True), capture_output=True, text=True, timeout=600)
