@@ -576,6 +576,22 @@ def _err(e) -> str:
     return f"{e:.1e}" if isinstance(e, float) else "-"
 
 
+def _achieved(rows: list, peaks) -> str:
+    """The fastest measured variant's achieved rates, against the measured peaks."""
+    timed = [r for r in rows if "seconds" in r]
+    if not timed:
+        return "-"
+    r = min(timed, key=lambda r: r["seconds"])
+    cells = []
+    if r.get("tflops") is not None:
+        pct = f" ({100 * r['tflops'] / peaks['matmul_tflops']:.0f}%)" if peaks else ""
+        cells.append(f"{r['tflops']:.3g}{pct}")
+    if r.get("gbps") is not None:
+        pct = f" ({100 * r['gbps'] / peaks['copy_gbps']:.0f}%)" if peaks else ""
+        cells.append(f"{r['gbps']:.4g}{pct}")
+    return f"{_short(r['variant'])}: " + (", ".join(cells) if cells else "-")
+
+
 def render(result: dict, compact: bool = False) -> str:
     """Markdown. Full: one line per (op, case, mode): the baseline's time, each backend's ratio, the
     dense layer's time and the best ratio to it (lowrank), and each variant's relative error against
@@ -601,7 +617,8 @@ def render(result: dict, compact: bool = False) -> str:
         if compact:
             head = ["case", "base ms"] + variants + (["best/dense"] if dense else []) + ["worst err"]
         else:
-            head = ["case", "mode", "baseline ms"] + variants + (["dense ms, best x"] if dense else []) + ["err"]
+            head = ["case", "mode", "baseline ms"] + variants + (["dense ms, best x"] if dense else []) \
+                + ["fastest: TFLOP/s, GB/s (% of peak)", "err"]
         out += ["", f"### {op}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         cases = list(dict.fromkeys(r["case"] for r in op_rows))
         for case in cases:
@@ -628,6 +645,7 @@ def render(result: dict, compact: bool = False) -> str:
                     d = by.get(("dense", mode), {})
                     best = max((by[(v, mode)].get("vs_dense", 0) for v in variants if (v, mode) in by), default=0)
                     cells.append(f"{d['seconds'] * 1e3:.3f}, {best:.3g}x" if "seconds" in d else "-")
+                cells.append(_achieved([by[(v, mode)] for v in ["baseline"] + variants if (v, mode) in by], pk))
                 cells.append(", ".join(f"{_short(v)} {_err(by[(v, mode)].get('rel_err'))}"
                                        for v in ["baseline"] + variants if (v, mode) in by))
                 out.append("| " + " | ".join(cells) + " |")
