@@ -221,6 +221,7 @@ main() {
     fi
 
     # -- summary (printed last) -----------------------------------------------------------------
+    rm -f "$OUT"/.*.tmp  # a JSON write cut off by a stage's timeout: not one of the 8 files
     {
         echo "# gpu_first: $(grep -m1 '^gpu:' "$WORK/env.txt" | cut -d'|' -f1 | sed 's/^gpu: //')"
         echo

@@ -15,5 +15,7 @@ Scripts (each ``python -m bench.scale.<name> --help``; each writes one JSON file
   subprocesses within a time budget and writes ``<prefix>.json``, ``<prefix>.md`` and the plot.
 * :mod:`bench.scale.report`    -- renders (and merges) result JSON files into Markdown.
 
-``bash bench/scale/run_gpu.sh PART`` is the command for the lent H100 (outputs under ``$OUT``).
+``bash bench/scale/run_gpu.sh PART`` is the command for the lent H100 (outputs under ``$OUT``). The first
+check of the kernels on a GPU (tests, compute-sanitizer, the ops' ratios to plain torch) is
+``bash bench/gpu_first.sh`` (its op ratios: ``bench/ratios.py``).
 """
