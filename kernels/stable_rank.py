@@ -749,9 +749,10 @@ def stable_rank(
 
 
 # The calls the AOT table compiles: the batch (32 matrices of 4096², every size a multiple of
-# 16, so the JIT marks the strides divisible by 16 and vectorizes) and the same with an odd n (4093:
-# no row stride divisible by 16, the unaligned variant the JIT compiles for such shapes).
-AOT_SHAPES = ((32, 4096, 4096), (32, 4096, 4093))
+# 16, so the JIT marks the strides divisible by 16 and vectorizes), the same with an odd n (4093: no
+# row stride divisible by 16, the unaligned variant the JIT compiles for such shapes), and a stack
+# with a short side (64: the "small" GEMM and symmetric-product configurations).
+AOT_SHAPES = ((32, 4096, 4096), (32, 4096, 4093), (8, 64, 1536))
 
 
 def _call_specs(Bt: int, m: int, n: int) -> list[tuple]:

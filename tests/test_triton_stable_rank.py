@@ -455,7 +455,8 @@ def test_aot_compile_for_sm90():
     assert all(r["registers"] and r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in rows), table
     aligned = [r for r in rows if r["vector_loads"]]
     assert len(aligned) >= 18 and all(r["load_bytes"] == 16 for r in aligned), table
-    assert all(r["config"].endswith("32x4096x4096") for r in aligned), table
+    assert not any(r["config"].endswith("4093") for r in aligned), table
+    assert any(r["config"].endswith("8x64x1536") and r["name"] == "syrk_kernel" for r in rows), table  # small
     tc = [r for r in rows if r["tensor_cores"]]
     assert {r["name"] for r in tc} == {"bmm_kernel", "syrk_kernel"}, table
     assert all(r["wgmma"] for r in tc), table
