@@ -280,11 +280,17 @@ class LowRankLinear(nn.Module):
 
 
 def unpad(model: nn.Module) -> int:
-    """:meth:`LowRankLinear.unpad_` on every LowRankLinear in ``model`` (before FSDP2's
-    ``fully_shard``: it refuses non-contiguous parameters). Returns how many layers it changed."""
-    n = 0
+    """Make every strided parameter of ``model`` contiguous, in place (the same Parameter objects),
+    and keep its LowRankLinear layers so (:meth:`LowRankLinear.unpad_`): FSDP2's ``fully_shard``
+    refuses non-contiguous parameters. Also reaches factors shared into other modules (rehab's
+    adapters hold U and V as ``nn.Linear`` weights). Returns how many parameters it changed."""
     for m in model.modules():
-        if isinstance(m, LowRankLinear) and m.pad_storage:
-            m.unpad_()
-            n += 1
+        if isinstance(m, LowRankLinear):
+            m.pad_storage = False
+    n = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if type(p.data) is torch.Tensor and not p.is_contiguous():
+                p.data = p.data.contiguous()
+                n += 1
     return n

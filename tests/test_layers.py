@@ -195,7 +195,7 @@ def test_unpad_for_fsdp_and_repad():
     model = nn.Sequential(LowRankLinear(45, 24, 13), nn.ReLU(), LowRankLinear(24, 20, 5))
     x = torch.randn(3, 45)
     y = model(x)
-    assert unpad(model) == 2 and unpad(model) == 0
+    assert unpad(model) == 4 and unpad(model) == 0  # U and V of both layers (45 and 24 are ragged too)
     for layer in (model[0], model[2]):
         assert layer.U.is_contiguous() and layer.V.is_contiguous() and layer.padding_elements == 0
     model.double().float()
@@ -205,6 +205,11 @@ def test_unpad_for_fsdp_and_repad():
     model[0].repad_()
     _assert_padded(model[0])
     assert torch.allclose(model(x), y, rtol=1e-6, atol=1e-6)
+    # a factor shared into another module (as rehab's adapters share U and V) is reached too
+    layer = LowRankLinear(45, 24, 13)
+    holder = nn.Linear(13, 24, bias=False, device="meta")
+    holder.weight = layer.U
+    assert unpad(holder) == 1 and layer.U.is_contiguous()
 
 
 @pytest.mark.parametrize("bias", [True, False])
