@@ -397,7 +397,7 @@ def _fp32_dot(device: torch.device) -> tuple[str, bool]:
 
 
 _SMS = 132  # H100 SXM; only used to size the GEMV grids
-_CUDA = torch.device("cuda")  # for the config rules in aot_specs (no GPU needed to build it)
+_CUDA = None  # the config rules' "CUDA, not interpreted" case, for aot_specs (see _gemm_config)
 
 # name -> (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 GEMM_CONFIGS = {
@@ -417,16 +417,18 @@ ROWDOT_CONFIG = {"cuda": (16, 256, 4), "interp": (32, 64, 4)}
 STREAM_STAGES = 3  # software-pipelined loads in the streaming loops (GEMVs, reductions)
 
 
-def _gemm_config(M: int, N: int, tensor16: bool, device: torch.device) -> str:
-    if device.type != "cuda" or _interpreting():
+def _gemm_config(M: int, N: int, tensor16: bool, device: Optional[torch.device]) -> str:
+    """GEMM_CONFIGS key; device None: the CUDA rule whatever the process (for aot_specs)."""
+    if device is not None and (device.type != "cuda" or _interpreting()):
         return "interp"
     if min(M, N) <= 64:
         return "small"
     return "tc16" if tensor16 else "tf32"
 
 
-def _syrk_config(S: int, device: torch.device) -> str:
-    if device.type != "cuda" or _interpreting():
+def _syrk_config(S: int, device: Optional[torch.device]) -> str:
+    """SYRK_CONFIGS key; device None: the CUDA rule whatever the process (for aot_specs)."""
+    if device is not None and (device.type != "cuda" or _interpreting()):
         return "interp"
     return "small" if S <= 128 else "tf32"
 

@@ -473,10 +473,11 @@ def test_aot_specs_are_the_jit_specializations():
     K = kmod()
     specs = K.aot_specs()
     wl = [s for s in specs if s["config"].startswith("bf16 M = W L")]
-    assert len(wl) == 2
+    assert len(wl) == len(K.AOT_SHAPES) == 3
     names = list(K.bmm_kernel.arg_names)
     for s in wl:
         odd = s["config"].endswith("4093")
+        assert s["constexprs"]["BLOCK_M"] == (64 if s["config"].endswith("8x64x1536") else 128)  # CUDA configs
         assert s["constexprs"]["s_ak"] == 1 and s["constexprs"]["s_bn"] == 1 and s["constexprs"]["s_cn"] == 1
         # s_am = n: divisible by 16 at n = 4096, not at 4093; s_cm = pad16(n) always (M's padded rows)
         assert ((names.index("s_am"),) in s["attrs"]) is (not odd)
