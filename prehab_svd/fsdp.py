@@ -78,13 +78,18 @@ def is_sharded(model: nn.Module) -> bool:
 def shard(model: nn.Module, device: torch.device) -> None:
     """``fully_shard`` each transformer block of ``model`` and then ``model`` itself (the embeddings,
     the final norm and the head), on a 1-D mesh of every rank of the default process group, in
-    place. Each block is then one all-gather in the forward and one reduce-scatter in the backward."""
+    place. Each block is then one all-gather in the forward and one reduce-scatter in the backward.
+    LowRankLinear factors are stored contiguously first (``fully_shard`` refuses the padded row
+    strides they use for aligned kernel loads; see :func:`prehab_svd.layers.unpad`)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    from .layers import unpad
 
     if device.type == "meta":
         raise PrehabError("the model is on the meta device: materialize its weights first")
     mesh = init_device_mesh(device.type, (_dist.world_size(),))
+    unpad(model)
     found = find_block_list(model)
     for block in (found[1] if found is not None else []):
         fully_shard(block, mesh=mesh)
