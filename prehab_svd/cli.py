@@ -146,8 +146,8 @@ def _check_low_memory_flags(args) -> None:
                           "in memory; drop --low-memory, or run rehab on the saved model afterwards")
     if args.no_calibration:
         raise PrehabError("--low-memory needs calibration data; drop --no-calibration")
-    if args.allocation != "uniform" or args.ranks or args.shrinkage:
-        raise PrehabError("--allocation, --ranks and --shrinkage are not available with --low-memory yet; "
+    if args.allocation != "uniform" or args.ranks:
+        raise PrehabError("--allocation and --ranks are not available with --low-memory yet; "
                           "drop them or compress in memory")
 
 
@@ -167,7 +167,7 @@ def _compress_low_memory(args, path: Path, out: Path, causal: bool, tokenizer, c
         report = compress_pretrained(
             path, out, args.method, args.keep_ratio, calibration, resume=args.resume is not False,
             overwrite=args.overwrite, device=args.device, dtype=dtype, targets=args.targets,
-            exclude=args.exclude, alpha=args.alpha, damping=args.damping,
+            exclude=args.exclude, alpha=args.alpha, damping=args.damping, shrinkage=args.shrinkage,
             stats_dtype=torch.float64 if args.fp64_stats else torch.float32,
             model_class=transformers.AutoModelForCausalLM if causal else transformers.AutoModel,
             tokenizer=tokenizer, extra={"base_model": str(path.resolve()), "original_model": _original_of(path)},
@@ -409,7 +409,8 @@ def parse_demo_method(name: str) -> tuple[bool, str, bool]:
 
 
 def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=128, batch_size=32,
-             progress=True, prehab_options=None, rehab_options=None, zs_options=None, artifacts=None):
+             progress=True, prehab_options=None, rehab_options=None, zs_options=None, artifacts=None,
+             compress_options=None):
     """The embedded default: compress the real MiniLM with each method; returns table rows.
 
     ``keep_ratio`` may be a list (every method at every ratio). A method is
@@ -417,7 +418,8 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
     (distillation to the original's embeddings + the task loss of the model svd-llm makes at the
     smallest keep ratio; done once and shared, and reported as the row "prehab (dense)"), "+rehab" ends with LoRA recovery (distillation to the original).
     ``artifacts``, a dict, receives the reports: ``(method, keep_ratio) -> CompressionReport`` and
-    ``"prehab" -> PrehabReport``.
+    ``"prehab" -> PrehabReport``. ``compress_options``: keywords for every ``compress`` call (e.g.
+    ``{"shrinkage": 0.0}``).
     """
     import torch
     import transformers
@@ -473,7 +475,7 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
                              "stable_rank": [rep.mean_stable_rank_before, rep.mean_stable_rank_after]})
                 t0 = time.perf_counter()
             model = copy.deepcopy(prehabbed if pre else base)
-            report = compress(model, method, ratio, calib, progress=progress,
+            report = compress(model, method, ratio, calib, progress=progress, **(compress_options or {}),
                               **(zs_opts if method == "zs-svd" else {}))
             if post:
                 from .rehab import rehab
@@ -579,7 +581,7 @@ def _shrinkage_arg(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .compression import METHODS
+    from .compression import DEFAULT_SHRINKAGE, METHODS
 
     p = argparse.ArgumentParser(prog="prehab-svd", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -615,10 +617,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--damping", type=float, default=0.0,
                    help="add damping·tr(G)/d to each Gram matrix (0: exact optimum; ~1e-2 helps aa-svd "
                         "when calibration tokens are few)")
-    c.add_argument("--shrinkage", type=_shrinkage_arg, default=0.0,
+    c.add_argument("--shrinkage", type=_shrinkage_arg, default=DEFAULT_SHRINKAGE,
                    help="fit the factors to covariances shrunk toward their diagonals, (1-a)G + a diag(G), "
                         "a in [0, 1] (0: the exact optimum on the calibration text), or 'oas': a per "
-                        "group from the statistics (Oracle Approximating Shrinkage)")
+                        f"group from the statistics (Oracle Approximating Shrinkage); default {DEFAULT_SHRINKAGE}")
     c.add_argument("--allocation", choices=["uniform", "zs"], default="uniform",
                    help="how the budget is spread over the layers: uniform ranks, or zs-svd's zero-sum "
                         "selection with this method's factors")

@@ -83,6 +83,7 @@ def compress_pretrained(
     exclude=None,
     alpha: float = 0.5,
     damping: float = 0.0,
+    shrinkage: float | str = _c.DEFAULT_SHRINKAGE,
     stats_dtype: torch.dtype = torch.float32,
     model_class=None,
     tokenizer=None,
@@ -100,7 +101,7 @@ def compress_pretrained(
         dst: the output folder, loadable with :func:`prehab_svd.load_compressed`: one shard per
             block, an index, ``prehab_svd.json`` and ``config.json``. An existing ``dst`` is only
             replaced with ``overwrite=True``.
-        method, keep_ratio, calibration, targets, exclude, alpha, damping, stats_dtype: as for
+        method, keep_ratio, calibration, targets, exclude, alpha, damping, shrinkage, stats_dtype: as for
             :func:`prehab_svd.compress`; ``calibration`` is needed and is read once into memory.
             ``zs-svd`` is not supported (its task gradient needs the whole model: use ``compress``).
         resume: continue from the checkpoint in ``<dst>.partial/`` when one was left by a run with
@@ -132,6 +133,7 @@ def compress_pretrained(
             "of the whole model, so it cannot run one block at a time from disk; use "
             "prehab_svd.compress on the model in memory (the CLI without --low-memory)")
     _c._check_arguments(method, keep_ratio, stats_dtype)
+    shrinkage = _c._check_shrinkage(shrinkage)
     if calibration is None:
         raise PrehabError(f"compress_pretrained needs calibration data (method {method!r})")
     src, dst = Path(src), Path(dst)
@@ -161,7 +163,7 @@ def compress_pretrained(
     ranks = _c._uniform_ranks(plan, keep_ratio)
     inputs = {
         "method": method, "keep_ratio": float(keep_ratio), "alpha": float(alpha),
-        "damping": float(damping), "stats_dtype": str(stats_dtype), "dtype": str(dtype),
+        "damping": float(damping), "shrinkage": shrinkage, "stats_dtype": str(stats_dtype), "dtype": str(dtype),
         "device": device.type, "targets": _names(targets), "exclude": _names(exclude),
         "model_class": type(model).__name__, "source": source.identity(),
         "calibration": _calibration_hash(batches), "torch": torch.__version__,
@@ -178,7 +180,7 @@ def compress_pretrained(
         try:
             with torch.no_grad():
                 hooks.load_outside()
-                opts = _c._Options(alpha=alpha, damping=damping, stats_dtype=stats_dtype,
+                opts = _c._Options(alpha=alpha, damping=damping, shrinkage=shrinkage, stats_dtype=stats_dtype,
                                    progress=progress, timer=timer)
                 _c._compress_calibrated(model, plan, method, ranks,
                                         [_c._as_batch(b, device) for b in batches], report, device,

@@ -137,13 +137,13 @@ def test_kernels_command_reports_the_cuda_backend(monkeypatch, capsys):
     from prehab_svd import aot, cli
 
     fake = [aot.AotResult("covariance", "covariance_kernel", "stub", True, shared=0, num_warps=4, wgmma=True,
-                          tensor_cores=True)]
+                          tensor_cores=True, registers=128, spill_stores=0, spill_loads=0, load_bytes=16)]
     monkeypatch.setattr(aot, "compile_all", lambda arch=90, modules=None: fake)
     code = cli.main(["kernels"])
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
     assert lines[0].startswith("CUDA backend (prehab_svd._C): ")
-    assert lines[-1].startswith("sm_90:") and lines[-1].endswith(", 0 failed")
+    assert lines[-1].startswith("sm_90 (") and lines[-1].endswith(", 0 failed, 0 spill")
     if EXT:
         assert "built, loads" in lines[0] and "sm_90a" in out
         assert code == 0, out

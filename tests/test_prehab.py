@@ -190,7 +190,8 @@ def test_tail_prehab_lowers_the_truncation_error(make_model, make_batches):
 
 def test_truncated_forward_is_the_svd_llm_compressed_model(make_model, make_batches):
     """Inside WhitenedTargets.truncated() the model computes what svd-llm's compression at that keep
-    ratio computes (same calibration), and the layers are restored afterwards."""
+    ratio computes (same calibration, the exact statistics: shrinkage 0), and the layers are restored
+    afterwards."""
     from prehab_svd.prehab import _square_factor
 
     model = make_model("llama")
@@ -200,7 +201,7 @@ def test_truncated_forward_is_the_svd_llm_compressed_model(make_model, make_batc
     wt = WhitenedTargets(model, names, {n: _square_factor(g, 0.0) for n, (g, _t) in grams.items()},
                          keep_ratio=0.4)
     compressed = copy.deepcopy(model)
-    compress(compressed, "svd-llm", 0.4, batches)
+    compress(compressed, "svd-llm", 0.4, batches, shrinkage=0.0)
     with torch.no_grad():
         want, dense = compressed(**batches[0]).logits, model(**batches[0]).logits
         with wt.truncated():

@@ -79,6 +79,18 @@ def test_streaming_equals_in_memory(kind, method, tie, make_model, make_batches,
     assert torch.equal(out_got[key], out_ref[key])
 
 
+@pytest.mark.parametrize("shrinkage", ["oas", 0.0, 0.25])
+def test_streaming_shrinkage_equals_in_memory(shrinkage, make_model, make_batches, tmp_path):
+    """Every shrinkage setting gives the in-memory weights, bit for bit, one block at a time too."""
+    src = save_tiny(make_model, tmp_path / "src")
+    batches = make_batches(n=3, batch=2, tokens=24, pad_last=5)
+    compress_pretrained(src, tmp_path / "out", "aa-svd", 0.5, batches, shrinkage=shrinkage)
+    ref, _ = in_memory(src, "aa-svd", batches, shrinkage=shrinkage)
+    assert_same_model(load_compressed(tmp_path / "out"), ref)
+    with pytest.raises(PrehabError, match="shrinkage"):
+        compress_pretrained(src, tmp_path / "bad", "aa-svd", 0.5, batches, shrinkage=1.5)
+
+
 def test_sharded_source_and_svd_asvd(make_model, make_batches, tmp_path):
     """A source saved in shards (with model.safetensors.index.json) gives the same model."""
     batches = make_batches()
