@@ -73,9 +73,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["prehab_svd", "prehab_svd.ops", "prehab_svd.kernels", "prehab_svd.csrc"],
-    # The kernels/ folder is installed as prehab_svd.kernels: never as a top-level `kernels`,
-    # which would collide with the unrelated `kernels` package on PyPI.
-    package_dir={"prehab_svd": "prehab_svd", "prehab_svd.kernels": "kernels", "prehab_svd.csrc": "csrc"},
+    # The Triton kernels live inside the package (prehab_svd/kernels/): a top-level `kernels/` folder
+    # shadowed the unrelated PyPI package `kernels` (a dependency of transformers >= 5.25) whenever
+    # the checkout was on sys.path (`python -m pytest`, `python -m prehab_svd.cli` from the root).
+    package_dir={"prehab_svd": "prehab_svd", "prehab_svd.csrc": "csrc"},
     # the CUDA sources travel with the package, for prehab_svd.ops._cuda.load(jit=True)
     package_data={"prehab_svd.csrc": ["*.cu", "*.cpp", "*.h"]},
     install_requires=[

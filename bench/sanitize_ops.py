@@ -1,6 +1,6 @@
 """Call every op on every backend and kernel path once, at small odd shapes: the program that
 ``compute-sanitizer --tool memcheck`` runs over (bench/gpu_first.sh), so that each kernel of
-kernels/ and csrc/ is launched at least once under the memory checker.
+prehab_svd/kernels/ and csrc/ is launched at least once under the memory checker.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 3 \\
         python bench/sanitize_ops.py

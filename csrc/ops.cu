@@ -1324,7 +1324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stable_rank(const at::Tensor& W, 
     // (torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision), exactly as the
     // reference's torch.bmm does on the same GPU: SGEMM by default, TF32 tensor cores when the caller
     // allows them. Forcing TF32 (or bf16 operands) here would break the match with the torch backend
-    // (tests: 1e-5) and, per kernels/stable_rank.py's measurement, move the nuclear value ~1.6e-3 off
+    // (tests: 1e-5) and, per prehab_svd/kernels/stable_rank.py's measurement, move the nuclear value ~1.6e-3 off
     // the float64 one (tests: 1e-4) unless every product's output is re-rounded to TF32, which
     // cuBLAS cannot do; the Triton backend is the tensor-core Newton–Schulz.
     const at::Tensor fro = fpart.sum(1).sqrt_();

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every Triton kernel for a GPU target, with no GPU needed.
 
-Each kernel module in ``kernels/`` exposes ``aot_specs()``: the configurations its launcher uses on
+Each kernel module in ``prehab_svd/kernels/`` exposes ``aot_specs()``: the configurations its launcher uses on
 Hopper, each a dict with ``name``, ``fn`` (the ``@triton.jit`` kernel), ``signature`` (argument name ->
 Triton type such as ``"*bf16"``, ``"i32"``, ``"fp32"`` or ``"constexpr"``), ``constexprs``, optional
 ``attrs`` (specialization hints such as 16-byte alignment, as the JIT would infer them),

@@ -23,7 +23,7 @@ part="${1:-all}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export PY="${PYTHON:-python3}"
 
-# The package (its Triton kernels live in kernels/, installed as prehab_svd.kernels), then the CUDA
+# The package (its Triton kernels live in prehab_svd/kernels/), then the CUDA
 # extension (prehab_svd._C, sm_90a; minutes, unless already built, or PREHAB_SVD_NO_CUDA=1 is set), so
 # that the "cuda" backend is measured too. The build's time comes off each part's budget.
 # shellcheck source=bench/gpu_lib.sh

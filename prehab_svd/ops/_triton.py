@@ -1,4 +1,4 @@
-"""The Triton backend: one kernel file per op in ``kernels/`` (installed as ``prehab_svd.kernels``).
+"""The Triton backend: one kernel file per op in ``prehab_svd/kernels/`` (installed as ``prehab_svd.kernels``).
 
 Registration is lazy: importing prehab_svd does not import Triton. Each op's Triton implementation
 is looked up in its kernel module on first use. Where it can run:
