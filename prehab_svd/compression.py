@@ -23,15 +23,30 @@ import math
 import os
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import ops
-from .errors import NonFiniteActivationError, PrehabError
+from .calibration import (
+    GroupStats,
+    StageInput,
+    Timings,
+    as_batch,
+    blocks_chain,
+    capture_block_inputs,
+    check_finite,
+    collect_group_input,
+    eval_context,
+    find_groups,
+    progress_bar,
+    run_stage,
+    select_tokens,
+    take_sequences,
+    token_mask,
+)
+from .errors import PrehabError
 from .layers import LowRankLinear
 from .models import Plan, plan_targets, rank_for
 from . import methods as _methods
@@ -77,7 +92,7 @@ class CompressionReport:
     short_calibration: list = field(default_factory=list)
     # method-specific facts (zs-svd: the selection's budget, drops, Σ predicted ΔL, gradient samples)
     details: dict = field(default_factory=dict)
-    # seconds per phase (see _Timings.KEYS): where the time of `seconds` went
+    # seconds per phase (see Timings.KEYS): where the time of `seconds` went
     timings: dict = field(default_factory=dict)
 
     @property
@@ -144,284 +159,7 @@ class _Options:
     stats_dtype: torch.dtype = torch.float32
     progress: bool = False
     zs: "_ZSContext | None" = None
-    timer: "_Timings" = field(default_factory=lambda: _Timings(None))
-
-
-class _StopForward(Exception):
-    """Raised by a hook once it has what it needs, to skip the rest of a forward pass."""
-
-
-class _Timings:
-    """Seconds per phase of a compression, summed over blocks (``CompressionReport.timings``).
-
-    ``capture``: running the model up to the first block; ``check``: the forward that checks the
-    blocks chain; ``forward``: everything else a block does (its forwards, hooks) except
-    ``covariance`` (the statistics updates) and ``factorize`` (finalizing the statistics in float64,
-    the closed forms with their Cholesky / SVD, the error estimates);
-    ``gradients``: zs-svd's task gradients; ``load`` / ``write``: reading blocks from disk and writing
-    shards and checkpoints (streaming only). On CUDA every interval starts and ends with a
-    synchronize, so asynchronous kernels are charged to the phase that launched them.
-    """
-
-    KEYS = ("capture", "check", "forward", "covariance", "factorize", "gradients", "load", "write")
-
-    def __init__(self, device):
-        self.totals = dict.fromkeys(self.KEYS, 0.0)
-        self.device = torch.device(device) if device is not None else None
-        self.cuda = self.device is not None and self.device.type == "cuda"
-
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    @contextmanager
-    def __call__(self, key: str):
-        t = self.now()
-        try:
-            yield
-        finally:
-            self.totals[key] += self.now() - t
-
-    @contextmanager
-    def rest(self, key: str, inner=("covariance", "factorize")):
-        """Charge to ``key`` the time of the body minus what the body charged to ``inner``."""
-        before = sum(self.totals[k] for k in inner)
-        t = self.now()
-        try:
-            yield
-        finally:
-            self.totals[key] += self.now() - t - (sum(self.totals[k] for k in inner) - before)
-
-
-# --------------------------------------------------------------------------------------------------
-# Calibration inputs
-
-
-def _as_batch(item, device) -> dict:
-    if isinstance(item, torch.Tensor):
-        if item.dtype != torch.long:
-            raise PrehabError(
-                f"calibration tensors must be token ids (torch.long), got {item.dtype}; pass dicts "
-                "of model inputs for other inputs"
-            )
-        item = {"input_ids": item if item.dim() == 2 else item.unsqueeze(0)}
-    elif not isinstance(item, dict):
-        raise PrehabError(
-            "each calibration batch must be a dict of model inputs or a LongTensor of token ids "
-            f"[batch, tokens], got {type(item).__name__}"
-        )
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in item.items()}
-
-
-def _token_mask(batch: dict):
-    mask = batch.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return mask.bool()
-    return None
-
-
-def _select_tokens(x: torch.Tensor, mask) -> torch.Tensor:
-    """Flatten x [..., d] to [tokens, d], dropping padded positions when the mask lines up."""
-    d = x.shape[-1]
-    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-        return x[mask]
-    return x.reshape(-1, d)
-
-
-@dataclass
-class _StageInput:
-    hidden: torch.Tensor | None  # None: the stage is the whole model, called as module(**kwargs)
-    args: tuple
-    kwargs: dict
-    mask: torch.Tensor | None
-
-
-def _run(module: nn.Module, inp: _StageInput, hidden=None):
-    h = inp.hidden if hidden is None else hidden
-    if h is None:
-        return module(**inp.kwargs)
-    out = module(h, *inp.args, **inp.kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _capture_block_inputs(model, first_block, batches, device, progress) -> list:
-    """Run the model up to its first block on every batch; keep the block's call arguments."""
-    captured = []
-    current = {}
-
-    def pre_hook(_module, args, kwargs):
-        current["args"], current["kwargs"] = args, kwargs
-        raise _StopForward
-
-    handle = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        for item in _progress(batches, progress, "capturing block inputs"):
-            batch = item
-            current.clear()
-            try:
-                model(**batch)
-            except _StopForward:
-                pass
-            if "args" not in current:
-                raise PrehabError("the model's forward never reached its first transformer block")
-            args, kwargs = current["args"], dict(current["kwargs"])
-            if args:
-                hidden, rest = args[0], tuple(args[1:])
-            else:
-                key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-                hidden, rest = kwargs.pop(key), ()
-            captured.append(_StageInput(hidden.detach(), rest, kwargs, _token_mask(batch)))
-    finally:
-        handle.remove()
-    return captured
-
-
-def _blocks_chain(model, blocks, batch, stop_after_last: bool = False) -> bool:
-    """True when, on ``batch``, each block runs once, in order, on the previous block's output.
-
-    ``stop_after_last`` skips what follows the last block (the head: [batch, tokens, vocab] logits
-    can outweigh a block)."""
-    seen_in, seen_out = [], []
-    handles = []
-    n = len(blocks)
-    for i, block in enumerate(blocks):
-        def pre(_m, args, kwargs, i=i):
-            h = args[0] if args else kwargs.get("hidden_states")
-            seen_in.append((i, h))
-
-        def post(_m, _args, output, i=i):
-            seen_out.append((i, output[0] if isinstance(output, (tuple, list)) else output))
-            if stop_after_last and i == n - 1:
-                raise _StopForward
-
-        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(block.register_forward_hook(post))
-    try:
-        model(**batch)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    if [i for i, _ in seen_in] != list(range(n)) or [i for i, _ in seen_out] != list(range(n)):
-        return False
-    for (_, out), (_, nxt) in zip(seen_out[:-1], seen_in[1:]):
-        if not isinstance(out, torch.Tensor) or not isinstance(nxt, torch.Tensor):
-            return False
-        if out is not nxt and not (out.shape == nxt.shape and torch.equal(out, nxt)):
-            return False
-    return True
-
-
-def _progress(it, enabled, desc):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, leave=False)
-
-
-# --------------------------------------------------------------------------------------------------
-# Statistics of the groups
-
-
-class _GroupStats:
-    """Streaming statistics of one group's input (x: original model, xp: compressed model).
-
-    ``xᵀx`` and ``xᵀx'`` come from one accumulator (one pass over x), ``x'ᵀx'`` from a second; all
-    normalized by the token count when finalized.
-    """
-
-    def __init__(self, d: int, need_cross: bool, need_absmean: bool, dtype, device):
-        # per-batch products in ``dtype``, running sums in float64 (order- and rank-independent)
-        self.x = ops.CovarianceAccumulator(d, cross=need_cross, dtype=dtype, device=device)
-        self.xp = ops.CovarianceAccumulator(d, dtype=dtype, device=device) if need_cross else None
-        self.abs_sum = torch.zeros(d, dtype=torch.float64, device=device) if need_absmean else None
-
-    @property
-    def tokens(self) -> int:
-        return self.x.tokens
-
-    def add(self, x: torch.Tensor, xp: torch.Tensor | None = None):
-        self.x.update(x, xp)
-        if self.xp is not None:
-            self.xp.update(xp)
-        if self.abs_sum is not None:
-            self.abs_sum += x.abs().sum(0, dtype=self.abs_sum.dtype)
-
-    def finalize(self) -> "_methods.LayerStats":
-        if _dist.is_distributed():
-            self._all_reduce()
-        if self.tokens == 0:
-            raise PrehabError("calibration produced no tokens (every position masked?)")
-        g = self.x.gram().to(torch.float64)
-        if self.xp is None:
-            abs_mean = None if self.abs_sum is None else self.abs_sum / self.tokens
-            return _methods.LayerStats(gram_x=g, cross=g, gram_xp=g, abs_mean=abs_mean,
-                                       tokens=self.tokens, floor=self.x.noise_floor)
-        return _methods.LayerStats(gram_x=g, cross=self.x.cross().to(torch.float64),
-                                   gram_xp=self.xp.gram().to(torch.float64), abs_mean=None,
-                                   tokens=self.tokens, floor=self.xp.noise_floor)
-
-    def _all_reduce(self):
-        """Sum the raw sums and token counts over the ranks (each saw its shard of the calibration),
-        in the accumulator dtype, before anything is normalized."""
-        self.x.tokens = _dist.all_reduce_count(
-            self.x.tokens, same=[self.x.d, self.xp is not None, self.abs_sum is not None],
-            what="a layer group's input width and statistics")
-        _dist.all_reduce_sum(self.x.gram(normalize=False),
-                             self.x.cross(normalize=False) if self.x.has_cross else None,
-                             None if self.xp is None else self.xp.gram(normalize=False), self.abs_sum)
-        # the noise floor decides the factor's rank: every rank must use the same one
-        self.x.max_batch_tokens = _dist.all_reduce_max(self.x.max_batch_tokens)
-        if self.xp is not None:
-            self.xp.tokens = self.x.tokens
-            self.xp.max_batch_tokens = self.x.max_batch_tokens
-
-
-def _check_finite(name: str, x: torch.Tensor, stream: str = ""):
-    if not torch.isfinite(x).all():
-        where = f" ({stream} stream)" if stream else ""
-        raise NonFiniteActivationError(
-            f"NaN or Inf in the input of layer '{name}'{where} during calibration; check the model's "
-            "weights and dtype (fp16 overflow?) or the calibration data"
-        )
-
-
-def _find_groups(module: nn.Module, names: dict, inp: _StageInput) -> list:
-    """Group the stage's target layers by the input tensor they receive, in forward order."""
-    # Identity of the tensor object, not its data pointer: a freed activation's memory can be reused
-    # by a later tensor of the same shape (o_proj's input may land where q/k/v's input was).
-    seen = []  # list of (input tensor, [full names]); holding the tensor keeps it alive
-    by_rel = {rel: full for full, rel in names.items()}
-    handles = []
-
-    def make_hook(full):
-        def hook(_m, args):
-            x = args[0]
-            if any(full in members for _, members in seen):
-                return  # a layer called twice keeps the group of its first call
-            for t, members in seen:
-                if t is x:
-                    members.append(full)
-                    return
-            seen.append((x, [full]))
-        return hook
-
-    for rel, full in by_rel.items():
-        handles.append(module.get_submodule(rel).register_forward_pre_hook(make_hook(full)))
-    try:
-        with torch.no_grad():
-            _run(module, inp)
-    finally:
-        for h in handles:
-            h.remove()
-    groups = [members for _, members in seen]
-    missing = set(names) - {n for g in groups for n in g}
-    if missing:
-        raise PrehabError(f"target layers never ran during calibration: {sorted(missing)}")
-    return groups
+    timer: "Timings" = field(default_factory=lambda: Timings(None))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -541,44 +279,33 @@ def compress(
         ranks = _uniform_ranks(plan, keep_ratio)
 
     device = next(model.parameters()).device
-    opts.timer = _Timings(device)
-    was_training = model.training
-    model.eval()
-    cfg = getattr(model, "config", None)
-    old_cache = getattr(cfg, "use_cache", None)
-    if cfg is not None and old_cache is not None:
-        cfg.use_cache = False
-    try:
-        with torch.no_grad():
-            if calibration is None:
-                if method != "svd":
-                    raise PrehabError(f"method {method!r} needs calibration data")
-                for _, module, names in plan.stages:
-                    for full, rel in names.items():
-                        report.layers.append(_compress_plain(module, full, rel, ranks[full]))
-            elif zs_alloc:
-                batches = [_as_batch(item, device) for item in calibration]
-                with torch.enable_grad(), opts.timer("gradients"):
-                    opts.zs = _task_gradients(model, plan.targets, batches, task, grad_samples,
-                                              correction_grads if correction else 0)
-                opts.zs.min_rank_fraction = min_rank_fraction
-                _compress_calibrated(model, plan, "zs-svd", None, batches,
-                                     CompressionReport("zs-svd", keep_ratio), device, opts)
-                sel = _zs_select(opts.zs, keep_ratio)
-                report.details.update(
-                    budget=sel.budget, drops=sel.drops, predicted_loss_change=sel.running_sum,
-                    grad_samples=opts.zs.samples, correction=bool(correction),
-                    correction_grads=int(opts.zs.chunk_grads[next(iter(opts.zs.chunk_grads))].shape[0])
-                    if correction else 0,
-                    task=getattr(opts.zs.task, "__name__", type(opts.zs.task).__name__))
-                opts.zs.phase = "factorize"
-                _compress_calibrated(model, plan, method, sel.ranks, batches, report, device, opts)
-            else:
-                _compress_calibrated(model, plan, method, ranks, calibration, report, device, opts)
-    finally:
-        if cfg is not None and old_cache is not None:
-            cfg.use_cache = old_cache
-        model.train(was_training)
+    opts.timer = Timings(device)
+    with eval_context(model):
+        if calibration is None:
+            if method != "svd":
+                raise PrehabError(f"method {method!r} needs calibration data")
+            for _, module, names in plan.stages:
+                for full, rel in names.items():
+                    report.layers.append(_compress_plain(module, full, rel, ranks[full]))
+        elif zs_alloc:
+            batches = [as_batch(item, device) for item in calibration]
+            with torch.enable_grad(), opts.timer("gradients"):
+                opts.zs = _task_gradients(model, plan.targets, batches, task, grad_samples,
+                                          correction_grads if correction else 0)
+            opts.zs.min_rank_fraction = min_rank_fraction
+            _compress_calibrated(model, plan, "zs-svd", None, batches,
+                                 CompressionReport("zs-svd", keep_ratio), device, opts)
+            sel = _zs_select(opts.zs, keep_ratio)
+            report.details.update(
+                budget=sel.budget, drops=sel.drops, predicted_loss_change=sel.running_sum,
+                grad_samples=opts.zs.samples, correction=bool(correction),
+                correction_grads=int(opts.zs.chunk_grads[next(iter(opts.zs.chunk_grads))].shape[0])
+                if correction else 0,
+                task=getattr(opts.zs.task, "__name__", type(opts.zs.task).__name__))
+            opts.zs.phase = "factorize"
+            _compress_calibrated(model, plan, method, sel.ranks, batches, report, device, opts)
+        else:
+            _compress_calibrated(model, plan, method, ranks, calibration, report, device, opts)
     report.seconds = time.perf_counter() - t0
     report.timings = dict(opts.timer.totals)
     _warn_short_calibration(report, stacklevel=3)
@@ -689,7 +416,7 @@ class _BlockHooks:
     in_memory = True  # False: the whole model is never in memory, so it cannot be one stage
 
     def blocks_chain(self, model, blocks, batch) -> bool:
-        return _blocks_chain(model, blocks, batch)
+        return blocks_chain(model, blocks, batch)
 
     def start(self, state: "_LoopState") -> int:
         """Called once the first block's inputs are captured; returns the index of the first block
@@ -707,14 +434,14 @@ class _BlockHooks:
 class _LoopState:
     """What flows from block to block: the inputs of the next block for every calibration batch."""
 
-    inputs: list  # _StageInput per batch; .hidden is the original model's stream
+    inputs: list  # StageInput per batch; .hidden is the original model's stream
     shifted: list | None  # aa-svd: the compressed model's stream (hidden states), else None
     whole: bool  # the whole model is a single stage
 
 
 def _compress_calibrated(model, plan, method, ranks, calibration, report, device, opts, hooks=None):
     hooks = _BlockHooks() if hooks is None else hooks
-    batches = [_as_batch(item, device) for item in calibration]
+    batches = [as_batch(item, device) for item in calibration]
     _dist.raise_together(None if batches else PrehabError(
         "the calibration data is empty; pass at least one batch (on every rank)"), "calibration")
     if plan.blocks_name is not None:
@@ -733,7 +460,7 @@ def _compress_calibrated(model, plan, method, ranks, calibration, report, device
     start = 0 if state.whole else hooks.start(state)
     stages = list(enumerate(plan.stages))[start:]
     # Blocks with no targets just propagate (and are still loaded / written by the hooks).
-    for index, (_, module, names) in _progress(stages, opts.progress, f"{method} blocks"):
+    for index, (_, module, names) in progress_bar(stages, opts.progress, f"{method} blocks"):
         hooks.before_block(index, module)
         _run_block(module, names, state, ranks, report, method, opts)
         hooks.after_block(index, module, state)
@@ -746,9 +473,9 @@ def _start_loop(model, plan, method, batches, report, device, opts) -> _LoopStat
     whole = plan.blocks_name is None
     with opts.timer("capture"):
         if whole:
-            inputs = [_StageInput(None, (), batch, _token_mask(batch)) for batch in batches]
+            inputs = [StageInput(None, (), batch, token_mask(batch)) for batch in batches]
         else:
-            inputs = _capture_block_inputs(model, plan.stages[0][1], batches, device, opts.progress)
+            inputs = capture_block_inputs(model, plan.stages[0][1], batches, device, opts.progress)
     report.calibration_tokens = _dist.all_reduce_count(sum(
         (i.mask.sum().item() if i.mask is not None else
          (i.hidden.shape[:-1].numel() if i.hidden is not None else 0)) for i in inputs))
@@ -760,7 +487,7 @@ def _run_block(module, names, state, ranks, report, method, opts):
     """Compress one stage's targets and advance ``state`` to the next stage's inputs."""
     with opts.timer.rest("forward"):
         if names:
-            groups = _find_groups(module, names, state.inputs[0])
+            groups = find_groups(module, names, state.inputs[0])
             if method == "aa-svd":
                 state.shifted = _stage_anchored(module, names, groups, state.inputs, state.shifted,
                                                 ranks, report, opts, state.whole)
@@ -769,31 +496,9 @@ def _run_block(module, names, state, ranks, report, method, opts):
                               state.whole)
         elif not state.whole:
             for inp in state.inputs:
-                inp.hidden = _run(module, inp)
+                inp.hidden = run_stage(module, inp)
             if state.shifted is not None:
-                state.shifted = [_run(module, inp, h) for inp, h in zip(state.inputs, state.shifted)]
-
-
-def _group_collect(module, names, group, inp, hidden, stream, stop=True):
-    """Run ``module`` on one input; return the (token-selected) input of ``group``'s layers."""
-    rel = names[group[0]]
-    got = {}
-
-    def hook(_m, args):
-        got["x"] = args[0]
-        if stop:
-            raise _StopForward
-
-    h = module.get_submodule(rel).register_forward_pre_hook(hook)
-    try:
-        _run(module, inp, hidden)
-    except _StopForward:
-        pass
-    finally:
-        h.remove()
-    x = got["x"]
-    _check_finite(group[0], x, stream)
-    return _select_tokens(x, inp.mask)
+                state.shifted = [run_stage(module, inp, h) for inp, h in zip(state.inputs, state.shifted)]
 
 
 def _stage_single(module, names, groups, inputs, ranks, report, method, opts, whole):
@@ -802,21 +507,21 @@ def _stage_single(module, names, groups, inputs, ranks, report, method, opts, wh
     stats = []
     for g in groups:
         d = module.get_submodule(names[g[0]]).in_features
-        stats.append(_GroupStats(d, False, method == "asvd", opts.stats_dtype, params.device))
+        stats.append(GroupStats(d, False, method == "asvd", opts.stats_dtype, params.device))
     handles = []
     current = {}
     for gi, g in enumerate(groups):
         def hook(_m, args, gi=gi, lead=g[0]):
             x = args[0]
-            _check_finite(lead, x)
-            x = _select_tokens(x, current["mask"])
+            check_finite(lead, x)
+            x = select_tokens(x, current["mask"])
             with opts.timer("covariance"):
                 stats[gi].add(x)
         handles.append(module.get_submodule(names[g[0]]).register_forward_pre_hook(hook))
     try:
         for inp in inputs:
             current["mask"] = inp.mask
-            out = _run(module, inp)
+            out = run_stage(module, inp)
             if not whole:
                 inp.hidden = out.detach()
     finally:
@@ -834,19 +539,19 @@ def _stage_anchored(module, names, groups, inputs, shifted, ranks, report, opts,
     params = next(module.parameters())
     for g in groups:
         d = module.get_submodule(names[g[0]]).in_features
-        st = _GroupStats(d, True, False, opts.stats_dtype, params.device)
+        st = GroupStats(d, True, False, opts.stats_dtype, params.device)
         for inp, hp in zip(inputs, shifted):
-            x = _group_collect(original, names, g, inp, inp.hidden, "original")
-            xp = _group_collect(module, names, g, inp, hp, "compressed")
+            x = collect_group_input(original, names, g, inp, inp.hidden, "original")
+            xp = collect_group_input(module, names, g, inp, hp, "compressed")
             with opts.timer("covariance"):
                 st.add(x, xp)
         with opts.timer("factorize"):
             _factorize_group(module, names, g, st.finalize(), ranks, report, "aa-svd", opts)
     if whole:
         return shifted
-    new_shifted = [_run(module, inp, hp).detach() for inp, hp in zip(inputs, shifted)]
+    new_shifted = [run_stage(module, inp, hp).detach() for inp, hp in zip(inputs, shifted)]
     for inp in inputs:
-        inp.hidden = _run(original, inp).detach()
+        inp.hidden = run_stage(original, inp).detach()
     del original
     return new_shifted
 
@@ -949,15 +654,6 @@ def _check_zs_options(grad_samples, correction_grads, min_rank_fraction):
         raise PrehabError(f"min_rank_fraction must be in [0, 1], got {min_rank_fraction!r}")
 
 
-def _take_sequences(batch: dict, n: int) -> dict:
-    """The first n sequences of a batch (tensors whose first dimension is the batch size)."""
-    size = batch["input_ids"].shape[0] if "input_ids" in batch else None
-    if size is None or n >= size:
-        return batch
-    return {k: (v[:n] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == size else v)
-            for k, v in batch.items()}
-
-
 def _task_gradients(model, names, batches, task, samples, chunks) -> _ZSContext:
     """Mean gradient of the task loss w.r.t. each target weight over the first ``samples`` sequences.
 
@@ -1013,7 +709,7 @@ def _task_gradients_of(model, names, weights, batches, task, samples, chunks) ->
     error = None
     try:
         for i, n, g in plan:
-            part = _take_sequences(batches[i], n)
+            part = take_sequences(batches[i], n)
             loss = loss_fn(model, part)
             if not torch.isfinite(loss):
                 raise PrehabError(f"the task loss is {float(loss.detach())} on calibration batch {i}; "

@@ -44,7 +44,7 @@ from torch import nn
 from . import distributed as _dist
 from . import fsdp as _fsdp
 from . import ops
-from .compression import _as_batch, _check_finite, _select_tokens, _token_mask
+from .calibration import as_batch, check_finite, select_tokens, token_mask
 from .errors import PrehabError
 from .linalg import whitening_factor
 from .models import plan_targets, rank_for
@@ -140,10 +140,10 @@ def layer_input_grams(model: nn.Module, names: list, batches: list, *, dtype=tor
                     return
             key = group_of.setdefault(name, name)
             seen.append((x, key))
-            _check_finite(name, x)
+            check_finite(name, x)
             if key not in accs:
                 accs[key] = ops.CovarianceAccumulator(x.shape[-1], dtype=dtype, device=x.device)
-            accs[key].update(_select_tokens(x.detach(), current["mask"]))
+            accs[key].update(select_tokens(x.detach(), current["mask"]))
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
@@ -151,7 +151,7 @@ def layer_input_grams(model: nn.Module, names: list, batches: list, *, dtype=tor
         with torch.no_grad():
             for batch in batches:
                 seen.clear()
-                current["mask"] = _token_mask(batch)
+                current["mask"] = token_mask(batch)
                 model(**batch)
     finally:
         seen.clear()
@@ -653,8 +653,8 @@ def prehab(
     # FSDP: a sharded model, or a whole one under a process group with parallel="fsdp"
     use_fsdp = sharded or (parallel == "fsdp" and _dist.is_distributed())
     device = next(model.parameters()).device
-    calib = [_as_batch(b, device) for b in calibration]
-    train_batches = [_as_batch(b, device) for b in data]
+    calib = [as_batch(b, device) for b in calibration]
+    train_batches = [as_batch(b, device) for b in data]
     _dist.raise_together(
         PrehabError("the calibration data is empty; pass at least one batch") if not calib else
         PrehabError("the training data is empty; pass at least one batch") if not train_batches else

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import distributed as _dist
 from . import fsdp as _fsdp
-from .compression import _as_batch
+from .calibration import as_batch
 from .errors import PrehabError
 from .layers import LowRankLinear
 from .tasks import EmbeddingDistillation, default_task, is_causal_model, step_range
@@ -149,7 +149,7 @@ def rehab(
     if not names:
         raise PrehabError("the model has no LowRankLinear layers: compress it first")
     device = next(model.parameters()).device
-    batches = [_as_batch(b, device) for b in data]
+    batches = [as_batch(b, device) for b in data]
     _dist.raise_together(None if batches else PrehabError(
         "the training data is empty; pass at least one batch (on every rank)"), "rehab's input check")
     if callable(task):

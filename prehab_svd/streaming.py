@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from . import compression as _c
+from .calibration import Timings, as_batch, blocks_chain, take_sequences
 from . import distributed as _dist
 from .errors import PrehabError
 from .io import INDEX_FILE, META_FILE, WEIGHTS_FILE, build_meta
@@ -149,7 +150,7 @@ def compress_pretrained(
     device = torch.device(device)
     source = _Source(src)
     dtype = dtype if dtype is not None else source.default_dtype()
-    batches = [_c._as_batch(item, "cpu") for item in calibration]
+    batches = [as_batch(item, "cpu") for item in calibration]
     if not batches:
         raise PrehabError("the calibration data is empty; pass at least one batch")
 
@@ -168,7 +169,7 @@ def compress_pretrained(
         "model_class": type(model).__name__, "source": source.identity(),
         "calibration": _calibration_hash(batches), "torch": torch.__version__,
     }
-    timer = _c._Timings(device)
+    timer = Timings(device)
     report = _c.CompressionReport(method=method, keep_ratio=float(keep_ratio))
     ckpt = _Checkpoint(dst, inputs, len(plan.stages) + 1)
     with ckpt.open(resume):
@@ -183,7 +184,7 @@ def compress_pretrained(
                 opts = _c._Options(alpha=alpha, damping=damping, shrinkage=shrinkage, stats_dtype=stats_dtype,
                                    progress=progress, timer=timer)
                 _c._compress_calibrated(model, plan, method, ranks,
-                                        [_c._as_batch(b, device) for b in batches], report, device,
+                                        [as_batch(b, device) for b in batches], report, device,
                                         opts, hooks=hooks)
         finally:
             if old_cache is not None:
@@ -492,7 +493,7 @@ class _StreamHooks(_c._BlockHooks):
             handles.append(block.register_forward_pre_hook(load))
             handles.append(block.register_forward_hook(free))
         try:
-            return _c._blocks_chain(model, blocks, _c._take_sequences(batch, 1), stop_after_last=True)
+            return blocks_chain(model, blocks, take_sequences(batch, 1), stop_after_last=True)
         finally:
             for h in handles:
                 h.remove()

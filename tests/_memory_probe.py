@@ -41,18 +41,18 @@ def main():
     layers, method = int(sys.argv[1]), sys.argv[2]
     import transformers as tf
 
-    import prehab_svd.compression as compression
+    import prehab_svd.calibration as calibration
     from prehab_svd import compress
 
     live = [0]
-    finalize = compression._GroupStats.finalize
+    finalize = calibration.GroupStats.finalize
 
     def measured_finalize(self):
         out = finalize(self)
         live[0] = max(live[0], live_tensor_bytes())
         return out
 
-    compression._GroupStats.finalize = measured_finalize
+    calibration.GroupStats.finalize = measured_finalize
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -14,7 +14,7 @@ import torch
 import transformers as tf
 
 from prehab_svd import PrehabError, compress, compress_pretrained, load_compressed
-from prehab_svd.compression import _Timings
+from prehab_svd.calibration import Timings
 from prehab_svd.io import INDEX_FILE, META_FILE, WEIGHTS_FILE
 from prehab_svd.streaming import checkpoint_dir
 
@@ -111,7 +111,7 @@ def test_timings(make_model, make_batches, tmp_path):
     report = compress_pretrained(src, tmp_path / "out", "aa-svd", 0.5, batches)
     _, mem = in_memory(src, "aa-svd", batches)
     for rep in (report, mem):
-        assert set(rep.timings) == set(_Timings.KEYS)
+        assert set(rep.timings) == set(Timings.KEYS)
         assert all(v >= 0 for v in rep.timings.values()), rep.timings
         for key in ("capture", "forward", "covariance", "factorize"):
             assert rep.timings[key] > 0, key
@@ -120,7 +120,7 @@ def test_timings(make_model, make_batches, tmp_path):
     assert report.timings["load"] > 0 and report.timings["write"] > 0
     assert mem.timings["load"] == mem.timings["write"] == 0
     saved = json.loads((tmp_path / "out" / META_FILE).read_text())["report"]["timings"]
-    assert set(saved) == set(_Timings.KEYS)
+    assert set(saved) == set(Timings.KEYS)
 
 
 def test_bad_input(make_model, make_batches, tmp_path):
@@ -191,10 +191,10 @@ def test_refused_under_a_process_group(make_model, make_batches, tmp_path, monke
 
 def test_blocks_that_do_not_chain_are_refused(make_model, make_batches, tmp_path, monkeypatch):
     """In memory such a model becomes one stage; from disk it cannot, so the error says what to do."""
-    from prehab_svd import compression
+    from prehab_svd import streaming
 
     src = save_tiny(make_model, tmp_path / "src", layers=2)
-    monkeypatch.setattr(compression, "_blocks_chain", lambda *a, **k: False)
+    monkeypatch.setattr(streaming, "blocks_chain", lambda *a, **k: False)
     with pytest.raises(PrehabError, match="do not simply feed each other.*without --low-memory"):
         compress_pretrained(src, tmp_path / "out", "svd-llm", 0.5, make_batches())
     assert not checkpoint_dir(tmp_path / "out").exists()
