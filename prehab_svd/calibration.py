@@ -20,11 +20,68 @@ from torch import nn
 from . import distributed as _dist
 from . import ops
 from .errors import NonFiniteActivationError, PrehabError
-from .methods import LayerStats
+from .linalg import equilibrate
 
-__all__ = ["StopForward", "Timings", "as_batch", "token_mask", "select_tokens", "StageInput", "run_stage",
+__all__ = ["LayerStats", "StopForward", "Timings", "as_batch", "token_mask", "select_tokens", "StageInput", "run_stage",
            "capture_block_inputs", "blocks_chain", "progress_bar", "GroupStats", "check_finite", "find_groups",
            "collect_group_input", "take_sequences", "eval_context"]
+
+
+@dataclass
+class LayerStats:
+    """Normalized statistics of one layer input (float64).
+
+    ``gram_x = xᵀx/N`` (original model), ``cross = xᵀx'/N`` and ``gram_xp = x'ᵀx'/N`` (compressed
+    model's input x'); for single-stream methods x' = x and all three are the same tensor.
+    ``abs_mean`` is mean |x| per input channel (ASVD).
+    """
+
+    gram_x: torch.Tensor
+    cross: torch.Tensor
+    gram_xp: torch.Tensor
+    abs_mean: torch.Tensor | None
+    tokens: int
+    floor: float | None = None  # the statistics' rounding level (linalg.rounding_floor); None: float64
+
+    def shrunk(self, alpha: float) -> "LayerStats":
+        """The statistics shrunk toward their diagonals: ``A ← (1−α)·A + α·diag(A)`` for the grams and
+        the cross term alike, so x' = x stays x' = x. The shrinkage target keeps every channel's own
+        energy (and so the answer is unchanged by a per-channel rescaling of the inputs, unlike
+        damping toward a multiple of I); it removes part of the correlations that a finite calibration
+        set of one kind of text measures, which is what generalizes worst to other text. α = 0: the
+        exact optimum on the calibration tokens; α = 1: a diagonal (ASVD-like, with exponent 1/2 of
+        the second moment) scaling."""
+        if not 0 <= alpha <= 1:
+            raise PrehabError(f"shrinkage must be in [0, 1], got {alpha!r}")
+        if alpha == 0:
+            return self
+
+        def shrink(A):
+            return (1 - alpha) * A + alpha * torch.diag(torch.diagonal(A))
+
+        gx = shrink(self.gram_x)
+        same_c, same_p = self.cross is self.gram_x, self.gram_xp is self.gram_x
+        return LayerStats(gx, gx if same_c else shrink(self.cross), gx if same_p else shrink(self.gram_xp),
+                          self.abs_mean, self.tokens, self.floor)
+
+    def oas_intensity(self) -> float:
+        """The Oracle Approximating Shrinkage intensity (Chen, Wiesel, Eldar & Hero, 2010) of the
+        equilibrated ``gram_xp`` toward its target (the identity there: each channel's own energy, the
+        target of :meth:`shrunk`), from the statistics alone: with ``p`` live channels, ``n`` tokens,
+        ``t = tr(Ĝ) = p`` and ``t₂ = tr(Ĝ²)``,
+        ``ρ = min(1, ((1 − 2/p)·t₂ + t²) / ((n + 1 − 2/p)·(t₂ − t²/p)))``. It treats the tokens as
+        independent draws, so for the correlated tokens of real text it is a lower bound on what
+        would help; it is large only when the tokens are few for the width (``n`` ≲ ``p``)."""
+        G = self.gram_xp.to(torch.float64)
+        Gh, _, _ = equilibrate(0.5 * (G + G.T))
+        p = Gh.shape[0]
+        if p < 2 or self.tokens < 1:
+            return 0.0
+        t, t2 = float(p), float(Gh.square().sum())
+        den = (self.tokens + 1 - 2 / p) * (t2 - t * t / p)
+        if den <= 0:  # Ĝ = I exactly: nothing to shrink
+            return 0.0
+        return float(min(1.0, ((1 - 2 / p) * t2 + t * t) / den))
 
 
 class StopForward(Exception):

@@ -61,6 +61,8 @@ def _batches(tokenizer, texts, causal, args, *, calibration: bool):
 
 
 def cmd_compress(args) -> int:
+    from .methods import get as get_method
+
     import torch
 
     from . import data
@@ -77,7 +79,7 @@ def cmd_compress(args) -> int:
     compress_defaults(args, causal)
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else path)
     calibration = None
-    if args.method != "svd" or not args.no_calibration:
+    if get_method(args.method).needs_calibration or not args.no_calibration:
         # Data problems are found before the (possibly large) model is loaded.
         texts = data.load_texts(args.data, split="train")
         calibration = _batches(tokenizer, texts, causal, args, calibration=True)
@@ -92,11 +94,9 @@ def cmd_compress(args) -> int:
     model.to(args.device)
     original = copy.deepcopy(model) if args.rehab and not causal else None
     report = compress(model, args.method, args.keep_ratio, calibration,
-                      targets=args.targets, exclude=args.exclude, damping=args.damping, alpha=args.alpha,
-                      shrinkage=args.shrinkage, allocation=args.allocation, ranks=args.ranks,
-                      stats_dtype=torch.float64 if args.fp64_stats else torch.float32,
-                      task=args.task, grad_samples=args.grad_samples, correction=args.correction,
-                      min_rank_fraction=args.min_rank_fraction, progress=not args.quiet)
+                      targets=args.targets, exclude=args.exclude, allocation=args.allocation, ranks=args.ranks,
+                      stats_dtype=torch.float64 if args.fp64_stats else torch.float32, progress=not args.quiet,
+                      **_method_options(args))
     print(report.table())
     extra = {"base_model": str(path.resolve()), "original_model": _original_of(path)}
     if args.rehab:
@@ -112,6 +112,18 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def _method_options(args) -> dict:
+    """The method options of the command line that the chosen method (and allocation) takes; the
+    flags of other methods are left out (they keep their defaults there)."""
+    from .compression import method_options
+
+    given = dict(alpha=args.alpha, damping=args.damping, shrinkage=args.shrinkage, task=args.task,
+                 grad_samples=args.grad_samples, correction=args.correction,
+                 min_rank_fraction=args.min_rank_fraction)
+    valid = method_options(args.method, getattr(args, "allocation", "uniform"))
+    return {k: v for k, v in given.items() if k in valid}
+
+
 # What `compress` does when the user passes nothing but a model and --out (results/methods_smollm2.md,
 # results/methods_minilm.md): the best of the measured settings.
 DEFAULT_METHOD = "zs-svd"
@@ -122,10 +134,12 @@ ENCODER_CALIBRATION = dict(num_samples=128, seq_len=128)  # sentences, truncated
 
 def compress_defaults(args, causal: bool) -> None:
     """Fill the options left unset (None) with the defaults for this kind of model."""
+    from .methods import get as get_method
+
     if args.method is None:
         args.method = DEFAULT_METHOD_LOW_MEMORY if args.low_memory else DEFAULT_METHOD
-    if args.low_memory and args.method == "zs-svd":
-        raise PrehabError("--low-memory cannot run zs-svd (it needs the task gradient of the whole model); "
+    if args.low_memory and get_method(args.method).allocation is not None:
+        raise PrehabError(f"--low-memory cannot run {args.method} (it needs the task gradient of the whole model); "
                           "choose --method svd-llm or aa-svd, or drop --low-memory")
     if args.min_rank_fraction is None and causal:
         from .compression import ZS_MIN_RANK_CAUSAL
@@ -167,8 +181,7 @@ def _compress_low_memory(args, path: Path, out: Path, causal: bool, tokenizer, c
         report = compress_pretrained(
             path, out, args.method, args.keep_ratio, calibration, resume=args.resume is not False,
             overwrite=args.overwrite, device=args.device, dtype=dtype, targets=args.targets,
-            exclude=args.exclude, alpha=args.alpha, damping=args.damping, shrinkage=args.shrinkage,
-            stats_dtype=torch.float64 if args.fp64_stats else torch.float32,
+            exclude=args.exclude, **_method_options(args), stats_dtype=torch.float64 if args.fp64_stats else torch.float32,
             model_class=transformers.AutoModelForCausalLM if causal else transformers.AutoModel,
             tokenizer=tokenizer, extra={"base_model": str(path.resolve()), "original_model": _original_of(path)},
             extra_files={"ranks.png": lambda p, rep: _plot_ranks(rep, p)}, progress=not args.quiet)
@@ -419,13 +432,15 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
     smallest keep ratio; done once and shared, and reported as the row "prehab (dense)"), "+rehab" ends with LoRA recovery (distillation to the original).
     ``artifacts``, a dict, receives the reports: ``(method, keep_ratio) -> CompressionReport`` and
     ``"prehab" -> PrehabReport``. ``compress_options``: keywords for every ``compress`` call (e.g.
-    ``{"shrinkage": 0.0}``).
+    ``{"shrinkage": 0.0}``; each method gets those it takes).
     """
+    from .methods import get as get_method
+
     import torch
     import transformers
 
     from . import data, evaluate
-    from .compression import compress
+    from .compression import compress, method_options
 
     ratios = list(keep_ratio) if isinstance(keep_ratio, (list, tuple)) else [keep_ratio]
     for r in ratios:
@@ -475,8 +490,10 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
                              "stable_rank": [rep.mean_stable_rank_before, rep.mean_stable_rank_after]})
                 t0 = time.perf_counter()
             model = copy.deepcopy(prehabbed if pre else base)
-            report = compress(model, method, ratio, calib, progress=progress, **(compress_options or {}),
-                              **(zs_opts if method == "zs-svd" else {}))
+            valid = method_options(method)
+            report = compress(model, method, ratio, calib, progress=progress,
+                              **{k: v for k, v in (compress_options or {}).items() if k in valid},
+                              **(zs_opts if get_method(method).allocation == "zs" else {}))
             if post:
                 from .rehab import rehab
 
@@ -488,8 +505,8 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
                          "nn_agreement": fid["nn_agreement"], "params_kept": report.params_kept,
                          "params_dense": report.params_dense, "kept_fraction": report.kept_fraction,
                          "seconds": time.perf_counter() - t0,
-                         "ranks": sorted({str(layer.rank) for layer in report.layers}) if method == "zs-svd"
-                         else None})
+                         "ranks": sorted({str(layer.rank) for layer in report.layers})
+                         if get_method(method).allocation else None})
     return rows
 
 
@@ -581,7 +598,8 @@ def _shrinkage_arg(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .compression import DEFAULT_SHRINKAGE, METHODS
+    from .compression import METHODS
+    from .methods import DEFAULT_SHRINKAGE
 
     p = argparse.ArgumentParser(prog="prehab-svd", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)

@@ -32,6 +32,7 @@ REHAB_OPTIONS = dict(steps=60, lr=1e-4, lora_rank=8)
 def parse_causal_method(name: str) -> tuple[str, dict, bool]:
     """``[zs-ranks+]METHOD[+rehab]`` -> (method, compress options, rehab after?)."""
     from .compression import METHODS
+    from .methods import get as get_method
 
     parts = name.split("+")
     post = parts[-1] == "rehab"
@@ -45,9 +46,9 @@ def parse_causal_method(name: str) -> tuple[str, dict, bool]:
         raise PrehabError(f"unknown demo method {name!r}: use [zs-ranks+]METHOD[+rehab] with METHOD one of "
                           f"{', '.join(METHODS)}")
     method = parts[0]
-    if method == "zs-svd":
+    if get_method(method).allocation == "zs":
         if opts:
-            raise PrehabError("zs-ranks+zs-svd is just zs-svd")
+            raise PrehabError(f"zs-ranks+{method} is just {method}")
         opts = dict(ZS_OPTIONS)
     return method, opts, post
 

@@ -215,6 +215,50 @@ def broadcast_from_owners(jobs: Sequence[tuple]) -> None:
             target.copy_(buf)
 
 
+def compute_on_owners(first: int, shapes: Sequence[tuple], compute, *, what: str, names: Sequence[str]) -> list:
+    """Per-layer work spread over the ranks: layer ``j`` of this call is the run's layer ``first + j``,
+    computed by its owner (``owner(first + j)``) as ``compute(j) -> (before, after, U, V)`` (U, V None
+    for a layer kept dense) and broadcast, so every rank returns the same list.
+
+    ``shapes[j] = (out, in, rank or None, dtype, device)`` tells the other ranks what to receive. A
+    failure on an owner is re-raised there after the broadcast (the others raise an error naming the
+    layer and the rank), so no rank is left waiting; without a process group it is raised at once."""
+    distributed = is_distributed()
+    jobs, results, failure = [], [], None
+    for j, (m, n, rank_, dtype, device) in enumerate(shapes):
+        # [before, after, 1 if the owner failed]; U, V filled by the owner's broadcast
+        info = torch.zeros(3, dtype=torch.float64, device=device)
+        U = V = None
+        if not owns(first + j):
+            if rank_ is not None:
+                U = torch.empty(m, rank_, dtype=dtype, device=device)
+                V = torch.empty(rank_, n, dtype=dtype, device=device)
+        else:
+            try:
+                before, after, U, V = compute(j)
+                info = torch.tensor([before, after, 0.0], dtype=torch.float64, device=device)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the others were told
+                if not distributed:
+                    raise
+                failure = failure or e
+                info[2] = 1.0
+                if rank_ is not None:  # something to broadcast in the factors' place
+                    U = torch.zeros(m, rank_, dtype=dtype, device=device)
+                    V = torch.zeros(rank_, n, dtype=dtype, device=device)
+        results.append((U, V, info))
+        jobs.append((owner(first + j), [info] + ([] if U is None else [U, V])))
+    broadcast_from_owners(jobs)
+    if failure is not None:
+        raise failure
+    out = []
+    for j, (U, V, info) in enumerate(results):
+        before, after, failed = info.tolist()
+        if failed:
+            raise PrehabError(f"{what} '{names[j]}' failed on rank {owner(first + j)}; see the error raised there")
+        out.append((before, after, U, V))
+    return out
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
     if not is_distributed():

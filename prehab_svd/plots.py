@@ -46,7 +46,7 @@ def _short(name: str) -> str:
 def plot_ranks(report, path) -> Path:
     """Bar chart of each layer's rank as a fraction of its break-even rank (dense layers at 1.0,
     hatched), with the rank written on the bar, for a :class:`~prehab_svd.compression.CompressionReport`."""
-    from .zs_svd import break_even_rank
+    from .methods.zs_svd import break_even_rank
 
     plt = _pyplot()
     layers = report.layers

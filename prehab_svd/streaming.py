@@ -50,8 +50,9 @@ import torch
 from torch import nn
 
 from . import compression as _c
-from .calibration import Timings, as_batch, blocks_chain, take_sequences
+from .calibration import Timings, as_batch, blocks_chain, eval_context, take_sequences
 from . import distributed as _dist
+from . import methods as _methods
 from .errors import PrehabError
 from .io import INDEX_FILE, META_FILE, WEIGHTS_FILE, build_meta
 from .models import plan_targets
@@ -82,9 +83,6 @@ def compress_pretrained(
     dtype: torch.dtype | None = None,
     targets=None,
     exclude=None,
-    alpha: float = 0.5,
-    damping: float = 0.0,
-    shrinkage: float | str = _c.DEFAULT_SHRINKAGE,
     stats_dtype: torch.dtype = torch.float32,
     model_class=None,
     tokenizer=None,
@@ -92,6 +90,7 @@ def compress_pretrained(
     extra_files: dict | None = None,
     on_block=None,
     progress: bool = False,
+    **options,
 ) -> _c.CompressionReport:
     """Compress the Hugging Face model folder ``src`` into the folder ``dst`` without ever holding
     more than one of its blocks in memory; resumable.
@@ -102,7 +101,8 @@ def compress_pretrained(
         dst: the output folder, loadable with :func:`prehab_svd.load_compressed`: one shard per
             block, an index, ``prehab_svd.json`` and ``config.json``. An existing ``dst`` is only
             replaced with ``overwrite=True``.
-        method, keep_ratio, calibration, targets, exclude, alpha, damping, shrinkage, stats_dtype: as for
+        method, keep_ratio, calibration, targets, exclude, stats_dtype, options (the method's
+            keyword options, e.g. ``damping``, ``shrinkage``, ``alpha``): as for
             :func:`prehab_svd.compress`; ``calibration`` is needed and is read once into memory.
             ``zs-svd`` is not supported (its task gradient needs the whole model: use ``compress``).
         resume: continue from the checkpoint in ``<dst>.partial/`` when one was left by a run with
@@ -128,13 +128,12 @@ def compress_pretrained(
             "compress_pretrained runs in one process: its checkpoint folder and output shards would be "
             "written by every rank at once. Under torch.distributed, load the model and call "
             "prehab_svd.compress on every rank (each with its calibration shard), then save from rank 0")
-    if method == "zs-svd":
+    if _methods.get(method).allocation is not None:
         raise PrehabError(
             "zs-svd ranks the components of every matrix of the model together by a task gradient "
             "of the whole model, so it cannot run one block at a time from disk; use "
             "prehab_svd.compress on the model in memory (the CLI without --low-memory)")
-    _c._check_arguments(method, keep_ratio, stats_dtype)
-    shrinkage = _c._check_shrinkage(shrinkage)
+    m, _ = _c._setup(method, keep_ratio, stats_dtype, "uniform", None, options)
     if calibration is None:
         raise PrehabError(f"compress_pretrained needs calibration data (method {method!r})")
     src, dst = Path(src), Path(dst)
@@ -163,8 +162,8 @@ def compress_pretrained(
             "in memory, or target only layers inside the blocks")
     ranks = _c._uniform_ranks(plan, keep_ratio)
     inputs = {
-        "method": method, "keep_ratio": float(keep_ratio), "alpha": float(alpha),
-        "damping": float(damping), "shrinkage": shrinkage, "stats_dtype": str(stats_dtype), "dtype": str(dtype),
+        "method": method, "keep_ratio": float(keep_ratio), "options": asdict(m.options),
+        "stats_dtype": str(stats_dtype), "dtype": str(dtype),
         "device": device.type, "targets": _names(targets), "exclude": _names(exclude),
         "model_class": type(model).__name__, "source": source.identity(),
         "calibration": _calibration_hash(batches), "torch": torch.__version__,
@@ -175,20 +174,11 @@ def compress_pretrained(
     with ckpt.open(resume):
         hooks = _StreamHooks(model, plan, source, ckpt, report, timer, dtype, device, on_block)
         cfg = model.config
-        old_cache = getattr(cfg, "use_cache", None)
-        if old_cache is not None:
-            cfg.use_cache = False
-        try:
-            with torch.no_grad():
-                hooks.load_outside()
-                opts = _c._Options(alpha=alpha, damping=damping, shrinkage=shrinkage, stats_dtype=stats_dtype,
-                                   progress=progress, timer=timer)
-                _c._compress_calibrated(model, plan, method, ranks,
-                                        [as_batch(b, device) for b in batches], report, device,
-                                        opts, hooks=hooks)
-        finally:
-            if old_cache is not None:
-                cfg.use_cache = old_cache
+        with eval_context(model):
+            hooks.load_outside()
+            loop = _c._Loop(m, stats_dtype, progress, timer)
+            _c._compress_calibrated(model, plan, ranks, [as_batch(b, device) for b in batches], report,
+                                    device, loop, hooks=hooks)
         report.seconds = time.perf_counter() - t0
         report.timings = dict(timer.totals)  # as far as known when prehab_svd.json is written
         meta = build_meta(*_ranks_and_bias(model, report), type(model).__name__, report, extra)

@@ -216,18 +216,19 @@ def _sharded_rehab(rank):
 def _failing_factorization(rank, batches):
     from prehab_svd import PrehabError, compress, methods
 
-    original = methods.factorize
+    cls = methods.get("svd-llm")
+    original = cls.factorize
 
     def factorize(*args, **kwargs):
         if rank == 1:
             raise PrehabError("injected failure")
         return original(*args, **kwargs)
 
-    methods.factorize = factorize
+    cls.factorize = factorize
     try:
         compress(tiny_model("llama", **SHAPE), "svd-llm", KEEP, batches)
     finally:
-        methods.factorize = original
+        cls.factorize = original
 
 
 def main(out_dir: str):

@@ -11,7 +11,7 @@ from torch import nn
 from prehab_svd import LowRankLinear, PrehabError, compress
 from prehab_svd.linalg import whitening_factor
 from prehab_svd.models import plan_targets
-from prehab_svd.zs_svd import (
+from prehab_svd.methods.zs_svd import (
     MatrixCandidates, break_even_rank, corrected_lowrank, predicted_changes, projected_correction,
     whitened_spectrum, zero_sum_select,
 )
@@ -200,13 +200,14 @@ def test_compress_zs_svd_meets_the_budget_with_heterogeneous_ranks(kind, correct
 
 
 def test_zs_svd_gradient_is_averaged_over_the_requested_sequences(make_model, make_batches):
-    from prehab_svd.compression import _task_gradients
+    from prehab_svd.methods.zs_svd import ZSAllocation, ZSOptions
     from prehab_svd.tasks import causal_lm_loss
 
     model = make_model("llama")
     batches = make_batches(n=3, batch=2)
     names = plan_targets(model).targets[:2]
-    zs = _task_gradients(model, names, batches, "causal_lm", samples=3, chunks=2)
+    zs = ZSAllocation(ZSOptions(task="causal_lm", grad_samples=3), 0.5, correction_grads=2)
+    zs.gradients(model, names, batches)
     assert zs.samples == 3
     # by hand: batch 0 (2 sequences) and the first sequence of batch 1, weighted by sequences
     w = [model.get_submodule(n).weight for n in names]
