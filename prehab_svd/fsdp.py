@@ -238,11 +238,11 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = True) -> dict:
     :func:`prehab_svd.save_compressed`. A collective: call it on every rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from .rehab import _FactorPair
+    from .layers import FactorPair
 
     reshard(model)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
-    pairs = [n for n, m in model.named_modules() if isinstance(m, _FactorPair)]
+    pairs = [n for n, m in model.named_modules() if isinstance(m, FactorPair)]
     rename = {}
     for n in pairs:
         rename.update({f"{n}.down.weight": f"{n}.V", f"{n}.up.weight": f"{n}.U", f"{n}.up.bias": f"{n}.bias"})
