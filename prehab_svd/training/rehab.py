@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import distributed as _dist
-from . import fsdp as _fsdp
-from .calibration import as_batch
-from .errors import PrehabError
-from .layers import FactorPair, LowRankLinear
-from .tasks import EmbeddingDistillation, default_task, is_causal_model, step_range
+from .. import distributed as _dist
+from .. import fsdp as _fsdp
+from ..calibration import as_batch
+from ..errors import PrehabError
+from ..layers import FactorPair, LowRankLinear
+from ..tasks import EmbeddingDistillation, default_task, is_causal_model, step_range
 
 __all__ = ["rehab", "RehabReport"]
 

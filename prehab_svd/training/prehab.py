@@ -20,7 +20,7 @@
 
 The whitening factors stay fixed during training (the compression that follows re-measures the
 covariances of the fine-tuned model). Then compress with a whitening method (``svd-llm``, ``aa-svd``,
-``zs-svd``), optionally followed by :func:`prehab_svd.rehab.rehab`.
+``zs-svd``), optionally followed by :func:`prehab_svd.rehab`.
 
 Under an initialized ``torch.distributed`` process group, every rank calls ``prehab`` with its shard of
 the batches: the covariances are summed over the ranks, training is data-parallel (DDP, or FSDP2 with
@@ -41,14 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed as _dist
-from . import fsdp as _fsdp
-from . import ops
-from .calibration import as_batch, check_finite, select_tokens, token_mask
-from .errors import PrehabError
-from .linalg import whitening_factor
-from .models import plan_targets, rank_for
-from .tasks import default_task, is_causal_model, step_range
+from .. import distributed as _dist
+from .. import fsdp as _fsdp
+from .. import ops
+from ..calibration import as_batch, check_finite, select_tokens, token_mask
+from ..errors import PrehabError
+from ..linalg import whitening_factor
+from ..models import plan_targets, rank_for
+from ..tasks import default_task, is_causal_model, step_range
 
 __all__ = ["prehab", "PrehabReport", "PrehabStep", "layer_input_grams", "WhitenedTargets",
            "lambda_schedule", "stable_rank_of"]
