@@ -9,6 +9,9 @@ Public API::
     model, tokenizer = prehab_svd.load_pretrained("smollm2")  # or "minilm", a .gguf file, a folder
     # a model larger than memory: one block at a time from its safetensors, resumable
     report = prehab_svd.compress_pretrained("llama-7b/", "out/", "svd-llm", 0.6, batches)
+    # Prehab before compressing (fine-tune toward low rank), rehab after (LoRA on the factors)
+    prehab_svd.prehab(model, calibration_batches, training_batches)
+    prehab_svd.rehab(compressed_model, training_batches)
 
 ``keep_ratio`` is always the fraction of the targeted parameters that is KEPT.
 """
@@ -20,6 +23,8 @@ from .io import load_compressed, save_compressed  # noqa: E402
 from .streaming import compress_pretrained  # noqa: E402
 from .layers import LowRankLinear  # noqa: E402
 from .pretrained import load_pretrained  # noqa: E402
+from .training.prehab import prehab  # noqa: E402
+from .training.rehab import rehab  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -30,6 +35,8 @@ __all__ = [
     "save_compressed",
     "load_compressed",
     "load_pretrained",
+    "prehab",
+    "rehab",
     "CompressionReport",
     "LayerReport",
     "METHODS",

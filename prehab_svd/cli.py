@@ -100,7 +100,7 @@ def cmd_compress(args) -> int:
     print(report.table())
     extra = {"base_model": str(path.resolve()), "original_model": _original_of(path)}
     if args.rehab:
-        from .rehab import rehab
+        from .training.rehab import rehab
 
         rep = rehab(model, rehab_batches, steps=args.rehab_steps, lr=args.rehab_lr,
                     lora_rank=args.lora_rank, reference=original, progress=not args.quiet)
@@ -236,7 +236,7 @@ def cmd_prehab(args) -> int:
 
     from . import data
     from .io import save_compressed
-    from .prehab import prehab
+    from .training.prehab import prehab
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -476,7 +476,7 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
         for name, pre, method, post in parsed:
             t0 = time.perf_counter()
             if pre and prehabbed is None:
-                from .prehab import prehab
+                from .training.prehab import prehab
 
                 prehabbed = copy.deepcopy(base)
                 rep = prehab(prehabbed, calib, train, progress=progress, **pre_opts)
@@ -495,7 +495,7 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
                               **{k: v for k, v in (compress_options or {}).items() if k in valid},
                               **(zs_opts if get_method(method).allocation == "zs" else {}))
             if post:
-                from .rehab import rehab
+                from .training.rehab import rehab
 
                 rehab(model, train, reference=base, progress=progress, **re_opts)
             if artifacts is not None:

@@ -101,7 +101,7 @@ def run_causal_demo(methods=CAUSAL_DEMO_DEFAULT, keep_ratio=0.8, *, calib_window
             t0 = time.perf_counter()
             report = compress(model, method, ratio, calib, targets=targets, **opts)
             if post:
-                from .rehab import rehab
+                from .training.rehab import rehab
 
                 if train is None:
                     train = data.causal_lm_batches(tok, calib_texts, num_samples=8 * REHAB_OPTIONS["steps"],

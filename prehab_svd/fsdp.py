@@ -22,7 +22,7 @@ its whole state dict on rank 0 (on the CPU) with :func:`full_state_dict` and sav
 
 then compress from disk one block at a time (:func:`prehab_svd.compress_pretrained`, one process),
 or load it whole on each rank and call ``compress`` there. ``rehab(..., parallel="fsdp")`` shards a
-compressed model the same way (see :func:`prehab_svd.rehab.rehab`); :func:`full_state_dict` gives
+compressed model the same way (see :func:`prehab_svd.rehab`); :func:`full_state_dict` gives
 its layers their ``LowRankLinear`` names back.
 
 The rank regularizer of layer ``i`` is computed once, on its owner ``i % world``: every step each
@@ -232,17 +232,17 @@ def merge_lora_shards(peft_model: nn.Module, adapter: str = "default") -> None:
 
 def full_state_dict(model: nn.Module, *, rank0_only: bool = True) -> dict:
     """The whole state dict of a sharded model, on the CPU: on rank 0 only (``rank0_only``, the
-    others get ``{}``) or on every rank. The layers that :func:`prehab_svd.rehab.rehab` leaves as
+    others get ``{}``) or on every rank. The layers that :func:`prehab_svd.rehab` leaves as
     ``down``/``up`` pairs come back under the ``LowRankLinear`` names (``V``, ``U``, ``bias``), so
     the dict loads into a compressed skeleton (:func:`prehab_svd.io.apply_ranks`) for
     :func:`prehab_svd.save_compressed`. A collective: call it on every rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from .rehab import _FactorPair
+    from .layers import FactorPair
 
     reshard(model)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
-    pairs = [n for n, m in model.named_modules() if isinstance(m, _FactorPair)]
+    pairs = [n for n, m in model.named_modules() if isinstance(m, FactorPair)]
     rename = {}
     for n in pairs:
         rename.update({f"{n}.down.weight": f"{n}.V", f"{n}.up.weight": f"{n}.U", f"{n}.up.bias": f"{n}.bias"})

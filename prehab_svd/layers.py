@@ -12,7 +12,7 @@ from .errors import PrehabError
 from .ops import _registry
 from .ops import reference as _reference
 
-__all__ = ["LowRankLinear", "ALIGN", "padded_empty", "unpad"]
+__all__ = ["LowRankLinear", "FactorPair", "ALIGN", "padded_empty", "unpad"]
 
 # Row strides of the stored factors are multiples of ALIGN elements. Triton marks an integer argument
 # (a stride, a size) as aligned only when it is divisible by 16, and its vector loads and cp.async
@@ -277,6 +277,35 @@ class LowRankLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}"
         )
+
+
+class FactorPair(nn.Module):
+    """A :class:`LowRankLinear` in its training form: ``up(down(x))``, two ``nn.Linear`` layers with
+    ``down.weight`` = V [r, in] and ``up.weight`` = U [out, r] (and ``up.bias`` the bias): the very
+    same parameter tensors, shared, not copied. :func:`prehab_svd.rehab` swaps each adapted layer for
+    one so that ``peft`` can attach a LoRA adapter to each factor, and :meth:`to_lowrank` turns it
+    back; under FSDP2 the pairs stay (:func:`prehab_svd.fsdp.full_state_dict` renames their
+    parameters to the ``LowRankLinear`` names)."""
+
+    def __init__(self, layer: LowRankLinear):
+        super().__init__()
+        r, n = layer.V.shape
+        m = layer.U.shape[0]
+        dev, dt = layer.V.device, layer.V.dtype
+        self.down = nn.Linear(n, r, bias=False, device="meta")
+        self.up = nn.Linear(r, m, bias=layer.bias is not None, device="meta")
+        self.down.weight = layer.V
+        self.up.weight = layer.U
+        if layer.bias is not None:
+            self.up.bias = layer.bias
+        self._device, self._dtype = dev, dt
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+    def to_lowrank(self) -> LowRankLinear:
+        return LowRankLinear.from_factors(self.up.weight.detach(), self.down.weight.detach(),
+                                          None if self.up.bias is None else self.up.bias.detach())
 
 
 def unpad(model: nn.Module) -> int:

@@ -4,7 +4,7 @@ Stages (:data:`STAGES`):
 
 ``calibration``
     covariance accumulation of every targeted layer input over one calibration batch of a small
-    LLaMA-shaped model (:func:`prehab_svd.prehab.layer_input_grams`: hooks, token selection and
+    LLaMA-shaped model (:func:`prehab_svd.training.whitening.layer_input_grams`: hooks, token selection and
     ``ops.covariance_update``), what ``compress`` does for each block.
 ``lowrank``
     one :class:`~prehab_svd.layers.LowRankLinear` forward at a given shape, rank, token count, dtype.
@@ -406,7 +406,7 @@ def _load_or_build(device, dtype, opts):
 
 def _stage_calibration(device, dtype, opts):
     from .models import plan_targets
-    from .prehab import layer_input_grams
+    from .training.whitening import layer_input_grams
 
     batch, seq = opts.get("batch_size", 4), opts.get("seq_len", 256)
     _check_positive(batch_size=batch, seq_len=seq)

@@ -98,7 +98,7 @@ def run_row(spec: dict, sizes: dict) -> dict:
                    ranks={layer.name: layer.rank for layer in report.layers},
                    errors={layer.name: layer.rel_error_after for layer in report.layers})
         if spec.get("rehab"):
-            from prehab_svd.rehab import rehab
+            from prehab_svd import rehab
 
             train = data.causal_lm_batches(tok, calib_texts, num_samples=int(spec.get("rehab_windows",
                                                                                   sizes["rehab_windows"])),

@@ -25,7 +25,7 @@ import transformers
 from prehab_svd import data, evaluate
 from prehab_svd.pretrained import minilm_dir
 from prehab_svd.compression import compress
-from prehab_svd.prehab import prehab
+from prehab_svd import prehab
 
 
 def main(settings):

@@ -66,7 +66,7 @@ def _state(model) -> dict:
 def recipe(rank: int = 0, world: int = 1, out_dir: str | None = None) -> dict:
     """Everything compared, on this rank's shard (``world == 1``: all the data)."""
     from prehab_svd import compress
-    from prehab_svd.rehab import rehab
+    from prehab_svd import rehab
 
     shard = calibration()[rank::world]
     out = {}
@@ -121,7 +121,7 @@ def recipe(rank: int = 0, world: int = 1, out_dir: str | None = None) -> dict:
 def prehab_run(rank: int = 0, world: int = 1, lam: float = PREHAB["lam"], preshard: bool = False,
                shape: dict = SHAPE, save_to: str | None = None, kind: str = "llama", **kw) -> dict:
     from prehab_svd import fsdp
-    from prehab_svd.prehab import prehab
+    from prehab_svd import prehab
 
     model = tiny_model(kind, **shape)
     if preshard:
@@ -183,7 +183,7 @@ def _sharded_prehab(rank, parallel, root):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from prehab_svd.prehab import prehab
+    from prehab_svd import prehab
 
     model = tiny_model("llama", **SHAPE)
     mesh = init_device_mesh("cpu", (2,))
@@ -196,7 +196,7 @@ def _sharded_prehab(rank, parallel, root):
 
 def _sharded_encoder(rank):
     from prehab_svd import fsdp
-    from prehab_svd.prehab import prehab
+    from prehab_svd import prehab
 
     model = tiny_model("bert")
     fsdp.shard(model, torch.device("cpu"))
@@ -205,7 +205,7 @@ def _sharded_encoder(rank):
 
 def _sharded_rehab(rank):
     from prehab_svd import compress, fsdp
-    from prehab_svd.rehab import rehab
+    from prehab_svd import rehab
 
     model = tiny_model("llama", **SHAPE)
     compress(model, "svd-llm", KEEP, calibration()[rank::2])

@@ -97,8 +97,7 @@ def prehab_rehab_case() -> dict:
     """Four Prehab steps with each surrogate; the "compressed" one then svd-llm at keep 0.6 and three
     rehab steps."""
     import prehab_svd
-    from prehab_svd.prehab import prehab
-    from prehab_svd.rehab import rehab
+    from prehab_svd import prehab, rehab
 
     calib = token_batches(n=4, batch=2, tokens=24, seed=2)
     data = token_batches(n=3, batch=2, tokens=24, seed=4)

@@ -33,7 +33,7 @@ import torch
 import _distributed_worker as worker
 from prehab_svd import PrehabError
 from prehab_svd import distributed as pdist
-from prehab_svd.prehab import prehab
+from prehab_svd import prehab
 
 WORKER = pathlib.Path(__file__).with_name("_distributed_worker.py")
 WORLD = 2
@@ -313,7 +313,7 @@ def test_helpers_without_a_process_group():
 
 def test_rehab_parallel_option(make_model, make_batches):
     from prehab_svd import compress
-    from prehab_svd.rehab import rehab
+    from prehab_svd import rehab
 
     model = make_model("llama")
     compress(model, "svd-llm", 0.5, make_batches())

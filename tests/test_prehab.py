@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from prehab_svd import LowRankLinear, PrehabError, compress
+from prehab_svd import LowRankLinear, PrehabError, compress, prehab, rehab
 from prehab_svd.models import plan_targets
-from prehab_svd.prehab import WhitenedTargets, lambda_schedule, layer_input_grams, prehab, stable_rank_of
-from prehab_svd.rehab import rehab
+from prehab_svd.training.prehab import lambda_schedule
+from prehab_svd.training.targets import WhitenedTargets, stable_rank_of
+from prehab_svd.training.whitening import layer_input_grams
 from prehab_svd.tasks import ContrastiveLoss, EmbeddingDistillation, causal_lm_loss, default_task
 
 
@@ -95,7 +96,7 @@ def test_surrogate_gradient_matches_autograd_through_float64_svd(make_model, mak
     batches = make_batches(n=2, batch=2)
     names = plan_targets(model).targets
     grams = layer_input_grams(model, names, batches)
-    from prehab_svd.prehab import _square_factor
+    from prehab_svd.training.whitening import _square_factor
 
     factors = {n: _square_factor(g, 0.0) for n, (g, _t) in grams.items()}
     wt = WhitenedTargets(model, names, factors)
@@ -119,7 +120,7 @@ def test_bf16_weights_get_a_bf16_factor(kind, make_model, make_batches, monkeypa
     fp32 weights keep the fp32 factor. The values stay within the op's bf16 tolerance of the float64
     surrogate of W·L with the exact (fp32) factor."""
     import prehab_svd.ops as ops
-    from prehab_svd.prehab import _square_factor
+    from prehab_svd.training.whitening import _square_factor
 
     model = make_model("llama")
     batches = make_batches(n=2, batch=2)
@@ -153,7 +154,7 @@ def test_tail_surrogate_value_and_gradient_match_float64_svd(make_model, make_ba
     """surrogate="tail": Σ_{i>r}σᵢ²/‖WL‖_F² at the rank keep_ratio gives each shape, its gradient
     (top-r subspace held fixed) equal to autograd through a float64 SVD."""
     from prehab_svd.models import rank_for
-    from prehab_svd.prehab import _square_factor
+    from prehab_svd.training.whitening import _square_factor
 
     model = make_model("llama").double()
     batches = make_batches(n=2, batch=2)
@@ -192,7 +193,7 @@ def test_truncated_forward_is_the_svd_llm_compressed_model(make_model, make_batc
     """Inside WhitenedTargets.truncated() the model computes what svd-llm's compression at that keep
     ratio computes (same calibration, the exact statistics: shrinkage 0), and the layers are restored
     afterwards."""
-    from prehab_svd.prehab import _square_factor
+    from prehab_svd.training.whitening import _square_factor
 
     model = make_model("llama")
     batches = make_batches(n=3, batch=2)
@@ -294,7 +295,7 @@ def test_statistics_block_by_block_give_the_same_prehab(make_model, make_batches
 def test_statistics_blocks_per_pass_follow_the_free_memory(make_model, make_batches, monkeypatch):
     """stats_blocks=None: as many blocks per pass as fit in a quarter of the free memory (20 bytes
     per covariance entry of every targeted layer); all of them when that is unknown."""
-    from prehab_svd import prehab as prehab_module
+    from prehab_svd.training import whitening
 
     model = make_model("llama", layers=3, hidden=32, intermediate=64)
     plan = plan_targets(model)
@@ -302,10 +303,10 @@ def test_statistics_blocks_per_pass_follow_the_free_memory(make_model, make_batc
     per_block = 20 * (6 * 32 ** 2 + 64 ** 2)
     cpu = torch.device("cpu")
     for free, want in ((None, 3), (10 ** 12, 3), (4 * per_block, 1), (8 * per_block, 2), (1, 1)):
-        monkeypatch.setattr(prehab_module, "_free_memory", lambda _d, f=free: f)
-        assert prehab_module._stats_blocks_that_fit(model, plan, cpu) == want, free
+        monkeypatch.setattr(whitening, "_free_memory", lambda _d, f=free: f)
+        assert whitening.stats_blocks_that_fit(model, plan, cpu) == want, free
     monkeypatch.undo()
-    assert prehab_module._free_memory(cpu) > 0  # /proc/meminfo on Linux
+    assert whitening._free_memory(cpu) > 0  # /proc/meminfo on Linux
 
 
 @pytest.mark.parametrize("kwargs,msg", [

@@ -82,7 +82,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     import transformers  # noqa: F401  (in the baseline)
-    from prehab_svd.prehab import prehab
+    from prehab_svd import prehab
 
     baseline = _rss_mb()
     p = common.preset(args.preset)

@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import distributed as _dist
-from . import fsdp as _fsdp
-from .calibration import as_batch
-from .errors import PrehabError
-from .layers import LowRankLinear
-from .tasks import EmbeddingDistillation, default_task, is_causal_model, step_range
+from .. import distributed as _dist
+from .. import fsdp as _fsdp
+from ..calibration import as_batch
+from ..errors import PrehabError
+from ..layers import FactorPair, LowRankLinear
+from ..tasks import EmbeddingDistillation, default_task, is_causal_model, step_range
 
 __all__ = ["rehab", "RehabReport"]
 
@@ -46,30 +46,6 @@ class RehabReport:
         return (f"rehab (LoRA rank {self.lora_rank} on the factors of {self.layers} layers, "
                 f"{self.trainable_params:,} trainable parameters): {len(self.steps)} steps, task loss "
                 f"{self.steps[0]['task_loss']:.4f} -> {self.steps[-1]['task_loss']:.4f}, {self.seconds:.1f} s")
-
-
-class _FactorPair(nn.Module):
-    """``up(down(x))`` with ``down.weight`` = V [r, in] and ``up.weight`` = U [out, r] (shared tensors)."""
-
-    def __init__(self, layer: LowRankLinear):
-        super().__init__()
-        r, n = layer.V.shape
-        m = layer.U.shape[0]
-        dev, dt = layer.V.device, layer.V.dtype
-        self.down = nn.Linear(n, r, bias=False, device="meta")
-        self.up = nn.Linear(r, m, bias=layer.bias is not None, device="meta")
-        self.down.weight = layer.V
-        self.up.weight = layer.U
-        if layer.bias is not None:
-            self.up.bias = layer.bias
-        self._device, self._dtype = dev, dt
-
-    def forward(self, x):
-        return self.up(self.down(x))
-
-    def to_lowrank(self) -> LowRankLinear:
-        return LowRankLinear.from_factors(self.up.weight.detach(), self.down.weight.detach(),
-                                          None if self.up.bias is None else self.up.bias.detach())
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module):
@@ -164,7 +140,7 @@ def rehab(
 
     pairs = {}
     for n in names:
-        pairs[n] = _FactorPair(model.get_submodule(n))
+        pairs[n] = FactorPair(model.get_submodule(n))
         _swap(model, n, pairs[n])
     requires = {n: p.requires_grad for n, p in model.named_parameters()}  # by name: FSDP replaces them
     was_training = model.training

@@ -1,0 +1,334 @@
+"""Low-Rank Prehab: fine-tune a dense model toward low rank before compressing it.
+
+``prehab(model, calibration, data)``:
+
+1. runs the calibration batches once through the model and accumulates each targeted layer's input
+   covariance ``xᵀx/N`` (layers fed the same tensor share one), and takes its whitening factor ``L``
+   (fp64 Cholesky, or the eigen pseudo-factor of a singular covariance, zero-padded to square);
+2. fine-tunes on ``task(model, batch) + λ_t · mean_ℓ R(W_ℓ L_ℓ)`` over the ``data`` batches, where R is
+   the stable rank ``‖M‖_F²/σ₁²`` (default) or the nuclear surrogate ``‖M‖_*²/‖M‖_F²``, computed by the
+   batched op :func:`prehab_svd.ops.stable_rank_loss` on the stack of each weight shape, with the power
+   iteration warm-started from the previous step's singular vectors; λ_t rises exponentially from
+   ``lam_start`` to ``lam`` over ``warmup_steps``, then stays at ``lam``. Or, with
+   ``surrogate="tail"`` and the planned ``keep_ratio``, fine-tunes on the task loss alone and after
+   every step shrinks each layer's whitened tail beyond rank r (the part svd-llm will cut) by the
+   proximal step of that penalty; its plain gradient hardly moves the tail, which lives in the
+   inputs' low-variance directions where the gradient in W is scaled down by the whitening. Or, with
+   ``surrogate="compressed"``, fine-tunes on ``task(model) + λ_t·task(model compressed by svd-llm at
+   keep_ratio)``, the compressed weights ``U_r U_rᵀ W`` recomputed from W·L at every step;
+3. logs per step the task loss, the surrogate, and the mean stable rank of the whitened weights.
+
+The whitening factors stay fixed during training (the compression that follows re-measures the
+covariances of the fine-tuned model): :mod:`.whitening`. The surrogates are objects of
+:mod:`.surrogates`, the whitened weights :class:`~.targets.WhitenedTargets`, and each step runs on
+the runner of the parallel mode (:mod:`.runners`). Then compress with a whitening method
+(``svd-llm``, ``aa-svd``, ``zs-svd``), optionally followed by :func:`prehab_svd.rehab`.
+
+Under an initialized ``torch.distributed`` process group, every rank calls ``prehab`` with its shard of
+the batches: the covariances are summed over the ranks, training is data-parallel (DDP, or FSDP2 with
+the parameters sharded: :mod:`prehab_svd.fsdp`) and each rank computes the regularizer of its own
+layers only (:mod:`prehab_svd.distributed`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .. import distributed as _dist
+from .. import fsdp as _fsdp
+from ..calibration import as_batch, eval_context
+from ..errors import PrehabError
+from ..models import plan_targets
+from ..tasks import default_task, is_causal_model, step_range
+from .runners import runner_for
+from .surrogates import SURROGATES
+from .targets import WhitenedTargets, stable_rank_of
+from .whitening import stats_blocks_that_fit, whitening_factors
+
+__all__ = ["prehab", "PrehabReport", "PrehabStep", "lambda_schedule"]
+
+
+@dataclass
+class PrehabStep:
+    step: int
+    task_loss: float
+    surrogate: float  # mean over layers of the surrogate (stable, nuclear, tail); "compressed": its task loss
+    stable_rank: float  # mean stable rank of the whitened weights W·L
+    lam: float
+    loss: float
+
+
+@dataclass
+class PrehabReport:
+    surrogate: str
+    steps: list = field(default_factory=list)
+    layers: list = field(default_factory=list)  # names, in the order of the rank lists
+    stable_rank_before: list = field(default_factory=list)  # per layer, whitened
+    stable_rank_after: list = field(default_factory=list)
+    calibration_tokens: int = 0
+    seconds: float = 0.0
+    # per layer singular values of W·L (tensors; not in to_dict): for plots
+    spectra_before: list = field(default_factory=list, repr=False)
+    spectra_after: list = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("spectra_before", "spectra_after")}
+        d["steps"] = [asdict(s) if not isinstance(s, dict) else s for s in self.steps]
+        return d
+
+    @property
+    def mean_stable_rank_before(self) -> float:
+        return sum(self.stable_rank_before) / max(len(self.stable_rank_before), 1)
+
+    @property
+    def mean_stable_rank_after(self) -> float:
+        return sum(self.stable_rank_after) / max(len(self.stable_rank_after), 1)
+
+    def summary(self) -> str:
+        first, last = (self.steps[0], self.steps[-1]) if self.steps else (None, None)
+        lines = [f"prehab ({self.surrogate} surrogate): {len(self.steps)} steps, "
+                 f"{len(self.layers)} layers, {self.calibration_tokens:,} calibration tokens, "
+                 f"{self.seconds:.1f} s",
+                 f"mean whitened stable rank {self.mean_stable_rank_before:.2f} -> "
+                 f"{self.mean_stable_rank_after:.2f}"]
+        if first is not None:
+            lines.append(f"task loss {first.task_loss:.4f} (step 1) -> {last.task_loss:.4f} "
+                         f"(step {last.step})")
+        return "\n".join(lines)
+
+
+def lambda_schedule(step: int, lam: float, lam_start: float, warmup_steps: int) -> float:
+    """λ at 0-based ``step``: exponential from lam_start to lam over warmup_steps, then lam."""
+    if warmup_steps <= 0 or step >= warmup_steps or lam <= 0:
+        return lam
+    start = min(lam_start, lam)
+    return start * (lam / start) ** (step / warmup_steps)
+
+
+def _make_optimizer(optimizer, params, lr, weight_decay):
+    if callable(optimizer):
+        return optimizer(params)
+    name = str(optimizer).lower()
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise PrehabError(f"unknown optimizer {optimizer!r}; use 'adamw', 'adam', 'sgd' or a callable "
+                      "params -> torch.optim.Optimizer")
+
+
+def _check_positive_int(name, v, allow_zero=False):
+    if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+        raise PrehabError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} int, got {v!r}")
+
+
+def _check_options(steps, warmup_steps, surrogate, keep_ratio, lam, lam_start, dtype, stats_blocks,
+                   parallel):
+    """The surrogate object named ``surrogate``, or :class:`PrehabError` for the first bad option."""
+    _check_positive_int("steps", steps)
+    _check_positive_int("warmup_steps", warmup_steps, allow_zero=True)
+    if not isinstance(surrogate, str) or surrogate not in SURROGATES:
+        raise PrehabError(f"surrogate must be one of {', '.join(map(repr, SURROGATES))}, got {surrogate!r}")
+    surr = SURROGATES[surrogate]
+    if surr.needs_keep_ratio:
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) \
+                or not 0 < keep_ratio < 1:
+            raise PrehabError(f"surrogate={surrogate!r} needs keep_ratio, the fraction of parameters the "
+                              f"compression after Prehab keeps, in (0, 1); got {keep_ratio!r}")
+    elif keep_ratio is not None:
+        needing = " or ".join(repr(name) for name, s in SURROGATES.items() if s.needs_keep_ratio)
+        raise PrehabError(f"keep_ratio is only used by surrogate={needing} (got surrogate={surrogate!r})")
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise PrehabError(f"lam must be a finite number >= 0, got {lam!r}")
+    if not (isinstance(lam_start, (int, float)) and lam_start > 0):
+        raise PrehabError(f"lam_start must be > 0, got {lam_start!r}")
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise PrehabError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    if stats_blocks is not None:
+        _check_positive_int("stats_blocks", stats_blocks)
+    if parallel not in ("auto", "ddp", "fsdp"):
+        raise PrehabError(f"parallel must be 'auto', 'ddp' or 'fsdp', got {parallel!r}")
+    return surr
+
+
+def _under_autocast(loss_fn, dtype, device: torch.device):
+    """``task(model, batch)``: ``loss_fn`` under autocast to ``dtype`` (bf16/fp16), else as it is."""
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16)
+                else None)
+
+    def task(m, batch):
+        if autocast is not None:
+            with autocast:
+                return loss_fn(m, batch)
+        return loss_fn(m, batch)
+    return task
+
+
+def prehab(
+    model: nn.Module,
+    calibration,
+    data,
+    *,
+    steps: int = 100,
+    lam: float = 10.0,
+    lam_start: float = 1e-3,
+    warmup_steps: int = 10,
+    surrogate: str = "stable",
+    keep_ratio: float | None = None,
+    task=None,
+    lr: float = 2e-5,
+    optimizer="adamw",
+    weight_decay: float = 0.0,
+    grad_clip: float | None = 1.0,
+    dtype: torch.dtype | None = None,
+    train_mode: bool = False,
+    targets=None,
+    exclude=None,
+    damping: float = 0.0,
+    backend: str = "auto",
+    parallel: str = "auto",
+    stats_blocks: int | None = None,
+    log_every: int = 0,
+    callback=None,
+    progress: bool = False,
+) -> PrehabReport:
+    """Fine-tune ``model`` in place on task loss + λ·(rank surrogate of its whitened target weights).
+
+    Args:
+        model: a Hugging Face model or any ``nn.Module`` (the targets are found as ``compress`` does).
+        calibration: batches (dicts of model inputs or LongTensors of ids) for the input covariances.
+        data: training batches, cycled for ``steps`` steps.
+        steps: optimizer steps. lam: the surrogate's weight after warm-up; lam_start: its weight at
+            step 1 (exponential warm-up over ``warmup_steps``).
+        surrogate: "stable" (‖WL‖_F²/σ₁², power iteration warm-started), "nuclear"
+            (‖WL‖_*²/‖WL‖_F², Newton–Schulz) or "tail" (Σ_{i>r}σᵢ²/‖WL‖_F², the fraction of the
+            whitened energy that truncation to the rank of ``keep_ratio`` would drop: svd-llm's
+            relative error of the layer; needs ``keep_ratio``). "tail" is not added to the loss:
+            after each optimizer step on the task loss, its proximal step removes the fraction
+            λ_t/(1+λ_t) of every layer's whitened tail (``W ← W − f·(I − U_r U_rᵀ) W``), so λ is a
+            rate per step (0.01 removes about 63% of the tail over 100 steps), not a weight.
+            "compressed": the task loss of the model as svd-llm would compress it at ``keep_ratio``
+            (every W replaced by ``U_r U_rᵀ W``, U_r the top-r left singular vectors of W·L, held
+            fixed within the step), so training minimizes ``task(dense) + λ·task(compressed)``: the
+            dense model stays close to the original while the compressed one improves. Costs a
+            second forward/backward and the SVD of every W·L per step. λ 1 is a good start.
+        keep_ratio: the compression planned after Prehab (surrogate "tail" only).
+        task: "auto" (cross-entropy for a causal LM, embedding distillation to the original model for
+            an encoder), "causal_lm", "distill", "contrastive", or a callable loss(model, batch).
+        lr, optimizer ("adamw", "adam", "sgd" or a callable params -> optimizer), weight_decay,
+        grad_clip (max global grad norm; None: off).
+        dtype: None (fp32) or torch.bfloat16/float16 to train under autocast.
+        train_mode: run with dropout (model.train()); default False keeps the model in eval mode.
+        damping: relative damping of the covariances before the whitening factor.
+        parallel: under an initialized ``torch.distributed`` process group (call ``prehab`` on every
+            rank, each with its shard of ``calibration`` and ``data``): ``"ddp"`` trains data-parallel
+            with DistributedDataParallel, each rank computing the regularizer of its own layers
+            (layer i on rank i % world); see :mod:`prehab_svd.distributed`. ``"fsdp"``: FSDP2, the
+            parameters, gradients and optimizer state sharded over the ranks, for a model that does
+            not fit one device; a model already sharded with ``fully_shard`` is used as it is, a
+            whole one is sharded in place (each block, then the root) and stays sharded; the
+            regularizer of layer i is still computed on rank i % world only (see
+            :mod:`prehab_svd.fsdp`). ``"auto"`` (default): ``"fsdp"`` for a model whose parameters
+            are DTensors, else ``"ddp"``. Without a process group, a whole model trains in this
+            process whatever ``parallel`` says.
+        stats_blocks: accumulate the calibration covariances of this many blocks per forward pass
+            over the calibration batches, so that only their statistics exist at once (an LLM
+            block's are hundreds of MB to GB in fp32/fp64; results are bitwise the same). None:
+            as many blocks as fit in a quarter of the device's free memory (all of a small model,
+            one pass), or one block per pass under FSDP (the model is sharded to save memory, so
+            its statistics should not be whole either).
+        log_every: print a log line every so many steps (0: never); callback(step: PrehabStep) is
+            called after every step.
+
+    Returns:
+        a :class:`PrehabReport` with the per-step log and per-layer whitened stable ranks before and
+        after.
+    """
+    t0 = time.perf_counter()
+    surr = _check_options(steps, warmup_steps, surrogate, keep_ratio, lam, lam_start, dtype, stats_blocks,
+                          parallel)
+    sharded = _fsdp.is_sharded(model)
+    if sharded and parallel == "ddp":
+        raise PrehabError("the model's parameters are DTensors (sharded with FSDP2's fully_shard): "
+                          "use parallel='fsdp' (or 'auto'), or pass the model unsharded")
+    # FSDP: a sharded model, or a whole one under a process group with parallel="fsdp"
+    use_fsdp = sharded or (parallel == "fsdp" and _dist.is_distributed())
+    device = next(model.parameters()).device
+    calib = [as_batch(b, device) for b in calibration]
+    train_batches = [as_batch(b, device) for b in data]
+    _dist.raise_together(
+        PrehabError("the calibration data is empty; pass at least one batch") if not calib else
+        PrehabError("the training data is empty; pass at least one batch") if not train_batches else
+        None, "prehab's input check")
+    plan = plan_targets(model, targets, exclude)
+    names = plan.targets
+    if not names:
+        raise PrehabError("no target layers found")
+
+    grad_enabled = torch.is_grad_enabled()
+    # eval mode and the KV cache off throughout (restored afterwards); autograd as the caller has it
+    with eval_context(model), torch.set_grad_enabled(grad_enabled):
+        # Distributed, each rank regularizes its own layers (i % world): factors, power-iteration
+        # states and spectra of those only. Without a process group, it owns them all.
+        Runner = runner_for(use_fsdp, _dist.world_size())
+        own = [n for i, n in enumerate(names) if _dist.owns(i)]
+        blocks_per_pass = stats_blocks if stats_blocks is not None else (
+            1 if use_fsdp else stats_blocks_that_fit(model, plan, device))
+        wanted = set(Runner.layers_to_whiten(names, own, surr))
+        factors, tokens = whitening_factors(model, plan, calib, wanted, damping, blocks_per_pass)
+        owner_of = {n: _dist.owner(i) for i, n in enumerate(names)}
+        report = PrehabReport(surrogate=surrogate, layers=list(names), calibration_tokens=tokens)
+        if sharded and not callable(task) and (task == "distill" or (
+                task in (None, "auto") and not is_causal_model(model))):
+            raise PrehabError(
+                "the distillation task copies the model as its target, which FSDP2 cannot do for a "
+                "model already sharded; pass the model unsharded with parallel='fsdp' (prehab copies "
+                "it, then shards it), or pass task=prehab_svd.tasks.EmbeddingDistillation(reference) "
+                "with a reference you sharded separately")
+        loss_fn = default_task(model, task)  # before sharding: a distillation target copies the model
+        if use_fsdp:
+            if not sharded:
+                _fsdp.shard(model, device)
+            _fsdp.check_sharding(model, names)
+        targets_w = (WhitenedTargets(model, names, {n: factors[n] for n in own}, backend=backend, owned=own,
+                                     keep_ratio=keep_ratio) if own else None)
+        runner = Runner(model, names, targets_w, owner_of, surr)
+
+        report.spectra_before = runner.spectra()
+        report.stable_rank_before = [stable_rank_of(sp) for sp in report.spectra_before]
+        model.train(train_mode)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = _make_optimizer(optimizer, params, lr, weight_decay)
+        runner.start(_under_autocast(loss_fn, dtype, device), device, factors, keep_ratio)
+        stream = itertools.cycle(train_batches)
+        for step in step_range(steps, progress, "prehab"):
+            batch = next(stream)
+            lam_t = lambda_schedule(step, float(lam), float(lam_start), warmup_steps)
+            opt.zero_grad(set_to_none=True)
+            logged = runner.step(step, batch, lam_t)  # forward and backward: the gradients are ready
+            if grad_clip is not None:  # after DDP's averaging (FSDP's reduce-scatter): the same on every rank
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            if not surr.in_loss:  # "tail": its proximal step on the owners' whole weights, then synced
+                runner.update_weights(lambda t: surr.proximal_step(t, lam_t))
+            rec = PrehabStep(step=step + 1, task_loss=logged[0], surrogate=logged[1],
+                             stable_rank=logged[2], lam=lam_t, loss=logged[3])
+            report.steps.append(rec)
+            if callback is not None:
+                callback(rec)
+            if log_every and (step + 1) % log_every == 0:
+                print(f"prehab step {rec.step}/{steps}: task {rec.task_loss:.4f}  "
+                      f"{surrogate} {rec.surrogate:.3f}  stable rank {rec.stable_rank:.3f}  λ {lam_t:.3g}")
+        runner.stop()
+        report.spectra_after = runner.spectra()
+        report.stable_rank_after = [stable_rank_of(sp) for sp in report.spectra_after]
+    report.seconds = time.perf_counter() - t0
+    return report

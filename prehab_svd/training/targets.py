@@ -1,0 +1,208 @@
+"""The targeted weights as Prehab sees them: whitened (``M = W·L``), grouped by shape, with the
+surrogates' values, the tail's proximal step, svd-llm's truncation and the spectra.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..models import rank_for
+
+__all__ = ["WhitenedTargets", "stable_rank_of", "project_onto"]
+
+
+def _op_factor(Ls: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
+    """The whitening factors as passed to the stable-rank op: in bf16 when the weights are bf16, else
+    the stored fp32. The op (its documented numerics: fp32 accumulation throughout) multiplies a bf16
+    W by a bf16 L on the bf16 tensor cores (exact products, fp32 accumulation, twice tf32's rate); with
+    an fp32 L it upcasts W and runs tf32, which truncates L to 10 mantissa bits. Everything after
+    M = W L stays fp32. Rounding L to bf16 (8 bits, round to nearest) changes each entry by at most
+    2⁻⁹ relative, unbiased: inside the op's bf16 tolerance (1e-2) and immaterial to a regularizer's
+    direction; bf16 has fp32's exponent range, so no factor overflows or flushes.
+    fp16 weights keep the fp32 factor (fp16's range could flush small entries of L). The tail
+    surrogate and the truncation (fp64 SVDs of W·L) keep the fp32 factor. The cast is one pass over
+    the n×n factors per step, against the op's 2·m·n² multiply."""
+    return Ls.to(torch.bfloat16) if weight_dtype == torch.bfloat16 else Ls
+
+
+class WhitenedTargets:
+    """The targeted weights grouped by shape, with their whitening factors and power-iteration states.
+
+    ``values(kind)`` returns the per-layer surrogate values (differentiable w.r.t. the weights) in the
+    order of ``names``; the stable-rank states are kept between calls (warm start).
+
+    ``owned``: hold only these of ``names`` (a rank's shard of the layers; their ``factors`` suffice).
+    Each still gets the cold power-iteration start it would have in the stack of all ``names`` of its
+    shape, so its values do not depend on how the layers are split over ranks.
+
+    ``weights``: None reads (and, for ``shrink_tail``, writes) each layer's ``weight``; a dict
+    ``{name: whole weight}`` is used instead where the layers' own weights are not whole tensors
+    (FSDP2 shards; :mod:`prehab_svd.fsdp` gathers them a few layers at a time). Then every method
+    works on the held layers present in the dict only (``values`` returns theirs, in the order of
+    ``names``), and ``shrink_tail`` replaces its entries.
+    """
+
+    def __init__(self, model: nn.Module, names: list, factors: dict, *, backend: str = "auto",
+                 owned=None, keep_ratio: float | None = None):
+        keep = set(names if owned is None else owned)
+        self.names = [n for n in names if n in keep]
+        self.backend = backend
+        self.keep_ratio = keep_ratio
+        self.weights: dict | None = None
+        # per shape: (held names, their linear modules, L stack, number of all names of the shape,
+        # each held name's row in the stack of all of them)
+        self._groups = []
+        by_shape: dict = {}
+        for n in names:
+            lin = model.get_submodule(n)
+            by_shape.setdefault(tuple(lin.weight.shape), []).append(n)
+        for shape, full in by_shape.items():
+            group = [n for n in full if n in keep]
+            if not group:
+                continue
+            lins = [model.get_submodule(n) for n in group]
+            w = lins[0].weight
+            Ls = torch.stack([factors[n].to(device=w.device, dtype=torch.float32) for n in group])
+            self._groups.append((group, lins, Ls, len(full), [full.index(n) for n in group]))
+        self._state: dict = {}  # (kind, name) -> power-iteration state [n]
+
+    def _present(self):
+        """Per shape group with layers present (all held ones, or those in ``weights``): (names,
+        linear modules, weight stack, L stack, all-names count, rows in the stack of all names)."""
+        for group, lins, Ls, n_all, rows in self._groups:
+            idx = list(range(len(group))) if self.weights is None else \
+                [i for i, n in enumerate(group) if n in self.weights]
+            if not idx:
+                continue
+            names = [group[i] for i in idx]
+            sub_lins = [lins[i] for i in idx]
+            W = torch.stack([self.weights[n] for n in names] if self.weights is not None
+                            else [lin.weight for lin in sub_lins])
+            yield (names, sub_lins, W, Ls if len(idx) == len(group) else Ls[idx], n_all,
+                   [rows[i] for i in idx])
+
+    def values(self, kind: str, *, grad: bool = True) -> torch.Tensor:
+        out = {}
+        for names, _lins, W, Ls, n_all, rows in self._present():
+            if not grad:
+                W = W.detach()
+            if kind == "tail":
+                out.update(zip(names, self._tail(W, Ls).unbind(0)))
+                continue
+            state = iters = None
+            if kind == "stable":
+                if all(("stable", n) in self._state for n in names):  # warm start
+                    state = torch.stack([self._state[("stable", n)] for n in names])
+                elif len(names) < n_all:  # part of the stack: its rows of the whole stack's start
+                    cold, _ = ops.reference.power_start(None, n_all, W.shape[2], W.device,
+                                                        ops.reference.compute_dtype(W.dtype), None)
+                    state, iters = cold[rows], ops.reference.STABLE_ITERS_COLD
+            Lop = _op_factor(Ls, W.dtype)
+            if grad:
+                val, new_state = ops.stable_rank_loss(W, Lop, kind=kind, state=state, iters=iters,
+                                                      backend=self.backend)
+            else:
+                val, _g, new_state = ops.stable_rank(W, Lop, kind=kind, state=state, iters=iters,
+                                                     backend=self.backend)
+            if kind == "stable":
+                for n, st in zip(names, new_state.detach().unbind(0)):
+                    self._state[("stable", n)] = st
+            out.update(zip(names, val.unbind(0)))
+        if not out:
+            return torch.zeros(0)
+        return torch.stack([out[n] for n in self.names if n in out])
+
+    def _top_left(self, M: torch.Tensor) -> torch.Tensor:
+        """The top-r left singular vectors [B, m, r] of the stack M (fp64 SVD), r from keep_ratio."""
+        r = rank_for(M.shape[1], M.shape[2], self.keep_ratio)
+        return torch.linalg.svd(M.detach().double(), full_matrices=False).U[..., :r].to(M.dtype)
+
+    def _tail(self, W: torch.Tensor, Ls: torch.Tensor) -> torch.Tensor:
+        """Tail energy fraction ``Σ_{i>r} σᵢ²(M) / ‖M‖_F²`` of each ``M = W·L`` in the stack, r the
+        rank ``keep_ratio`` gives the shape (0 where that shape stays dense): svd-llm's relative
+        truncation error of the layer at rank r. Differentiable: with the top-r subspace U_r held
+        fixed, autograd gives the exact gradient ``2(M_tail − t·M)/‖M‖_F²`` wherever σ_r > σ_{r+1}
+        (U_r maximizes ‖U_rᵀM‖_F², so its own derivative does not contribute)."""
+        if rank_for(W.shape[1], W.shape[2], self.keep_ratio) is None:
+            return W.new_zeros(W.shape[0], dtype=torch.float32)
+        M = W.float() @ Ls
+        Ur = self._top_left(M)
+        tail = M - project_onto(Ur, M)
+        return tail.square().sum((-2, -1)) / M.square().sum((-2, -1)).clamp_min(1e-30)
+
+    @contextmanager
+    def truncated(self):
+        """Within the block, every held layer computes with ``U_r U_rᵀ W`` instead of ``W``: svd-llm's
+        rank-r compression of it (``(W·L)_r L⁻¹``, the truncation of the whitened weight mapped
+        back), with U_r (the top-r left singular vectors of ``W·L``) fixed at entry. Gradients reach W
+        through the projection (U_r held constant). Layers that stay dense at ``keep_ratio`` are
+        left as they are."""
+        lin_of = {n: lin for group, lins, *_rest in self._groups for n, lin in zip(group, lins)}
+        patched = [(lin_of[n], Ur) for n, Ur in self.projections().items()]
+        try:
+            for lin, Ur in patched:
+                lin.forward = functools.partial(_projected_linear, lin, Ur)
+            yield
+        finally:
+            for lin, _Ur in patched:
+                lin.__dict__.pop("forward", None)
+
+    @torch.no_grad()
+    def shrink_tail(self, frac: float) -> None:
+        """The proximal step of the tail penalty: remove ``frac`` of every weight's whitened tail,
+        ``W ← W − frac·(I − U_r U_rᵀ) W`` with U_r the top-r left singular vectors of ``W·L``.
+
+        That is ``M ← M_r + (1 − frac)·M_tail`` for ``M = W·L`` (the tail is ``(I − U_r U_rᵀ) W·L``,
+        so no inverse of L is needed); ``frac = 1`` would be svd-llm's truncation itself."""
+        for names, lins, W, Ls, _n_all, _rows in self._present():
+            if rank_for(W.shape[1], W.shape[2], self.keep_ratio) is None:
+                continue
+            Wf = W.float()
+            Ur = self._top_left(Wf @ Ls)
+            new = (Wf - frac * (Wf - project_onto(Ur, Wf))).to(W.dtype)
+            for n, lin, w in zip(names, lins, new.unbind(0)):
+                if self.weights is not None:
+                    self.weights[n] = w
+                else:
+                    lin.weight.copy_(w)
+
+    @torch.no_grad()
+    def projections(self) -> dict:
+        """``{name: U_r}`` for the held layers that the compression at ``keep_ratio`` truncates: the
+        top-r left singular vectors of their ``W·L`` now (fp32), as :meth:`truncated` uses them."""
+        out = {}
+        for names, _lins, W, Ls, _n_all, _rows in self._present():
+            if rank_for(W.shape[1], W.shape[2], self.keep_ratio) is None:
+                continue
+            out.update(zip(names, self._top_left(W.float() @ Ls).unbind(0)))
+        return out
+
+    def spectra(self) -> dict:
+        """``{name: singular values of W·L}`` now (fp64 SVD, on the CPU) of the held layers."""
+        res = {}
+        for names, _lins, W, Ls, _n_all, _rows in self._present():
+            for n, w, L in zip(names, W.detach().unbind(0), Ls):
+                res[n] = torch.linalg.svdvals(w.to(torch.float64) @ L.to(torch.float64)).cpu()
+        return res
+
+
+def project_onto(Ur: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``U_r U_rᵀ X`` (in U_r's dtype): the rows of X projected on the span of U_r's columns. svd-llm's
+    compressed weight is this of W; the gradient through it (U_r fixed) is this of the gradient."""
+    return Ur @ (Ur.mT @ X.to(Ur.dtype))
+
+
+def _projected_linear(lin: nn.Linear, Ur: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    W = lin.weight
+    return F.linear(x, project_onto(Ur, W).to(W.dtype), lin.bias)
+
+
+def stable_rank_of(spectrum: torch.Tensor) -> float:
+    """‖M‖_F²/σ₁² from the singular values (0 for a zero matrix)."""
+    return float(spectrum.square().sum() / spectrum[0].square()) if spectrum[0] > 0 else 0.0
