@@ -14,6 +14,14 @@ Public API::
     prehab_svd.rehab(compressed_model, training_batches)
 
 ``keep_ratio`` is always the fraction of the targeted parameters that is KEPT.
+
+Where each concern lives: ``compression`` (``compress``, the report, the one block driver) walks the
+blocks with ``calibration`` (batches, masks, layer groups, their statistics) and asks a method of
+``methods/`` (one file each, one protocol, a registry) for the factors; ``streaming`` runs the same
+driver one block at a time from disk; ``distributed`` spreads statistics and factorizations over
+ranks; ``training/`` holds Prehab and rehab; ``linalg`` the closed forms; ``ops`` dispatches the three
+ops to ``ops/reference.py``, ``kernels/`` (Triton) or ``csrc/`` (CUDA); ``layers`` ``LowRankLinear``;
+``io`` / ``pretrained`` saving, loading and models by name; ``cli`` the command line.
 """
 
 from . import linalg, ops  # noqa: E402
@@ -23,8 +31,8 @@ from .io import load_compressed, save_compressed  # noqa: E402
 from .streaming import compress_pretrained  # noqa: E402
 from .layers import LowRankLinear  # noqa: E402
 from .pretrained import load_pretrained  # noqa: E402
-from .training.prehab import prehab  # noqa: E402
-from .training.rehab import rehab  # noqa: E402
+from .training.prehab import PrehabReport, prehab  # noqa: E402
+from .training.rehab import RehabReport, rehab  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -38,6 +46,8 @@ __all__ = [
     "prehab",
     "rehab",
     "CompressionReport",
+    "PrehabReport",
+    "RehabReport",
     "LayerReport",
     "METHODS",
     "PrehabError",
