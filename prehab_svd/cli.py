@@ -15,14 +15,13 @@ from pathlib import Path
 
 from .errors import PrehabError
 
-from .pretrained import MODELS, is_causal_config as is_causal_lm, load_model, load_tokenizer
-from .pretrained import minilm_dir, resolve_model_path
+from .io import load_model, load_tokenizer, read_config
+from .pretrained import MODELS, minilm_dir, resolve_model_path
+from .utils import check_keep_ratio, is_causal_config, keep_ratio_list
 
 
 def _config_is_causal(path: Path) -> bool:
-    from .io import read_config
-
-    return is_causal_lm(read_config(path))
+    return is_causal_config(read_config(path))
 
 
 def _quiet_transformers():
@@ -70,7 +69,7 @@ def cmd_compress(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise PrehabError(f"output folder '{out}' already exists; choose another --out or pass --overwrite")
-    _check_ratio(args.keep_ratio)
+    check_keep_ratio(args.keep_ratio, "--keep-ratio")
     _check_low_memory_flags(args)
     path = resolve_model_path(args.model)
     causal = _config_is_causal(path)
@@ -360,16 +359,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _check_ratio(r: float):
-    """Fail before any model is loaded; the message names the CLI flag."""
-    from .compression import check_keep_ratio
-
-    try:
-        check_keep_ratio(r)
-    except PrehabError as e:
-        raise PrehabError(str(e).replace("keep_ratio", "--keep-ratio", 1)) from None
-
-
 DEMO_DEFAULT = ("svd", "asvd", "svd-llm", "aa-svd", "zs-svd", "prehab+svd-llm", "prehab+aa-svd")
 # The demo's training settings (how they were chosen: results/methods_minilm.md). Prehab and rehab
 # train on built-in sentences disjoint from the calibration and held-out ones.
@@ -427,9 +416,7 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
     from . import data, evaluate
     from .compression import compress
 
-    ratios = list(keep_ratio) if isinstance(keep_ratio, (list, tuple)) else [keep_ratio]
-    for r in ratios:
-        _check_ratio(r)
+    ratios = keep_ratio_list(keep_ratio)
     parsed = [(m, *parse_demo_method(m)) for m in methods]
     path = str(minilm_dir())
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -511,6 +498,7 @@ def format_demo(rows, keep_ratio=None) -> str:
 
 
 def cmd_demo(args) -> int:
+    keep_ratio_list(args.keep_ratio or [], "--keep-ratio")  # before any model is loaded
     if args.model == "smollm2":
         from .demo_causal import CAUSAL_DEMO_DEFAULT, format_causal_demo, run_causal_demo
 
@@ -541,7 +529,7 @@ def cmd_profile(args) -> int:
         model=args.model, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
         heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab).items() if v is not None}
     if args.keep_ratio is not None:
-        _check_ratio(args.keep_ratio)
+        check_keep_ratio(args.keep_ratio, "--keep-ratio")
     res = profile_stage(args.stage, args.trace, device=args.device, dtype=args.dtype, steps=args.steps,
                         warmup=args.warmup, overwrite=args.overwrite, **opts)
     print(res.table(args.top))

@@ -368,8 +368,6 @@ def test_failed_overwrite_keeps_the_old_folder(tmp_path):
 def test_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
     """Regression: when the final rename failed, the user's folder stayed hidden in .m.old-*/x and
     the destination was gone. Now it is put back."""
-    from prehab_svd import io
-
     model = _compressed_model()
     dest = tmp_path / "m"
     dest.mkdir()
@@ -382,7 +380,7 @@ def test_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
             raise OSError("rename failed")
         return real(src, dst)
 
-    monkeypatch.setattr(io.os, "replace", flaky)
+    monkeypatch.setattr(os, "replace", flaky)
     with pytest.raises(OSError, match="rename failed"):
         save_compressed(model, dest, overwrite=True)
     assert len(calls) == 3  # aside, the failed rename, back
