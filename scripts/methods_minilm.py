@@ -1,6 +1,6 @@
 """The training-based methods on the real all-MiniLM-L6-v2 (CPU, built-in corpus, held-out sentences).
 
-Runs every method of the table at keep_ratio 0.6 and 0.4 through ``prehab_svd.cli.run_demo``
+Runs every method of the table at keep_ratio 0.6 and 0.4 through ``prehab_svd.demo_encoder.run_demo``
 (the demo's code path and settings) and writes, into the folder given (default results/):
 
 * methods_minilm.md / .json -- the table, with the command, versions and machine;
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from prehab_svd import cli
+    from prehab_svd import demo_encoder
     from prehab_svd.plots import plot_ranks, plot_spectra
     from prehab_svd.utils import write_atomic
 
@@ -38,15 +38,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     art: dict = {}
-    rows = cli.run_demo(METHODS, RATIOS, progress=False, artifacts=art)
-    table = cli.format_demo(rows)
+    rows = demo_encoder.run_demo(METHODS, RATIOS, progress=False, artifacts=art)
+    table = demo_encoder.format_demo(rows)
     print(table)
     pre = art.get("prehab")
     env = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
            "command": "python scripts/methods_minilm.py", "seconds": round(time.time() - t0, 1),
-           "settings": {"prehab": cli.DEMO_PREHAB, "rehab": cli.DEMO_REHAB,
-                        "zs-svd": cli.DEMO_ZS, "train_batches": cli.DEMO_TRAIN}}
+           "settings": {"prehab": demo_encoder.DEMO_PREHAB, "rehab": demo_encoder.DEMO_REHAB,
+                        "zs-svd": demo_encoder.DEMO_ZS, "train_batches": demo_encoder.DEMO_TRAIN}}
     write_atomic(out / "methods_minilm.json", json.dumps(
         {"env": env, "rows": rows, "prehab": pre.to_dict() if pre else None}, indent=1))
     lines = ["# Training-based methods on all-MiniLM-L6-v2 (CPU)", "",

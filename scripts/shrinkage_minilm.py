@@ -3,7 +3,7 @@
 Compresses MiniLM with svd-llm, aa-svd and zs-svd at keep 0.8 / 0.6 / 0.4, with the demo's
 calibration size (256 sentences) and a quarter of it (64), once with ``shrinkage=0`` (the exact
 optimum on the calibration statistics) and once with ``shrinkage="oas"``, through
-``prehab_svd.cli.run_demo`` (the demo's code path), and writes OUT/shrinkage_minilm.md /
+``prehab_svd.demo_encoder.run_demo`` (the demo's code path), and writes OUT/shrinkage_minilm.md /
 .json.
 
 Usage:  python scripts/shrinkage_minilm.py [OUT_DIR]      (about 10 minutes on 2 CPU cores)
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from prehab_svd import cli
+    from prehab_svd import demo_encoder
     from prehab_svd.utils import write_atomic
 
     argv = sys.argv[1:] if argv is None else argv
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     for n in CALIBRATION:
         for s in SHRINKAGE:
             art: dict = {}
-            got = cli.run_demo(METHODS, RATIOS, num_calib=n, progress=False, artifacts=art,
+            got = demo_encoder.run_demo(METHODS, RATIOS, num_calib=n, progress=False, artifacts=art,
                                         compress_options={"shrinkage": s})
             for r in got:
                 alphas = list(art[(r["method"], r["keep_ratio"])].details.get("shrinkage", {}).values())
