@@ -10,19 +10,17 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 from .errors import PrehabError
 
-from .pretrained import MODELS, is_causal_config as is_causal_lm, load_model, load_tokenizer
-from .pretrained import minilm_dir, resolve_model_path
+from .io import load_model, load_tokenizer, read_config
+from .pretrained import MODELS, resolve_model_path
+from .utils import check_keep_ratio, is_causal_config, keep_ratio_list
 
 
 def _config_is_causal(path: Path) -> bool:
-    from .io import read_config
-
-    return is_causal_lm(read_config(path))
+    return is_causal_config(read_config(path))
 
 
 def _quiet_transformers():
@@ -72,7 +70,7 @@ def cmd_compress(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise PrehabError(f"output folder '{out}' already exists; choose another --out or pass --overwrite")
-    _check_ratio(args.keep_ratio)
+    check_keep_ratio(args.keep_ratio, "--keep-ratio")
     _check_low_memory_flags(args)
     path = resolve_model_path(args.model)
     causal = _config_is_causal(path)
@@ -373,161 +371,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _check_ratio(r: float):
-    """Fail before any model is loaded; the message names the CLI flag."""
-    from .compression import check_keep_ratio
-
-    try:
-        check_keep_ratio(r)
-    except PrehabError as e:
-        raise PrehabError(str(e).replace("keep_ratio", "--keep-ratio", 1)) from None
-
-
-DEMO_DEFAULT = ("svd", "asvd", "svd-llm", "aa-svd", "zs-svd", "prehab+svd-llm", "prehab+aa-svd")
-# The demo's training settings (how they were chosen: results/methods_minilm.md). Prehab and rehab
-# train on built-in sentences disjoint from the calibration and held-out ones.
-# Prehab: the best of the settings measured on MiniLM (results/prehab_minilm.md) -- it still does not
-# beat compression without Prehab there.
-# Prehab for the demo: task(dense) + λ·task(the model svd-llm makes at the smallest demo keep ratio),
-# the setting measured in results/prehab_minilm.md.
-DEMO_PREHAB = dict(steps=100, lam=1.0, surrogate="compressed", lr=1e-4, optimizer="adamw")
-DEMO_REHAB = dict(steps=100, lr=1e-4, lora_rank=8)
-DEMO_ZS = dict(grad_samples=64)  # min_rank_fraction: the default, 0.75·keep_ratio
-DEMO_TRAIN = dict(batch_size=16, max_length=64)
-
-
-def demo_prehab_options(options, ratios) -> dict:
-    """The demo's Prehab settings with ``options`` applied; a surrogate that compresses at a planned
-    keep ratio ("tail", "compressed") targets the smallest of ``ratios`` unless told otherwise."""
-    opts = dict(DEMO_PREHAB, **(options or {}))
-    if opts.get("surrogate") in ("tail", "compressed"):
-        opts.setdefault("keep_ratio", min(ratios))
-    else:
-        opts.pop("keep_ratio", None)
-    return opts
-
-
-def parse_demo_method(name: str) -> tuple[bool, str, bool]:
-    """``"[prehab+]<method>[+rehab]"`` -> (prehab first?, compression method, rehab after?)."""
-    from .compression import METHODS
-
-    parts = name.split("+")
-    pre = parts[0] == "prehab"
-    post = len(parts) > 1 and parts[-1] == "rehab"
-    inner = parts[int(pre): len(parts) - int(post)]
-    if len(inner) != 1 or inner[0] not in METHODS:
-        raise PrehabError(f"unknown demo method {name!r}: use [prehab+]METHOD[+rehab] with METHOD one of "
-                          f"{', '.join(METHODS)}")
-    return pre, inner[0], post
-
-
-def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=128, batch_size=32,
-             progress=True, prehab_options=None, rehab_options=None, zs_options=None, artifacts=None,
-             compress_options=None):
-    """The embedded default: compress the real MiniLM with each method; returns table rows.
-
-    ``keep_ratio`` may be a list (every method at every ratio). A method is
-    ``[prehab+]METHOD[+rehab]``: "prehab+" first fine-tunes a copy of the model with Prehab
-    (distillation to the original's embeddings + the task loss of the model svd-llm makes at the
-    smallest keep ratio; done once and shared, and reported as the row "prehab (dense)"), "+rehab" ends with LoRA recovery (distillation to the original).
-    ``artifacts``, a dict, receives the reports: ``(method, keep_ratio) -> CompressionReport`` and
-    ``"prehab" -> PrehabReport``. ``compress_options``: keywords for every ``compress`` call (e.g.
-    ``{"shrinkage": 0.0}``; each method gets those it takes).
-    """
-    from .methods import get as get_method
-
-    import torch
-    import transformers
-
-    from . import data, evaluate
-    from .compression import compress, method_options
-
-    ratios = list(keep_ratio) if isinstance(keep_ratio, (list, tuple)) else [keep_ratio]
-    for r in ratios:
-        _check_ratio(r)
-    parsed = [(m, *parse_demo_method(m)) for m in methods]
-    path = str(minilm_dir())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    base = transformers.AutoModel.from_pretrained(path).eval()
-    calib_texts = data.load_texts("builtin", split="train")
-    eval_texts = data.load_texts("builtin", split="test")
-    if len(calib_texts) < num_calib or len(eval_texts) < num_eval:
-        raise PrehabError("the built-in corpus is smaller than the requested sample counts")
-    calib = data.sentence_batches(tokenizer, calib_texts[:num_calib], batch_size=batch_size,
-                                  max_length=max_length)
-    held = data.sentence_batches(tokenizer, eval_texts[:num_eval], batch_size=batch_size,
-                                 max_length=max_length)
-    pre_opts = demo_prehab_options(prehab_options, ratios)
-    re_opts = dict(DEMO_REHAB, **(rehab_options or {}))
-    zs_opts = dict(DEMO_ZS, **(zs_options or {}))
-    n_train = DEMO_TRAIN["batch_size"] * max(pre_opts["steps"], re_opts["steps"])
-    train = data.sentence_batches(tokenizer, calib_texts[num_calib:num_calib + n_train],
-                                  batch_size=DEMO_TRAIN["batch_size"], max_length=DEMO_TRAIN["max_length"])
-    with torch.no_grad():
-        e_ref = evaluate.sentence_embeddings(base, held)
-
-    def fidelity(model):
-        with torch.no_grad():
-            return evaluate.embedding_fidelity(e_ref, evaluate.sentence_embeddings(model, held))
-
-    rows = []
-    prehabbed = None
-    for ratio in ratios:
-        for name, pre, method, post in parsed:
-            t0 = time.perf_counter()
-            if pre and prehabbed is None:
-                from .training.prehab import prehab
-
-                prehabbed = copy.deepcopy(base)
-                rep = prehab(prehabbed, calib, train, progress=progress, **pre_opts)
-                if artifacts is not None:
-                    artifacts["prehab"] = rep
-                fid = fidelity(prehabbed)
-                rows.append({"method": "prehab (dense)", "keep_ratio": 1.0, "cosine": fid["cosine"],
-                             "nn_agreement": fid["nn_agreement"], "params_kept": None,
-                             "params_dense": None, "kept_fraction": 1.0,
-                             "seconds": time.perf_counter() - t0,
-                             "stable_rank": [rep.mean_stable_rank_before, rep.mean_stable_rank_after]})
-                t0 = time.perf_counter()
-            model = copy.deepcopy(prehabbed if pre else base)
-            valid = method_options(method)
-            report = compress(model, method, ratio, calib, progress=progress,
-                              **{k: v for k, v in (compress_options or {}).items() if k in valid},
-                              **(zs_opts if get_method(method).allocation == "zs" else {}))
-            if post:
-                from .training.rehab import rehab
-
-                rehab(model, train, reference=base, progress=progress, **re_opts)
-            if artifacts is not None:
-                artifacts[(name, ratio)] = report
-            fid = fidelity(model)
-            rows.append({"method": name, "keep_ratio": ratio, "cosine": fid["cosine"],
-                         "nn_agreement": fid["nn_agreement"], "params_kept": report.params_kept,
-                         "params_dense": report.params_dense, "kept_fraction": report.kept_fraction,
-                         "seconds": time.perf_counter() - t0,
-                         "ranks": sorted({str(layer.rank) for layer in report.layers})
-                         if get_method(method).allocation else None})
-    return rows
-
-
-def format_demo(rows, keep_ratio=None) -> str:
-    head = ("method", "keep", "embed cosine", "NN agreement", "params kept", "time (s)")
-    lines = [head]
-    for r in rows:
-        kept = ("dense" if r["params_kept"] is None else
-                f"{r['params_kept']:,} / {r['params_dense']:,} ({r['kept_fraction']:.3f})")
-        lines.append((r["method"], f"{r['keep_ratio']:g}", f"{r['cosine']:.4f}", f"{r['nn_agreement']:.4f}",
-                      kept, f"{r['seconds']:.1f}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-           for line in lines]
-    out.insert(1, "-" * len(out[0]))
-    title = ("all-MiniLM-L6-v2, keep_ratio = fraction of the attention+MLP parameters kept, built-in "
-             "corpus (held-out sentences)")
-    return title + "\n" + "\n".join(out)
-
-
 def cmd_demo(args) -> int:
+    keep_ratio_list(args.keep_ratio or [], "--keep-ratio")  # before any model is loaded
     if args.model == "smollm2":
         from .demo_causal import CAUSAL_DEMO_DEFAULT, format_causal_demo, run_causal_demo
 
@@ -537,6 +382,8 @@ def cmd_demo(args) -> int:
         if args.quiet:
             print(format_causal_demo(rows))
     else:
+        from .demo_encoder import DEMO_DEFAULT, format_demo, run_demo
+
         rows = run_demo(args.methods or list(DEMO_DEFAULT), args.keep_ratio or [0.6], args.num_calib or 256,
                         args.num_eval, progress=not args.quiet)
         print(format_demo(rows, args.keep_ratio))
@@ -558,7 +405,7 @@ def cmd_profile(args) -> int:
         model=args.model, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
         heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab).items() if v is not None}
     if args.keep_ratio is not None:
-        _check_ratio(args.keep_ratio)
+        check_keep_ratio(args.keep_ratio, "--keep-ratio")
     res = profile_stage(args.stage, args.trace, device=args.device, dtype=args.dtype, steps=args.steps,
                         warmup=args.warmup, overwrite=args.overwrite, **opts)
     print(res.table(args.top))

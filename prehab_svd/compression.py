@@ -48,6 +48,7 @@ from .calibration import (
 from .errors import PrehabError
 from .layers import LowRankLinear
 from .models import Plan, plan_targets, rank_for
+from .utils import check_keep_ratio, set_submodule
 from . import methods as _methods
 from . import distributed as _dist
 from .methods import ALLOCATIONS, LayerStats, ZSAllocation
@@ -357,17 +358,6 @@ def _warn_short_calibration(report, stacklevel) -> None:
         )
 
 
-def check_keep_ratio(keep_ratio) -> None:
-    """keep_ratio is the fraction of parameters KEPT: a number in (0, 1]."""
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or math.isnan(
-        keep_ratio
-    ) or not (0 < keep_ratio <= 1):
-        raise PrehabError(
-            f"keep_ratio must be in (0, 1] (the fraction of parameters kept: 0.6 keeps 60%), got "
-            f"{keep_ratio!r}"
-        )
-
-
 def _compress_plain(module, full, rel, rank) -> LayerReport:
     lin = module.get_submodule(rel)
     m, n = lin.out_features, lin.in_features
@@ -375,14 +365,8 @@ def _compress_plain(module, full, rel, rank) -> LayerReport:
     if rank is None:
         return LayerReport(full, m, n, None, dense_params, dense_params, None, None)
     new = LowRankLinear.from_linear(lin, rank)
-    _replace(module, rel, new)
+    set_submodule(module, rel, new)
     return LayerReport(full, m, n, rank, dense_params, new.num_params, None, None)
-
-
-def _replace(root: nn.Module, rel_name: str, new: nn.Module):
-    parent_name, _, child = rel_name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 @dataclass
@@ -593,7 +577,7 @@ def _factorize_group(module, names, group, stats: LayerStats, ranks, report, loo
         if not (math.isfinite(after) and torch.isfinite(U).all() and torch.isfinite(V).all()):
             raise PrehabError(f"factorization of layer '{full}' produced non-finite values")
         new = LowRankLinear.from_factors(U, V, lin.bias)
-        _replace(module, names[full], new)
+        set_submodule(module, names[full], new)
         report.layers.append(LayerReport(full, m_, n, ranks[full], dense_params, new.num_params, before,
                                          after, group=group[0]))
     if stats.tokens < stats.gram_x.shape[0]:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import copy
 import time
 
-from .errors import PrehabError
-
 from .compression import ZS_MIN_RANK_CAUSAL
+from .errors import PrehabError
+from .utils import keep_ratio_list
 
 __all__ = ["CAUSAL_DEMO_DEFAULT", "parse_causal_method", "heldout_sets", "run_causal_demo",
            "format_causal_demo"]
@@ -70,12 +70,10 @@ def run_causal_demo(methods=CAUSAL_DEMO_DEFAULT, keep_ratio=0.8, *, calib_window
     """Rows (dicts) of the demo table: the dense model first, then every method at every keep ratio
     (``targets``: name patterns of the layers to compress, default all in the blocks)."""
     from . import data, evaluate
-    from .compression import check_keep_ratio, compress
+    from .compression import compress
     from .pretrained import load_pretrained
 
-    ratios = list(keep_ratio) if isinstance(keep_ratio, (list, tuple)) else [keep_ratio]
-    for r in ratios:
-        check_keep_ratio(r)
+    ratios = keep_ratio_list(keep_ratio)
     parsed = [(m, *parse_causal_method(m)) for m in methods]
     base, tok = load_pretrained(model_name)
     calib_texts = data.load_texts("builtin", "train")

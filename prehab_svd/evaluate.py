@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from prehab_svd.errors import PrehabError
+from prehab_svd.tasks import batch_filter
 
 __all__ = ["PerplexityResult", "perplexity", "sentence_embeddings", "embedding_fidelity", "generate_text",
            "DEFAULT_PROMPT"]
@@ -48,18 +49,6 @@ def _model_device(model, device):
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def _forward_filter(model):
-    """A function that drops batch keys the model's forward does not accept (unless it takes **kw)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return lambda batch: batch
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return lambda batch: batch
-    names = set(params)
-    return lambda batch: {k: v for k, v in batch.items() if k in names}
 
 
 def _as_dict(batch, i: int) -> dict:
@@ -104,7 +93,7 @@ def perplexity(model, batches, *, device=None, progress: bool = False) -> Perple
     logits and summed in fp64.
     """
     device = _model_device(model, device)
-    keep = _forward_filter(model)
+    keep = batch_filter(model)
     try:
         use_cache = "use_cache" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -159,7 +148,7 @@ def sentence_embeddings(model, batches, *, device=None, progress: bool = False,
     its ``Normalize`` module does). Padded positions are excluded even if they hold NaN.
     """
     device = _model_device(model, device)
-    keep = _forward_filter(model)
+    keep = batch_filter(model)
     rows = []
     with torch.no_grad(), _EvalMode(model):
         for i, raw in enumerate(tqdm(batches, total=_total(batches), desc="embeddings",

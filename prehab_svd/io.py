@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,8 +26,10 @@ from torch import nn
 
 from .errors import PrehabError
 from .layers import LowRankLinear
+from .utils import is_causal_config, new_folder_next_to, replace_folder, set_submodule
 
-__all__ = ["save_compressed", "load_compressed", "apply_ranks", "META_FILE", "WEIGHTS_FILE", "INDEX_FILE"]
+__all__ = ["save_compressed", "load_compressed", "apply_ranks", "read_config", "build_model", "load_model",
+           "load_tokenizer", "META_FILE", "WEIGHTS_FILE", "INDEX_FILE"]
 
 META_FILE = "prehab_svd.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -58,9 +57,7 @@ def save_compressed(model: nn.Module, path, report=None, *, tokenizer=None, over
     layers = _lowrank_layers(model)
     meta = build_meta({n: m.rank for n, m in layers.items()}, {n: m.bias is not None for n, m in layers.items()},
                       type(model).__name__, report, extra)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with new_folder_next_to(path) as tmp:
         save_model(model, str(tmp / WEIGHTS_FILE))
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
@@ -74,29 +71,7 @@ def save_compressed(model: nn.Module, path, report=None, *, tokenizer=None, over
                 raise PrehabError(f"extra file name {name!r} must be a plain file name, not {META_FILE} "
                                   f"or {WEIGHTS_FILE}")
             write(tmp / name)
-        if path.exists():  # overwrite: move the old folder aside first, delete it after the rename
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            try:
-                os.replace(path, old / "x")
-            except BaseException:
-                old.rmdir()
-                raise
-            try:
-                os.replace(tmp, path)
-            except BaseException:  # the new folder did not land: put the old one back
-                try:
-                    os.replace(old / "x", path)
-                except OSError:
-                    raise PrehabError(f"could not replace {path}; the previous folder is kept at "
-                                      f"{old / 'x'}") from None
-                old.rmdir()
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        replace_folder(tmp, path)  # an existing folder (overwrite) is replaced only once this one is whole
     return path
 
 
@@ -152,9 +127,7 @@ def apply_ranks(model: nn.Module, ranks: dict, bias: dict | None = None) -> None
         has_bias = lin.bias is not None if bias is None else bias.get(name, lin.bias is not None)
         new = LowRankLinear(lin.in_features, lin.out_features, int(ranks[name]), bias=has_bias,
                             device=lin.weight.device, dtype=lin.weight.dtype)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        set_submodule(model, name, new)
 
 
 def _linears_to_swap(model: nn.Module, ranks: dict) -> dict:
@@ -262,7 +235,7 @@ def load_compressed(path, model: nn.Module | None = None, *, model_class=None, d
     path = Path(path)
     meta = read_meta(path)
     if model is None:
-        model = _build_from_config(path, model_class)
+        model = build_model(path, model_class, hint=_SKELETON_HINT)
     files = weight_files(path)
     # everything is checked before the model (possibly the caller's skeleton) is changed
     try:
@@ -328,33 +301,103 @@ def read_config(path):
         ) from None
 
 
-def _build_from_config(path: Path, model_class=None):
+# --------------------------------------------------------------------------------------------------
+# Building and loading models
+
+_SKELETON_HINT = "pass the uncompressed model skeleton: load_compressed(path, model)"
+
+
+def build_model(path, model_class=None, *, config=None, dtype=None, hint: str | None = None):
+    """A model of the Hugging Face config in the folder ``path``, with new (untrained) weights: the one
+    place the package builds a model from a config.
+
+    The class is ``model_class``, else the transformers class ``config.architectures[0]`` names, else
+    ``AutoModel``. ``config``: the folder's config when already read (else it is read here).
+    ``dtype``: built in that dtype; None: built in torch's default dtype and then cast to the config's
+    ``dtype``. Every failure is a PrehabError naming config.json, ending with ``hint`` (what else the
+    caller's user can do). To build without memory, call it under a context that puts parameters on
+    the meta device (as :func:`prehab_svd.compress_pretrained` does)."""
     import transformers
 
-    if not (path / "config.json").is_file():
-        raise PrehabError(
-            f"{path} has no config.json; pass the uncompressed model skeleton as load_compressed(path, model)"
-        )
-    config = read_config(path)
+    path = Path(path)
+    if config is None:
+        if not (path / "config.json").is_file():
+            raise PrehabError(f"{path} has no config.json; {hint or 'not a Hugging Face model folder'}")
+        config = read_config(path)
     cls = model_class
     if cls is None:
         archs = getattr(config, "architectures", None) or []
         cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
         if archs and cls is None:
-            raise PrehabError(
-                f"{path / 'config.json'} names the architecture {archs[0]!r}, which transformers "
-                f"{transformers.__version__} does not have; upgrade transformers, pass model_class=, or "
-                "pass the uncompressed model skeleton: load_compressed(path, model)")
+            todo = f"upgrade transformers, pass model_class=, or {hint}" if hint else \
+                "upgrade transformers or pass model_class="
+            raise PrehabError(f"{path / 'config.json'} names the architecture {archs[0]!r}, which transformers "
+                              f"{transformers.__version__} does not have; {todo}")
         if cls is None:
             cls = transformers.AutoModel
     try:
-        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise PrehabError(f"{getattr(cls, '__name__', cls)} cannot be built from {path / 'config.json'} ({e}); "
-                          "pass the uncompressed model skeleton: load_compressed(path, model)") from None
+        if not hasattr(cls, "from_config"):
+            model = cls(config)
+        elif dtype is None:
+            model = cls.from_config(config)
+        else:
+            model = cls.from_config(config, dtype=dtype)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+        raise PrehabError(f"{getattr(cls, '__name__', cls)} cannot be built from {path / 'config.json'} ({e})"
+                          f"{'; ' + hint if hint else ''}") from None
+    if dtype is None:
+        dtype = config_dtype(config)
+        if dtype is not None:
+            model.to(dtype)
+    return model
+
+
+def config_dtype(config):
+    """The torch dtype a Hugging Face config names in ``dtype`` (a dtype or its name), else None."""
     dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
-    if isinstance(dtype, torch.dtype):
-        model.to(dtype)
-    return model
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def load_model(path, dtype: str = "auto"):
+    """``(model, is_causal)`` from a plain Hugging Face folder, or from a prehab-svd folder (which
+    rebuilds its LowRankLinear layers); a causal LM as ``AutoModelForCausalLM``, else ``AutoModel``;
+    in eval mode. ``dtype``: "auto" (the folder's) or a torch dtype's name, for a plain folder."""
+    import transformers
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    config = read_config(path)  # a PrehabError naming config.json when transformers cannot read it
+    causal = is_causal_config(config)
+    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    if (path / META_FILE).is_file():
+        model = load_compressed(path, model_class=cls)
+    else:
+        kw = {}
+        if dtype != "auto":
+            kw["dtype"] = getattr(torch, dtype, None)
+            if not isinstance(kw["dtype"], torch.dtype):
+                raise PrehabError(f"unknown --dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+        try:
+            model = cls.from_pretrained(str(path), local_files_only=True, **kw)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PrehabError(f"the model in '{path}' could not be loaded ({why}); its weight files may be "
+                              "damaged or not match config.json") from None
+    model.eval()
+    return model, causal
+
+
+def load_tokenizer(path, fallback=None):
+    """The tokenizer saved in the folder ``path`` (else in ``fallback``), read offline."""
+    import transformers
+
+    for p in (path, fallback):
+        if p is None:
+            continue
+        try:
+            return transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        except (OSError, ValueError):
+            continue
+    raise PrehabError(f"no tokenizer files in '{path}'; pass --tokenizer PATH")

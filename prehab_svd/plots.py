@@ -21,20 +21,9 @@ def _pyplot():
 
 def _save(fig, path) -> Path:
     """savefig to a temporary file next to ``path``, then rename: never a half-written PNG."""
-    import os
-    import tempfile
+    from .utils import write_atomic
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=130, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp creates the file private; a plot is for reading
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
 
 
 def _short(name: str) -> str:

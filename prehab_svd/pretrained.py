@@ -28,13 +28,14 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from .errors import PrehabError
+from .io import load_model, load_tokenizer
+from .utils import new_folder_next_to
 
 __all__ = ["MODELS", "cache_dir", "smollm2_gguf", "minilm_dir", "convert_gguf", "resolve_model_path",
-           "is_causal_config", "load_model", "load_tokenizer", "load_pretrained"]
+           "load_pretrained"]
 
 MINILM = "minilm"
 SMOLLM2 = "smollm2"
@@ -118,9 +119,7 @@ def convert_gguf(path, *, cache: Path | None = None, verbose: bool = True) -> Pa
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PrehabError(f"transformers could not load the GGUF file '{path}' ({type(e).__name__}: {why})") from e
     dequantized_to_dense(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with new_folder_next_to(target) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / _CONVERTED_MARK).write_text(json.dumps({"source": str(path.resolve()), "file": path.name,
@@ -131,9 +130,6 @@ def convert_gguf(path, *, cache: Path | None = None, verbose: bool = True) -> Pa
             if not _converted_ok(target):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -177,56 +173,6 @@ def resolve_model_path(name) -> Path:
     if not (p / "config.json").is_file():
         raise PrehabError(f"'{name}' has no config.json: not a Hugging Face model folder")
     return p
-
-
-def is_causal_config(config) -> bool:
-    """True when a Hugging Face config names a causal-LM architecture (``*ForCausalLM``/``*LMHeadModel``)."""
-    archs = getattr(config, "architectures", None) or []
-    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
-
-
-def load_model(path: Path, dtype: str = "auto"):
-    """``(model, is_causal)`` from a plain Hugging Face folder, or from a prehab-svd folder (which
-    rebuilds its LowRankLinear layers); a causal LM as ``AutoModelForCausalLM``, else ``AutoModel``."""
-    import torch
-    import transformers
-    from safetensors import SafetensorError
-
-    from .io import META_FILE, load_compressed, read_config
-
-    path = Path(path)
-    config = read_config(path)  # a PrehabError naming config.json when transformers cannot read it
-    causal = is_causal_config(config)
-    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    if (path / META_FILE).is_file():
-        model = load_compressed(path, model_class=cls)
-    else:
-        kw = {}
-        if dtype != "auto":
-            kw["dtype"] = getattr(torch, dtype, None)
-            if not isinstance(kw["dtype"], torch.dtype):
-                raise PrehabError(f"unknown --dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-        try:
-            model = cls.from_pretrained(str(path), local_files_only=True, **kw)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PrehabError(f"the model in '{path}' could not be loaded ({why}); its weight files may be "
-                              "damaged or not match config.json") from None
-    model.eval()
-    return model, causal
-
-
-def load_tokenizer(path: Path, fallback: Path | None = None):
-    import transformers
-
-    for p in (path, fallback):
-        if p is None:
-            continue
-        try:
-            return transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-        except (OSError, ValueError):
-            continue
-    raise PrehabError(f"no tokenizer files in '{path}'; pass --tokenizer PATH")
 
 
 def load_pretrained(name, *, dtype=None, device=None):

@@ -27,8 +27,6 @@ and a large copy, once per process), not with datasheet numbers.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .errors import PrehabError
+from .utils import check_keep_ratio, write_atomic
 
 __all__ = ["STAGES", "OpStat", "ProfileResult", "measure_peaks", "profile_stage", "small_llama",
            "format_table"]
@@ -398,7 +397,8 @@ def _load_or_build(device, dtype, opts):
     path = opts.get("model")
     if path is None:
         return small_llama(device=device, dtype=dtype, **_model_opts(opts))
-    from .cli import load_model, resolve_model_path
+    from .io import load_model
+    from .pretrained import resolve_model_path
 
     model, _causal = load_model(resolve_model_path(str(path)))
     return model.to(device=device, dtype=dtype).eval()
@@ -430,7 +430,6 @@ def _stage_calibration(device, dtype, opts):
 
 
 def _stage_decode(device, dtype, opts):
-    from .compression import check_keep_ratio
     from .io import apply_ranks
     from .layers import LowRankLinear
     from .models import plan_targets, rank_for
@@ -477,15 +476,7 @@ _BUILDERS = {"calibration": _stage_calibration, "lowrank": _stage_lowrank, "deco
 def _write_trace(prof, path: Path) -> None:
     """export_chrome_trace to a temporary file next to ``path``, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, prof.export_chrome_trace)
 
 
 def profile_stage(stage: str, trace, *, device="cpu", dtype=None, steps: int = 3, warmup: int = 2,

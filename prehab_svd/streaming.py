@@ -40,7 +40,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -54,8 +53,10 @@ from .calibration import Timings, as_batch, blocks_chain, eval_context, take_seq
 from . import distributed as _dist
 from . import methods as _methods
 from .errors import PrehabError
-from .io import INDEX_FILE, META_FILE, WEIGHTS_FILE, build_meta
+from .utils import replace_folder
+from .io import INDEX_FILE, META_FILE, WEIGHTS_FILE, build_meta, build_model, config_dtype
 from .models import plan_targets
+from .utils import write_atomic
 
 __all__ = ["checkpoint_dir", "compress_pretrained"]
 
@@ -270,10 +271,8 @@ class _Source:
         return self._config
 
     def default_dtype(self) -> torch.dtype:
-        dtype = getattr(self.config, "dtype", None)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype, None)
-        if isinstance(dtype, torch.dtype):
+        dtype = config_dtype(self.config)
+        if dtype is not None:
             return dtype
         names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
         for key in sorted(self.dtypes):
@@ -355,19 +354,10 @@ def _parameters_on_meta():
 
 
 def _skeleton(source: _Source, model_class, dtype, device) -> nn.Module:
-    import transformers
-
-    config = source.config
-    cls = model_class
-    if cls is None:
-        archs = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, archs[0], None) if archs else None
-        cls = cls or transformers.AutoModel
-    try:
-        with _parameters_on_meta():
-            model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls(config)
-    except (ValueError, TypeError, OSError) as e:
-        raise PrehabError(f"cannot build the model of {source.path}/config.json with {cls.__name__}: {e}") from e
+    """The model of ``source``'s config with every parameter on the meta device (no memory: the
+    blocks are loaded one at a time) and its buffers, which are real, on ``device``."""
+    with _parameters_on_meta():
+        model = build_model(source.path, model_class, config=source.config, dtype=dtype)
     for module in model.modules():  # buffers are real: move them where the blocks will run
         for name, buf in module._buffers.items():
             if buf is not None and buf.device != device:
@@ -578,25 +568,10 @@ def _ranks_and_bias(model, report) -> tuple[dict, dict]:
 # The checkpoint folder
 
 
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` a temporary file next to ``path``, flush it to disk, rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_tensors(path: Path, tensors: dict) -> None:
     from safetensors.torch import save_file
 
-    _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 class _Checkpoint:
@@ -687,8 +662,7 @@ class _Checkpoint:
             "layers": [asdict(layer) for layer in report.layers],
             "short_calibration": list(report.short_calibration),
         }
-        _write_atomic(self.dir / PROGRESS_FILE,
-                      lambda tmp: Path(tmp).write_text(json.dumps(progress, indent=1)))
+        write_atomic(self.dir / PROGRESS_FILE, json.dumps(progress, indent=1))
         self.progress, self.next_block = progress, next_block
         for old in self.dir.glob("hidden-*.safetensors"):
             if old.name != name:
@@ -713,15 +687,9 @@ class _Checkpoint:
         (self.model_dir / META_FILE).write_text(json.dumps(meta, indent=2))
         for name, write in (extra_files or {}).items():
             write(self.model_dir / name, report)
-        if self.dst.exists():
-            if not overwrite:
-                raise PrehabError(f"{self.dst} appeared while compressing; not replaced (pass overwrite)")
-            old = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.old-", dir=self.dst.parent))
-            os.replace(self.dst, old / "x")
-            os.replace(self.model_dir, self.dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.model_dir, self.dst)
+        if self.dst.exists() and not overwrite:
+            raise PrehabError(f"{self.dst} appeared while compressing; not replaced (pass overwrite)")
+        replace_folder(self.model_dir, self.dst)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import PrehabError
+from .utils import is_causal_model  # in __all__: prehab and rehab import it from here
 
 __all__ = [
     "causal_lm_loss",
@@ -34,29 +35,23 @@ __all__ = [
     "is_causal_model",
     "default_task",
     "forward_batch",
+    "batch_filter",
     "pooled_embeddings",
     "step_range",
 ]
 
 
-def is_causal_model(model: nn.Module) -> bool:
-    """True for a Hugging Face causal LM (``*ForCausalLM`` / ``*LMHeadModel``)."""
-    cls = type(model).__name__
-    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
-        return True
-    archs = getattr(getattr(model, "config", None), "architectures", None) or []
-    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs) and hasattr(
-        model, "get_output_embeddings") and model.get_output_embeddings() is not None
-
-
-def _accepted(model: nn.Module, batch: dict) -> dict:
+def batch_filter(model: nn.Module):
+    """A function ``batch -> batch`` that drops the keys ``model.forward`` does not accept (none when
+    it takes ``**kwargs`` or has no readable signature)."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        return batch
+        return lambda batch: batch
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return batch
-    return {k: v for k, v in batch.items() if k in params}
+        return lambda batch: batch
+    names = set(params)
+    return lambda batch: {k: v for k, v in batch.items() if k in names}
 
 
 def forward_batch(model: nn.Module, batch) -> object:
@@ -66,7 +61,7 @@ def forward_batch(model: nn.Module, batch) -> object:
     if not isinstance(batch, dict):
         raise PrehabError(f"a batch must be a dict of model inputs or a LongTensor of ids, got "
                           f"{type(batch).__name__}")
-    return model(**_accepted(model, batch))
+    return model(**batch_filter(model)(batch))
 
 
 def causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -75,7 +70,7 @@ def causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
         batch = {"input_ids": batch if batch.dim() == 2 else batch.unsqueeze(0)}
     ids = batch["input_ids"]
     kw = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    out = model(**_accepted(model, batch), **kw)
+    out = model(**batch_filter(model)(batch), **kw)
     logits = out.logits if hasattr(out, "logits") else out[0]
     valid = torch.ones_like(ids[:, 1:], dtype=torch.bool)
     mask = batch.get("attention_mask")

@@ -33,9 +33,10 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from prehab_svd.utils import set_submodule, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE_METHODS = ["svd", "asvd", "svd-llm", "aa-svd", "zs-svd", "svd-llm+rehab"]
@@ -44,14 +45,6 @@ DEFAULT_CALIB = 64  # windows of 256 tokens: 16k calibration tokens
 CALIB_SWEEP = [64, 256, 512]  # 16k, 64k, 128k tokens
 REHAB_LR = 2e-4  # LoRA rank 8 on the factors, causal-LM loss on windows of the calibration's kind of text
 PROBE_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _comparable(sizes) -> dict:
@@ -168,15 +161,13 @@ def run_layer_probe(spec: dict, sizes: dict) -> dict:
     def only(names):
         saved = {}
         for n in names:
-            parent, _, child = n.rpartition(".")
-            saved[n] = getattr(model.get_submodule(parent), child)
-            setattr(model.get_submodule(parent), child, low[n])
+            saved[n] = model.get_submodule(n)
+            set_submodule(model, n, low[n])
         try:
             return ppl(model)
         finally:
             for n, old in saved.items():
-                parent, _, child = n.rpartition(".")
-                setattr(model.get_submodule(parent), child, old)
+                set_submodule(model, n, old)
 
     for kind in PROBE_KINDS:
         out["kinds"][kind] = only([n for n in low if n.endswith("." + kind)])
@@ -189,7 +180,7 @@ def run_layer_probe(spec: dict, sizes: dict) -> dict:
 
 
 def write_probe(out: Path, probe: dict, env: dict) -> None:
-    _atomic_write(out / "layers_smollm2.json", json.dumps({"env": env, **probe}, indent=1))
+    write_atomic(out / "layers_smollm2.json", json.dumps({"env": env, **probe}, indent=1))
     d = probe["dense"]
 
     def rel(p):
@@ -211,7 +202,7 @@ def write_probe(out: Path, probe: dict, env: dict) -> None:
     for b, p in probe["blocks"].items():
         e = [v for k, v in errs.items() if f".layers.{b}." in k and v is not None]
         lines.append(f"| block {b} | {rel(p)} | {sum(e) / max(len(e), 1):.3f} |")
-    _atomic_write(out / "layers_smollm2.md", "\n".join(lines) + "\n")
+    write_atomic(out / "layers_smollm2.md", "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,8 +264,8 @@ def _commands_line(results: dict, env: dict) -> str:
 
 
 def write_table(out: Path, results: dict, env: dict) -> None:
-    _atomic_write(out / "methods_smollm2.json", json.dumps({"env": env, "rows": list(results.values())},
-                                                           indent=1))
+    write_atomic(out / "methods_smollm2.json", json.dumps({"env": env, "rows": list(results.values())},
+                                                          indent=1))
     lines = ["# Compression methods on SmolLM2-135M-Instruct (CPU)", "",
              _commands_line(results, env), "",
              f"Calibration: {env['sizes']['calib_windows']} windows x {env['sizes']['calib_len']} tokens of the "
@@ -290,7 +281,7 @@ def write_table(out: Path, results: dict, env: dict) -> None:
     failed = [r for r in results.values() if "error" in r]
     if failed:
         lines += ["", "Rows that failed:"] + [f"- `{row_key(r['spec'])}`: {r['error']}" for r in failed]
-    _atomic_write(out / "methods_smollm2.md", "\n".join(lines) + "\n")
+    write_atomic(out / "methods_smollm2.md", "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
@@ -331,6 +322,7 @@ def main(argv=None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     cache = out / "methods_smollm2.json"
     results: dict = {}
     if cache.is_file() and not args.fresh:

@@ -3,7 +3,8 @@
 Compresses MiniLM with svd-llm, aa-svd and zs-svd at keep 0.8 / 0.6 / 0.4, with the demo's
 calibration size (256 sentences) and a quarter of it (64), once with ``shrinkage=0`` (the exact
 optimum on the calibration statistics) and once with ``shrinkage="oas"``, through
-``prehab_svd.cli.run_demo`` (the demo's code path), and writes OUT/shrinkage_minilm.md / .json.
+``prehab_svd.demo_encoder.run_demo`` (the demo's code path), and writes OUT/shrinkage_minilm.md /
+.json.
 
 Usage:  python scripts/shrinkage_minilm.py [OUT_DIR]      (about 10 minutes on 2 CPU cores)
 """
@@ -15,7 +16,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,18 +25,12 @@ CALIBRATION = [256, 64]  # sentences: the demo's default and a quarter of it
 SHRINKAGE = [0.0, "oas"]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     import torch
     import transformers
 
-    from prehab_svd import cli
+    from prehab_svd import demo_encoder
+    from prehab_svd.utils import write_atomic
 
     argv = sys.argv[1:] if argv is None else argv
     out = Path(argv[0] if argv else "results")
@@ -46,8 +40,8 @@ def main(argv=None) -> int:
     for n in CALIBRATION:
         for s in SHRINKAGE:
             art: dict = {}
-            got = cli.run_demo(METHODS, RATIOS, num_calib=n, progress=False, artifacts=art,
-                               compress_options={"shrinkage": s})
+            got = demo_encoder.run_demo(METHODS, RATIOS, num_calib=n, progress=False, artifacts=art,
+                                        compress_options={"shrinkage": s})
             for r in got:
                 alphas = list(art[(r["method"], r["keep_ratio"])].details.get("shrinkage", {}).values())
                 rows.append(dict(r, calibration=n, shrinkage=s,
@@ -57,7 +51,7 @@ def main(argv=None) -> int:
     env = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
            "command": "python scripts/shrinkage_minilm.py", "seconds": round(time.time() - t0, 1)}
-    _atomic_write(out / "shrinkage_minilm.json", json.dumps({"env": env, "rows": rows}, indent=1))
+    write_atomic(out / "shrinkage_minilm.json", json.dumps({"env": env, "rows": rows}, indent=1))
     key = {(r["method"], r["keep_ratio"], r["calibration"], r["shrinkage"]): r for r in rows}
     lines = ["# Covariance shrinkage on all-MiniLM-L6-v2 (CPU): exact optimum vs OAS", "",
              f"Command: `{env['command']}` ({env['seconds'] / 60:.0f} min); {env['date']}; Python "
@@ -75,7 +69,7 @@ def main(argv=None) -> int:
                              f"{b['cosine']:.4f} / {b['nn_agreement']:.4f} | "
                              f"{alpha} |")
     lines.append("")
-    _atomic_write(out / "shrinkage_minilm.md", "\n".join(lines))
+    write_atomic(out / "shrinkage_minilm.md", "\n".join(lines))
     print(f"wrote {out}/shrinkage_minilm.md and .json")
     return 0
 

@@ -14,13 +14,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VOCAB = 96
 
 
-def tiny_model(kind: str, layers: int = 2, hidden: int = 32, intermediate: int = 64, seed: int = 0):
-    """Tiny random models of the supported families, built offline."""
+def tiny_model(kind: str, layers: int = 2, hidden: int = 32, intermediate: int = 64, seed: int = 0, *,
+               vocab: int = VOCAB, max_positions: int = 128):
+    """Tiny random models of the supported families, built offline (``vocab``: e.g. a real
+    tokenizer's size, for a model saved with that tokenizer)."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
-                  num_hidden_layers=layers, max_position_embeddings=128)
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, max_position_embeddings=max_positions)
     if kind == "llama":  # grouped-query attention: k/v narrower than q
         cfg = tf.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **common)
         model = tf.LlamaForCausalLM(cfg)

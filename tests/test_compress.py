@@ -238,3 +238,51 @@ def test_oas_shrinkage_is_chosen_and_reported_per_group(make_model, make_batches
     assert any(a > 0 for a in got.values())
     with pytest.raises(PrehabError, match="'oas'"):
         compress(make_model("llama"), "svd-llm", 0.5, make_batches(), shrinkage="ledoit")
+
+
+def test_options_the_method_does_not_take_are_refused_with_the_valid_ones(make_model, make_batches):
+    model = make_model("llama")
+    with pytest.raises(PrehabError, match=r"svd-llm takes no option alpha; its options are: damping, shrinkage"):
+        compress(model, "svd-llm", 0.5, make_batches(), alpha=0.3)
+    with pytest.raises(PrehabError, match=r"aa-svd takes no option correction"):
+        compress(model, "aa-svd", 0.5, make_batches(), correction=True)
+    with pytest.raises(PrehabError, match=r"svd takes no option shrinkage; its options are: \(none\)"):
+        compress(model, "svd", 0.5, None, shrinkage=0.0)
+    # the zs allocation adds its own options to the method's
+    from prehab_svd.compression import method_options
+
+    assert method_options("aa-svd", "zs") == ["damping", "shrinkage", "task", "grad_samples", "min_rank_fraction"]
+    assert method_options("zs-svd")[:4] == ["damping", "shrinkage", "correction", "correction_grads"]
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def test_a_new_method_is_one_class(make_model, make_batches, monkeypatch):
+    """A method registered from outside the package runs through the same driver: it is asked for
+    what it needs (one stream, no covariance) and factorizes each layer."""
+    from dataclasses import dataclass
+
+    from prehab_svd.methods import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    @dataclass
+    class HalfOptions:
+        scale: float = 0.5
+
+    calls = []
+
+    @base.register
+    class Half(base.Method):
+        name = "half-svd"
+        Options = HalfOptions
+        uses_covariance = False
+
+        def factorize(self, W, stats, rank, factor=None, *, extra=None):
+            calls.append(W.shape)
+            U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+            return (U[:, :rank] * S[:rank] * self.options.scale).to(W.dtype), Vh[:rank].to(W.dtype)
+
+    model = make_model("llama")
+    report = compress(model, "half-svd", 0.5, make_batches(), scale=1.0)
+    assert len(calls) == len(report.layers) > 0
+    assert all(isinstance(model.get_submodule(layer.name), LowRankLinear) for layer in report.layers)

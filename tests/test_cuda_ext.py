@@ -12,7 +12,7 @@ Three layers; each test skips itself, with the reason, where it cannot run:
   bf16/fp16/fp32, every path (GEMV / tensor-core decode / cuBLAS; token splits with atomics). Every
   output element must be written: outputs are pre-filled with NaN (``out=``), workspaces too
   (``PREHAB_SVD_CUDA_NAN_WORKSPACES=1``), accumulators start at zero and are updated twice.
-  Tolerances by relative Frobenius error as DESIGN.md says (fp32 1e-5, bf16/fp16 1e-2); the stable-rank
+  Tolerances by relative Frobenius error against the oracle (fp32 1e-5, bf16/fp16 1e-2); the stable-rank
   surrogates (iterative, in fp32 whatever W's dtype) 1e-4 against float64 and 1e-5 against the torch
   backend on the same GPU (same algorithm and precision, only summation order differs).
 """

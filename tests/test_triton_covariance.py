@@ -1,7 +1,7 @@
 """Tests of the Triton covariance kernel (prehab_svd.kernels.covariance): G += xᵀx, C += xᵀy.
 
 On a machine with no GPU the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, fp32 and
-fp16; the interpreter's bf16 dot is wrong, see shared/ENV.md); bf16 and the H100 configurations run in
+fp16; the interpreter's bf16 dot is wrong, errors ~1e10); bf16 and the H100 configurations run in
 the GPU-only tests, which skip themselves here. Every case starts from a random nonzero (and
 non-symmetric) accumulator and checks, against a float64 oracle computed from the same rounded inputs:
 

@@ -1,7 +1,7 @@
 """Tests of the Triton low-rank linear (prehab_svd.kernels.lowrank_linear): y = (x Vᵀ) Uᵀ + b.
 
 On a machine with no GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, fp32 and
-fp16; the interpreter's bf16 dot is wrong, see shared/ENV.md); bf16 and the H100 configurations run in
+fp16; the interpreter's bf16 dot is wrong, errors ~1e10); bf16 and the H100 configurations run in
 the GPU-only tests, which skip themselves here. Both code paths are forced explicitly: "decode" (the
 down kernel z = x Vᵀ into an fp32 workspace, with and without split-in atomics, GEMV and token-tile
 programs; then the up kernel y = z Uᵀ + b) and "gemm" (two tiled GEMMs, bias in the epilogue).

@@ -3,7 +3,7 @@ value and gradient, kinds "stable" (‖M‖_F²/σ₁², power iteration) and "n
 Newton–Schulz), M = W L or M = W, batched.
 
 On a machine with no GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, fp32 and
-fp16 W; the interpreter's bf16 tl.dot is wrong, see shared/ENV.md) with exact-fp32 dots
+fp16 W; the interpreter's bf16 tl.dot is wrong, errors ~1e10) with exact-fp32 dots
 (input_precision="ieee"), so they are compared with
 
 * the reference (prehab_svd.ops.reference.stable_rank) at the same iteration counts: value, gradient

@@ -29,6 +29,7 @@ from .. import distributed as _dist
 from ..calibration import take_sequences
 from ..errors import PrehabError
 from ..linalg import closed_form_factors, truncated_svd
+from ..utils import check_keep_ratio
 from .base import CovarianceOptions, DEFAULT_SHRINKAGE, register
 from .svd_llm import Whitening
 
@@ -80,8 +81,7 @@ def zero_sum_select(matrices: list, keep_ratio: float) -> Selection:
     """Ranks under the budget ``floor(keep_ratio · Σ m·n)`` parameters by the zero-sum rule."""
     if not matrices:
         raise PrehabError("zero-sum selection needs at least one matrix")
-    if not (0 < keep_ratio <= 1):
-        raise PrehabError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    check_keep_ratio(keep_ratio)
     dense = sum(c.dense_params() for c in matrices)
     budget = math.floor(keep_ratio * dense)
     rank = []

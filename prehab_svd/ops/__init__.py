@@ -10,11 +10,20 @@ lowrank_linear         ``y = (x Vᵀ) Uᵀ + b`` (inference of a compressed laye
 
 Every function takes ``backend=`` one of ``"auto"`` (default), ``"torch"``, ``"triton"``, ``"cuda"``.
 The ``PREHAB_SVD_BACKEND`` environment variable, read each time an op runs, overrides ``"auto"`` (not
-an explicit choice): tests and benchmarks use it to force a backend. Today only ``"torch"`` (plain
-torch, :mod:`prehab_svd.ops.reference`) is implemented; asking for another raises
-:class:`BackendUnavailableError` (a :class:`~prehab_svd.errors.PrehabError` and a
-``NotImplementedError``). :func:`available_backends` lists what can run; :func:`register_backend` adds
-an implementation (see :mod:`prehab_svd.ops._registry`).
+an explicit choice): tests and benchmarks use it to force a backend. Three backends exist:
+
+* ``"torch"`` -- plain torch (:mod:`prehab_svd.ops.reference`), every device and dtype;
+* ``"triton"`` -- the kernels in :mod:`prehab_svd.kernels` (:mod:`prehab_svd.ops._triton`): CUDA
+  tensors in fp32/fp16/bf16, or CPU tensors in fp32/fp16 under the Triton interpreter;
+* ``"cuda"`` -- the CUDA C++ extension built from ``csrc/`` (:mod:`prehab_svd.ops._cuda`), registered
+  only where it can exist in this process.
+
+``"auto"`` picks the registered backend of highest priority that supports the tensors: torch, for now
+(Triton and CUDA rank below it until a GPU benchmark in bench/ shows them faster). A backend asked for
+by name that is not registered or cannot run the tensors raises :class:`BackendUnavailableError` (a
+:class:`~prehab_svd.errors.PrehabError` and a ``NotImplementedError``). :func:`available_backends`
+lists what can run; :func:`register_backend` adds an implementation (see
+:mod:`prehab_svd.ops._registry`).
 
 The ops are ``torch.library`` custom ops (``torch.ops.prehab_svd.*``, registered in
 :mod:`prehab_svd.ops.library`), so they work under ``torch.compile`` and autograd.

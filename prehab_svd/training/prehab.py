@@ -45,7 +45,8 @@ from .. import fsdp as _fsdp
 from ..calibration import as_batch, eval_context
 from ..errors import PrehabError
 from ..models import plan_targets
-from ..tasks import default_task, is_causal_model, step_range
+from ..tasks import default_task, step_range
+from ..utils import is_causal_model, is_keep_ratio
 from .runners import runner_for
 from .surrogates import SURROGATES
 from .targets import WhitenedTargets, stable_rank_of
@@ -139,8 +140,9 @@ def _check_options(steps, warmup_steps, surrogate, keep_ratio, lam, lam_start, d
         raise PrehabError(f"surrogate must be one of {', '.join(map(repr, SURROGATES))}, got {surrogate!r}")
     surr = SURROGATES[surrogate]
     if surr.needs_keep_ratio:
-        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) \
-                or not 0 < keep_ratio < 1:
+        # stricter than compress's (0, 1]: at 1 the planned compression keeps (about) everything,
+        # leaving nothing to train toward
+        if not is_keep_ratio(keep_ratio) or keep_ratio == 1:
             raise PrehabError(f"surrogate={surrogate!r} needs keep_ratio, the fraction of parameters the "
                               f"compression after Prehab keeps, in (0, 1); got {keep_ratio!r}")
     elif keep_ratio is not None:
@@ -220,7 +222,7 @@ def prehab(
             fixed within the step), so training minimizes ``task(dense) + λ·task(compressed)``: the
             dense model stays close to the original while the compressed one improves. Costs a
             second forward/backward and the SVD of every W·L per step. λ 1 is a good start.
-        keep_ratio: the compression planned after Prehab (surrogate "tail" only).
+        keep_ratio: the compression planned after Prehab (surrogates "tail" and "compressed").
         task: "auto" (cross-entropy for a causal LM, embedding distillation to the original model for
             an encoder), "causal_lm", "distill", "contrastive", or a callable loss(model, batch).
         lr, optimizer ("adamw", "adam", "sgd" or a callable params -> optimizer), weight_decay,

@@ -24,7 +24,8 @@ from .. import fsdp as _fsdp
 from ..calibration import as_batch
 from ..errors import PrehabError
 from ..layers import FactorPair, LowRankLinear
-from ..tasks import EmbeddingDistillation, default_task, is_causal_model, step_range
+from ..tasks import EmbeddingDistillation, default_task, step_range
+from ..utils import is_causal_model, set_submodule
 
 __all__ = ["rehab", "RehabReport"]
 
@@ -46,11 +47,6 @@ class RehabReport:
         return (f"rehab (LoRA rank {self.lora_rank} on the factors of {self.layers} layers, "
                 f"{self.trainable_params:,} trainable parameters): {len(self.steps)} steps, task loss "
                 f"{self.steps[0]['task_loss']:.4f} -> {self.steps[-1]['task_loss']:.4f}, {self.seconds:.1f} s")
-
-
-def _swap(model: nn.Module, name: str, new: nn.Module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def rehab(
@@ -141,7 +137,7 @@ def rehab(
     pairs = {}
     for n in names:
         pairs[n] = FactorPair(model.get_submodule(n))
-        _swap(model, n, pairs[n])
+        set_submodule(model, n, pairs[n])
     requires = {n: p.requires_grad for n, p in model.named_parameters()}  # by name: FSDP replaces them
     was_training = model.training
     report = RehabReport(layers=len(names), lora_rank=lora_rank)
@@ -197,7 +193,7 @@ def rehab(
                     peft_model.unload()  # a failed run leaves the factors as they were
         if not use_fsdp:
             for n in names:
-                _swap(model, n, model.get_submodule(n).to_lowrank())
+                set_submodule(model, n, model.get_submodule(n).to_lowrank())
         for n, p in model.named_parameters():
             p.requires_grad_(requires.get(n, True))
         model.train(was_training)
