@@ -78,7 +78,7 @@ setup(
     # the checkout was on sys.path (`python -m pytest`, `python -m prehab_svd.cli` from the root).
     package_dir={"prehab_svd": "prehab_svd", "prehab_svd.csrc": "csrc"},
     # the CUDA sources travel with the package, for prehab_svd.ops._cuda.load(jit=True)
-    package_data={"prehab_svd.csrc": ["*.cu", "*.cpp", "*.h"]},
+    package_data={"prehab_svd.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
     install_requires=[
         "torch>=2.11,<2.15",
         "triton>=3.6,<3.10; platform_system == 'Linux' and platform_machine == 'x86_64'",

@@ -1,4 +1,6 @@
-// The C++ entry points of the CUDA backend (implemented in ops.cu, bound to Python in bindings.cpp).
+// The C++ entry points of the CUDA backend, implemented one file per op as in prehab_svd/kernels/
+// (covariance.cu, stable_rank.cu, lowrank_linear.cu; their shared helpers in common.cuh) and bound to
+// Python in bindings.cpp.
 // The math of every op is prehab_svd/ops/reference.py; these compute the same numbers on CUDA tensors.
 #pragma once
 
@@ -10,7 +12,7 @@
 
 namespace prehab_svd {
 
-// Token counts of the low-rank linear's regimes (see ops.cu): GEMV kernels up to kGemvMaxT tokens,
+// Token counts of the low-rank linear's regimes (see lowrank_linear.cu): GEMV kernels up to kGemvMaxT tokens,
 // the tensor-core decode kernels (16-bit) up to kDecodeMaxT, cuBLAS above.
 constexpr int64_t kGemvMaxT = 8;
 constexpr int64_t kDecodeMaxT = 64;

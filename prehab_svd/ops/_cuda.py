@@ -59,7 +59,7 @@ def csrc_dir() -> Optional[Path]:
     """The folder with the extension's sources: shipped in the package, or the repository's csrc/."""
     here = Path(__file__).resolve().parent.parent  # prehab_svd/
     for cand in (here / "csrc", here.parent / "csrc"):
-        if (cand / "ops.cu").is_file():
+        if (cand / "bindings.cpp").is_file() and (cand / "common.cuh").is_file():
             return cand
     return None
 
