@@ -12,7 +12,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PREHAB_SVD_CUDA_VENV:-$ROOT/.venv-cuda}"
 PY="${PYTHON:-python3}"
-TORCH_SPEC="torch==2.14.1"  # a local CUDA 13 build of torch (shared/ENV.md); CPU torch cannot build it
+TORCH_SPEC="torch==2.14.1"  # a local CUDA 13 build of torch (pip takes it from this machine in ~1 min); CPU torch cannot build it
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export MAX_JOBS="${MAX_JOBS:-2}"

@@ -5,7 +5,7 @@ is looked up in its kernel module on first use. Where it can run:
 
 * on CUDA tensors in fp32, fp16 and bf16 when Triton is installed and sees a GPU driver;
 * on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``), in fp32 and fp16 only: the
-  interpreter's bf16 ``tl.dot`` is wrong (see shared/ENV.md), so bf16 is tested on the GPU.
+  interpreter's bf16 ``tl.dot`` is wrong under TRITON_INTERPRET (measured with Triton 3.9: errors of ~1e10), so bf16 is tested on the GPU.
 
 No kernel takes fp64 (tensor cores have no fp64 path; an fp64 FMA kernel would not beat cuBLAS's
 DGEMM), so ``supports`` is False for it and for any other dtype: "auto" then falls back to torch, and
