@@ -435,10 +435,13 @@ def _compress_calibrated(model, plan, ranks, batches, report, device, loop, hook
     state = _start_loop(model, plan, batches, report, device, loop)
     start = 0 if state.whole else hooks.start(state)
     stages = list(enumerate(plan.stages))[start:]
-    # Blocks with no targets just propagate (and are still loaded / written by the hooks).
+    # Blocks with no targets just propagate (and are still loaded / written by the hooks); after the
+    # last block with targets nothing needs their outputs, so they are not run at all.
+    last = max((i for i, (_, _, names) in enumerate(plan.stages) if names), default=-1)
     for index, (_, module, names) in progress_bar(stages, loop.progress, f"{loop.method.name} blocks"):
         hooks.before_block(index, module)
-        _run_block(module, names, state, ranks, report, loop)
+        if index <= last:
+            _run_block(module, names, state, ranks, report, loop)
         hooks.after_block(index, module, state)
         if state.whole:
             break

@@ -286,3 +286,22 @@ def test_a_new_method_is_one_class(make_model, make_batches, monkeypatch):
     report = compress(model, "half-svd", 0.5, make_batches(), scale=1.0)
     assert len(calls) == len(report.layers) > 0
     assert all(isinstance(model.get_submodule(layer.name), LowRankLinear) for layer in report.layers)
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "aa-svd"])
+def test_no_forward_beyond_the_last_targeted_block(make_model, make_batches, method):
+    """Targets in block 0 only: the later blocks run once (the check that the blocks chain), never
+    for the statistics, and the factors are those of a run over every block."""
+    model = make_model("llama", layers=3)
+    calls = [0, 0, 0]
+    for i, block in enumerate(model.model.layers):
+        block.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    batches = make_batches(n=3)
+    rep = compress(model, method, 0.5, batches, targets=["model.layers.0.*"])
+    assert calls[1] == calls[2] == 1 and calls[0] > 3
+    ref = make_model("llama", layers=3)
+    compress(ref, method, 0.5, batches, targets=["model.layers.0.*", "model.layers.2.mlp.down_proj"],
+             ranks={layer.name: layer.rank for layer in rep.layers})
+    for layer in rep.layers:
+        a, b = model.get_submodule(layer.name), ref.get_submodule(layer.name)
+        assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V)
