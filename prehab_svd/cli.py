@@ -119,7 +119,8 @@ def _method_options(args) -> dict:
                  grad_samples=args.grad_samples, correction=args.correction,
                  min_rank_fraction=args.min_rank_fraction)
     valid = method_options(args.method, getattr(args, "allocation", "uniform"))
-    return {k: v for k, v in given.items() if k in valid}
+    # an unset flag (None) leaves the method's own default
+    return {k: v for k, v in given.items() if k in valid and not (k == "shrinkage" and v is None)}
 
 
 # What `compress` does when the user passes nothing but a model and --out (results/methods_smollm2.md,
@@ -447,6 +448,7 @@ def _shrinkage_arg(text: str):
 def build_parser() -> argparse.ArgumentParser:
     from .compression import METHODS
     from .methods import DEFAULT_SHRINKAGE
+    from .methods.zs_svd import ZS_DEFAULT_SHRINKAGE
 
     p = argparse.ArgumentParser(prog="prehab-svd", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -482,10 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--damping", type=float, default=0.0,
                    help="add damping·tr(G)/d to each Gram matrix (0: exact optimum; ~1e-2 helps aa-svd "
                         "when calibration tokens are few)")
-    c.add_argument("--shrinkage", type=_shrinkage_arg, default=DEFAULT_SHRINKAGE,
+    c.add_argument("--shrinkage", type=_shrinkage_arg, default=None,
                    help="fit the factors to covariances shrunk toward their diagonals, (1-a)G + a diag(G), "
                         "a in [0, 1] (0: the exact optimum on the calibration text), or 'oas': a per "
-                        f"group from the statistics (Oracle Approximating Shrinkage); default {DEFAULT_SHRINKAGE}")
+                        f"group from the statistics (Oracle Approximating Shrinkage); default "
+                        f"{DEFAULT_SHRINKAGE} for svd-llm and aa-svd, {ZS_DEFAULT_SHRINKAGE} for zs-svd (measured)")
     c.add_argument("--allocation", choices=["uniform", "zs"], default="uniform",
                    help="how the budget is spread over the layers: uniform ranks, or zs-svd's zero-sum "
                         "selection with this method's factors")

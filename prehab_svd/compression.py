@@ -177,14 +177,14 @@ def compress(
             (0: exact optimum with a pseudo-inverse fallback). shrinkage: α in [0, 1]; the factors are
             fit to statistics shrunk toward their diagonals, ``(1−α)·G + α·diag(G)`` (see
             :meth:`prehab_svd.methods.LayerStats.shrunk`); the reported errors use the unshrunk ones.
-            ``"oas"`` (the default): α chosen per group from its statistics (the OAS estimator,
-            :meth:`prehab_svd.methods.LayerStats.oas_intensity`), reported in
-            ``report.details["shrinkage"]``; it vanishes as calibration tokens grow. Measured better
-            than the exact optimum (0) on held-out text for svd-llm, aa-svd and zs-svd on SmolLM2 and
-            MiniLM (results/whitening_numerics.md); pass 0 for the exact optimum on the calibration
-            statistics. No effect on ``svd`` and ``asvd``, which use no covariance.
-        stats_dtype (a driver option, any method): precision of each calibration batch's covariance product (float32 or float64);
-            the running sums over the batches are float64 either way, so the statistics do not depend
+            ``"oas"`` (the default of svd-llm and aa-svd): α chosen per group from its statistics
+            (the OAS estimator, :meth:`prehab_svd.methods.LayerStats.oas_intensity`), reported in
+            ``report.details["shrinkage"]``; it vanishes as calibration tokens grow. zs-svd (and the
+            zs allocation's spectra) default to 0, the exact optimum. Chosen by held-out perplexity
+            on SmolLM2 at keep 0.8/0.6/0.4 with two calibration sizes (results/shrinkage_smollm2.md)
+            and on MiniLM (results/shrinkage_minilm.md). Not an option of ``svd`` and ``asvd``.
+        stats_dtype (a driver option, any method): precision of each calibration batch's
+            covariance product (float32 or float64); the running sums over the batches are float64 either way, so the statistics do not depend
             on the order of the batches or on how they are split over ranks. float64 products also
             make the model independent of the backend that computed them, at a cost (SmolLM2,
             svd-llm, keep 0.8, 2 CPU cores: 74 s against 66 s).

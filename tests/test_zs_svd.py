@@ -232,3 +232,20 @@ def test_zs_svd_bad_options(make_model, make_batches):
     with pytest.raises(PrehabError, match="unknown task"):
         compress(model, "zs-svd", 0.5, make_batches(), task="nope")
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def test_default_shrinkage_is_measured_per_method(make_model, make_batches):
+    """OAS for the whitening methods, the exact optimum (0) for zs-svd and the zs allocation's spectra
+    (results/shrinkage_smollm2.md); the CLI leaves each method its own default."""
+    from prehab_svd.compression import _setup
+
+    m, zs = _setup("zs-svd", 0.5, torch.float32, "uniform", None, {})
+    assert m.options.shrinkage == 0.0 and zs.options.shrinkage == 0.0
+    m, zs = _setup("aa-svd", 0.5, torch.float32, "zs", None, {})
+    assert m.options.shrinkage == "oas" and zs.options.shrinkage == 0.0
+    m, zs = _setup("aa-svd", 0.5, torch.float32, "zs", None, {"shrinkage": 0.25})
+    assert m.options.shrinkage == zs.options.shrinkage == 0.25
+    rep = compress(make_model("llama"), "zs-svd", 0.5, make_batches(), grad_samples=2)
+    assert "shrinkage" not in rep.details
+    rep = compress(make_model("llama"), "svd-llm", 0.5, make_batches())
+    assert set(rep.details["shrinkage"]) == {layer.group for layer in rep.layers}
