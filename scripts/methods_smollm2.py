@@ -276,7 +276,7 @@ def write_table(out: Path, results: dict, env: dict) -> None:
              f"{env['prompt']!r} through the chat template. Seconds: the compression alone; memory: peak "
              "RSS of the row's process. Rows whose options set no `shrinkage` and that were measured "
              "before 2026-12-06 used shrinkage 0 (the exact optimum), the default then; the default is "
-             "now OAS (results/shrinkage_smollm2/).", "",
+             "now OAS for svd-llm and aa-svd, still 0 for zs-svd (results/shrinkage_smollm2.md).", "",
              "| method | keep | kept | ppl builtin | ppl licenses | s | peak MiB | generation |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [fmt_row(r) for r in sorted((r for r in results.values() if "ppl_builtin" in r), key=_row_order)]
