@@ -177,6 +177,13 @@ def equilibrate(G: torch.Tensor):
     return 0.5 * (Gh + Gh.T), s, live
 
 
+def check_damping(damping) -> None:
+    """``damping`` (relative diagonal damping of a Gram matrix) must be a finite number >= 0."""
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not (
+            math.isfinite(damping) and damping >= 0):
+        raise PrehabError(f"damping must be a finite number >= 0, got {damping!r}")
+
+
 def whitening_factor(gram: torch.Tensor, damping: float = 0.0, *, floor: float | None = None) -> WhiteningFactor:
     """Factor ``gram = R Rᵀ`` in float64, deciding on the equilibrated Gram (module docstring).
 
@@ -186,9 +193,7 @@ def whitening_factor(gram: torch.Tensor, damping: float = 0.0, *, floor: float |
     ``-_NOT_PSD_RTOL`` times the largest (equilibrated) is no covariance (rounding makes far smaller
     ones): a PrehabError, instead of an "optimum" of an unbounded objective."""
     _check_square("gram", gram, None)
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not (
-            math.isfinite(damping) and damping >= 0):
-        raise PrehabError(f"damping must be a finite number >= 0, got {damping!r}")
+    check_damping(damping)
     d = gram.shape[0]
     if floor is None:
         floor = rounding_floor(d)

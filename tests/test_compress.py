@@ -246,6 +246,8 @@ def test_options_the_method_does_not_take_are_refused_with_the_valid_ones(make_m
         compress(model, "svd-llm", 0.5, make_batches(), alpha=0.3)
     with pytest.raises(PrehabError, match=r"aa-svd takes no option correction"):
         compress(model, "aa-svd", 0.5, make_batches(), correction=True)
+    with pytest.raises(PrehabError, match="damping must be a finite number >= 0"):  # before any pass
+        compress(model, "aa-svd", 0.5, None, damping=-1.0)
     with pytest.raises(PrehabError, match=r"svd takes no option shrinkage; its options are: \(none\)"):
         compress(model, "svd", 0.5, None, shrinkage=0.0)
     # the zs allocation adds its own options to the method's

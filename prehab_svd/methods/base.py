@@ -19,7 +19,6 @@ and ``factorize(W, stats, rank, factor)``. All methods return balanced factors
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -27,7 +26,7 @@ import torch
 
 from ..errors import PrehabError
 from ..calibration import LayerStats
-from ..linalg import WhiteningFactor, objective
+from ..linalg import WhiteningFactor, check_damping, objective
 
 __all__ = ["LayerStats", "Method", "CovarianceOptions", "relative_error", "check_shrinkage",
            "DEFAULT_SHRINKAGE", "register", "get", "names", "option_names", "build_options"]
@@ -59,9 +58,7 @@ class CovarianceOptions:
 
     def __post_init__(self):
         self.shrinkage = check_shrinkage(self.shrinkage)
-        d = self.damping
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
-            raise PrehabError(f"damping must be a finite number >= 0, got {d!r}")
+        check_damping(self.damping)  # at once, not after the calibration passes
 
     def intensity(self, stats: LayerStats) -> float:
         """The shrinkage α for one group's statistics."""
