@@ -46,7 +46,7 @@ def randn(*shape, g, dtype=torch.float32, scale=1.0):
 
 
 @pytest.mark.parametrize("T", [1, 7, 129, 300])
-@pytest.mark.parametrize("d", [1, 5, 33, 257])
+@pytest.mark.parametrize("d", [1, 5, 33, 257, 641])  # 257, 641: 2 and 4 panels of the symmetric product
 @pytest.mark.parametrize("xdtype", LOW)
 @pytest.mark.parametrize("cross", [False, True])
 def test_covariance_update_matches_fp64(T, d, xdtype, cross):
@@ -86,6 +86,24 @@ def test_covariance_update_fp64_accumulator(xdtype):
     xd, yd = x.double(), y.double()
     assert rel_err(G, 2.0 + xd.T @ xd) <= 1e-13
     assert rel_err(C, -1.0 + xd.T @ yd) <= 1e-13
+
+
+@pytest.mark.parametrize("d", [127, 128, 256, 300, 513, 1031])
+def test_symmetric_update_panels_match_fp64(d):
+    """The torch backend multiplies out only the upper block triangle of xᵀx and mirrors it: every
+    entry (both triangles, ragged last panel) must equal the float64 product, added to what G held;
+    x a strided view (a column slice), as the driver's token selection can give."""
+    from prehab_svd.ops.reference import symmetric_update
+
+    g = gen("sym", d)
+    wide = randn(97, d + 3, g=g, dtype=torch.float64)
+    x = wide[:, 2:d + 2]
+    assert not x.is_contiguous()
+    G0 = randn(d, d, g=g, dtype=torch.float64)
+    G = G0.clone()
+    symmetric_update(G, x)
+    assert rel_err(G, G0 + x.T @ x) <= 1e-13
+    assert ((G - G0) - (G - G0).T).abs().max() <= 1e-12 * (x.T @ x).abs().max()
 
 
 def test_covariance_update_empty_batch_is_noop():
