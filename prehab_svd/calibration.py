@@ -23,7 +23,7 @@ from .errors import NonFiniteActivationError, PrehabError
 from .linalg import equilibrate
 
 __all__ = ["LayerStats", "StopForward", "Timings", "as_batch", "token_mask", "select_tokens", "StageInput", "run_stage",
-           "capture_block_inputs", "blocks_chain", "progress_bar", "GroupStats", "check_finite", "find_groups",
+           "capture_block_inputs", "blocks_chain", "check_chain", "short_batch", "progress_bar", "GroupStats", "check_finite", "find_groups",
            "collect_group_input", "take_sequences", "eval_context"]
 
 
@@ -249,6 +249,35 @@ def blocks_chain(model, blocks, batch, stop_after_last: bool = False) -> bool:
         if out is not nxt and not (out.shape == nxt.shape and torch.equal(out, nxt)):
             return False
     return True
+
+
+# The chain check's input: the first sequence, cut to this many tokens (the check is structural).
+CHECK_TOKENS = 32
+
+
+def short_batch(batch: dict, tokens: int = CHECK_TOKENS) -> dict:
+    """The first sequence of ``batch``, cut to its first ``tokens`` positions: every tensor whose
+    first two dimensions are those of ``input_ids`` is sliced on both (input ids, masks, position
+    and token-type ids); anything else passes as is."""
+    one = take_sequences(batch, 1)
+    ids = one.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] <= tokens:
+        return one
+    lead = tuple(ids.shape)
+    return {k: (v[:, :tokens] if isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == lead
+                else v) for k, v in one.items()}
+
+
+def check_chain(model, blocks, batch) -> bool:
+    """:func:`blocks_chain` on a short input (:func:`short_batch`: a few tokens of one sequence, the
+    head skipped), which costs a sliver of a forward; when that input does not run or does not
+    chain (a model that needs its full length), on the first full sequence."""
+    try:
+        if blocks_chain(model, blocks, short_batch(batch), stop_after_last=True):
+            return True
+    except Exception:  # noqa: BLE001 - any failure of the short input: decide on a full sequence
+        pass
+    return blocks_chain(model, blocks, take_sequences(batch, 1), stop_after_last=True)
 
 
 def progress_bar(it, enabled, desc):

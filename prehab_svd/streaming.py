@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from . import compression as _c
-from .calibration import Timings, as_batch, blocks_chain, eval_context, take_sequences
+from .calibration import Timings, as_batch, check_chain, eval_context
 from . import distributed as _dist
 from . import methods as _methods
 from .errors import PrehabError
@@ -459,7 +459,7 @@ class _StreamHooks(_c._BlockHooks):
     # the hooks of the block loop -----------------------------------------------------------------
 
     def blocks_chain(self, model, blocks, batch) -> bool:
-        """Check the chain on one sequence, loading each block just before it runs and freeing it
+        """Check the chain on a short input (:func:`prehab_svd.calibration.check_chain`), loading each block just before it runs and freeing it
         after, and stopping after the last block."""
         handles = []
         for i, block in enumerate(blocks):
@@ -473,7 +473,7 @@ class _StreamHooks(_c._BlockHooks):
             handles.append(block.register_forward_pre_hook(load))
             handles.append(block.register_forward_hook(free))
         try:
-            return blocks_chain(model, blocks, take_sequences(batch, 1), stop_after_last=True)
+            return check_chain(model, blocks, batch)
         finally:
             for h in handles:
                 h.remove()
