@@ -307,3 +307,21 @@ def test_no_forward_beyond_the_last_targeted_block(make_model, make_batches, met
     for layer in rep.layers:
         a, b = model.get_submodule(layer.name), ref.get_submodule(layer.name)
         assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V)
+
+
+def test_chain_check_runs_on_a_short_input(make_model, make_batches):
+    """The chain check is structural: it runs on 32 tokens of the first sequence, and stops after the
+    last block (the head's logits are never computed)."""
+    from prehab_svd.calibration import CHECK_TOKENS, check_chain, short_batch
+
+    batch = make_batches(n=1, batch=3, tokens=40)[0]
+    short = short_batch(batch)
+    assert short["input_ids"].shape == short["attention_mask"].shape == (1, CHECK_TOKENS)
+    assert torch.equal(short["input_ids"], batch["input_ids"][:1, :CHECK_TOKENS])
+    model = make_model("llama")
+    seen = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:2]))
+    model.lm_head.register_forward_hook(lambda m, a, o: seen.append("head"))
+    assert check_chain(model, list(model.model.layers), batch)
+    assert seen == [(1, CHECK_TOKENS)] * len(model.model.layers)
