@@ -29,15 +29,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .anchored import AnchoredPass
 from .calibration import (
     GroupStats,
     StageInput,
     Timings,
     as_batch,
-    blocks_chain,
     capture_block_inputs,
+    check_chain,
     check_finite,
-    collect_group_input,
     eval_context,
     find_groups,
     progress_bar,
@@ -381,6 +381,9 @@ class _Loop:
     timer: Timings = field(default_factory=lambda: Timings(None))
     on_group: object = None
     extra: dict = field(default_factory=dict)
+    # {(block class, its targets' relative names): groups of relative names}: blocks built alike group
+    # alike, so the extra forward that finds the groups runs once per kind of block, not per block
+    groups: dict = field(default_factory=dict)
 
 
 class _BlockHooks:
@@ -391,7 +394,7 @@ class _BlockHooks:
     in_memory = True  # False: the whole model is never in memory, so it cannot be one stage
 
     def blocks_chain(self, model, blocks, batch) -> bool:
-        return blocks_chain(model, blocks, batch)
+        return check_chain(model, blocks, batch)
 
     def start(self, state: "_LoopState") -> int:
         """Called once the first block's inputs are captured; returns the index of the first block
@@ -466,7 +469,7 @@ def _run_block(module, names, state, ranks, report, loop):
     """Compress one stage's targets and advance ``state`` to the next stage's inputs."""
     with loop.timer.rest("forward"):
         if names:
-            groups = find_groups(module, names, state.inputs[0])
+            groups = _groups(module, names, state.inputs[0], loop.groups)
             if loop.method.streams == 2:
                 state.shifted = _stage_anchored(module, names, groups, state.inputs, state.shifted,
                                                 ranks, report, loop, state.whole)
@@ -477,6 +480,15 @@ def _run_block(module, names, state, ranks, report, loop):
                 inp.hidden = run_stage(module, inp)
             if state.shifted is not None:
                 state.shifted = [run_stage(module, inp, h) for inp, h in zip(state.inputs, state.shifted)]
+
+
+def _groups(module, names, inp, cache) -> list:
+    """The stage's groups (:func:`find_groups`), found once per kind of block (``cache``)."""
+    key = (type(module), tuple(sorted(names.values())))
+    if key not in cache:
+        cache[key] = [[names[full] for full in g] for g in find_groups(module, names, inp)]
+    full_of = {rel: full for full, rel in names.items()}
+    return [[full_of[rel] for rel in g] for g in cache[key]]
 
 
 def _stage_single(module, names, groups, inputs, ranks, report, loop, whole):
@@ -511,24 +523,24 @@ def _stage_single(module, names, groups, inputs, ranks, report, loop, whole):
 
 
 def _stage_anchored(module, names, groups, inputs, shifted, ranks, report, loop, whole):
-    """Two streams: groups in forward order, each from the original and the partly compressed stream."""
+    """Two streams: groups in forward order, each from the original and the partly compressed stream,
+    every forward run once (:class:`prehab_svd.anchored.AnchoredPass`)."""
     original = copy.deepcopy(module)
     params = next(module.parameters())
-    for g in groups:
-        d = module.get_submodule(names[g[0]]).in_features
-        st = GroupStats(d, True, False, loop.stats_dtype, params.device)
-        for inp, hp in zip(inputs, shifted):
-            x = collect_group_input(original, names, g, inp, inp.hidden, "original")
-            xp = collect_group_input(module, names, g, inp, hp, "compressed")
-            with loop.timer("covariance"):
-                st.add(x, xp)
-        with loop.timer("factorize"):
-            _finish_group(module, names, g, st.finalize(), ranks, report, loop)
-    if whole:
-        return shifted
-    new_shifted = [run_stage(module, inp, hp).detach() for inp, hp in zip(inputs, shifted)]
-    for inp in inputs:
-        inp.hidden = run_stage(original, inp).detach()
+    widths = [module.get_submodule(names[g[0]]).in_features for g in groups]
+    with AnchoredPass(original, module, names, groups, inputs, shifted) as streams:
+        for gi, (g, d) in enumerate(zip(groups, widths)):
+            st = GroupStats(d, True, False, loop.stats_dtype, params.device)
+            for x, xp in streams.inputs(gi):
+                with loop.timer("covariance"):
+                    st.add(x, xp)
+            with loop.timer("factorize"), streams.installing(gi):
+                _finish_group(module, names, g, st.finalize(), ranks, report, loop)
+        if whole:
+            return shifted
+        originals, new_shifted = streams.outputs()
+    for inp, h in zip(inputs, originals):
+        inp.hidden = h
     del original
     return new_shifted
 
