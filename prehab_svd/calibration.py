@@ -208,7 +208,10 @@ def capture_block_inputs(model, first_block, batches, device, progress) -> list:
             else:
                 key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
                 hidden, rest = kwargs.pop(key), ()
-            captured.append(StageInput(hidden.detach(), rest, kwargs, token_mask(batch)))
+            mask = token_mask(batch)
+            if mask is not None and bool(mask.all()):
+                mask = None  # nothing to drop: token selection is then a reshape, not a copy
+            captured.append(StageInput(hidden.detach(), rest, kwargs, mask))
     finally:
         handle.remove()
     return captured
@@ -316,11 +319,29 @@ class GroupStats:
         if self.abs_sum is not None:
             self.abs_sum += x.abs().sum(0, dtype=self.abs_sum.dtype)
 
-    def finalize(self) -> LayerStats:
+    def check_finite(self, name: str) -> None:
+        """Raise :class:`NonFiniteActivationError` naming ``name`` (the group's first layer) when a
+        sum is not finite (a NaN/Inf token, or squares beyond float32's range): checked once on the
+        d² sums, not on every token of every batch."""
+        sums = [self.x.gram(normalize=False)] + ([self.x.cross(normalize=False)] if self.x.has_cross else []) \
+            + ([] if self.xp is None else [self.xp.gram(normalize=False)])
+        for S, stream in zip(sums, ("original", "compressed", "compressed")):
+            if not bool(torch.isfinite(S).all()):
+                where = f" ({stream} stream)" if self.xp is not None else ""
+                raise NonFiniteActivationError(
+                    f"NaN or Inf in the input of layer '{name}'{where} during calibration (its statistics "
+                    "are not finite); check the model's weights and dtype (fp16 overflow?) or the "
+                    "calibration data, or accumulate in float64 (stats_dtype=torch.float64) if the "
+                    "activations' squares overflow float32")
+
+    def finalize(self, name: str = "") -> LayerStats:
+        """The group's statistics in float64, normalized by the token count (summed over the ranks
+        first, when distributed); :meth:`check_finite` first."""
         if _dist.is_distributed():
             self._all_reduce()
         if self.tokens == 0:
             raise PrehabError("calibration produced no tokens (every position masked?)")
+        self.check_finite(name)
         g = self.x.gram().to(torch.float64)
         if self.xp is None:
             abs_mean = None if self.abs_sum is None else self.abs_sum / self.tokens

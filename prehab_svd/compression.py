@@ -37,7 +37,6 @@ from .calibration import (
     as_batch,
     capture_block_inputs,
     check_chain,
-    check_finite,
     eval_context,
     find_groups,
     progress_bar,
@@ -501,10 +500,8 @@ def _stage_single(module, names, groups, inputs, ranks, report, loop, whole):
     handles = []
     current = {}
     for gi, g in enumerate(groups):
-        def hook(_m, args, gi=gi, lead=g[0]):
-            x = args[0]
-            check_finite(lead, x)
-            x = select_tokens(x, current["mask"])
+        def hook(_m, args, gi=gi):
+            x = select_tokens(args[0], current["mask"])
             with loop.timer("covariance"):
                 stats[gi].add(x)
         handles.append(module.get_submodule(names[g[0]]).register_forward_pre_hook(hook))
@@ -517,9 +514,11 @@ def _stage_single(module, names, groups, inputs, ranks, report, loop, whole):
     finally:
         for h in handles:
             h.remove()
+    for g, st in zip(groups, stats):  # every group's inputs were finite before any layer changes
+        st.check_finite(g[0])
     for g, st in zip(groups, stats):
         with loop.timer("factorize"):
-            _finish_group(module, names, g, st.finalize(), ranks, report, loop)
+            _finish_group(module, names, g, st.finalize(g[0]), ranks, report, loop)
 
 
 def _stage_anchored(module, names, groups, inputs, shifted, ranks, report, loop, whole):
@@ -535,7 +534,7 @@ def _stage_anchored(module, names, groups, inputs, shifted, ranks, report, loop,
                 with loop.timer("covariance"):
                     st.add(x, xp)
             with loop.timer("factorize"), streams.installing(gi):
-                _finish_group(module, names, g, st.finalize(), ranks, report, loop)
+                _finish_group(module, names, g, st.finalize(g[0]), ranks, report, loop)
         if whole:
             return shifted
         originals, new_shifted = streams.outputs()
