@@ -229,6 +229,8 @@ def test_compress_benchmark_extrapolates_a_fraction(tmp_path):
     assert set(compress.TIMING_KEYS) <= set(r["timings"])
     assert r["calibration"]["tokens"] == 4 * 32
     assert r["compress_s"] > 0 and r["write_s"] > 0 and r["output_bytes"] > 0 and r["peak_rss_gb"] > 0
+    assert r["floor_streams"] == 2 and r["floor_s"] > 0  # aa-svd: two streams
+    assert r["ratio"] == pytest.approx(r["report_seconds"] / r["floor_s"])
     assert r["peak_gpu_alloc_gb"] is None  # CPU
     assert r["layers_compressed"] == 7 and 0 < r["kept_fraction"] < 1
     assert r["block_bytes_kept"] < r["block_bytes_dense"]
@@ -352,7 +354,17 @@ def test_median_of_repeated_runs_and_report():
     md = report.render({"meta": {"env": {"date": "2026-11-23", "device": "CPU: x", "device_type": "cpu"}}},
                        gpu_placeholder=True)
     assert "## GPU (one H100): not measured yet" in md and "bash bench/scale/run_gpu.sh compress" in md
-    assert "| 7b | aa-svd | 1/32 |" in md
+    assert "| 7b | aa-svd | 1/32 |" in md and "| floor s | ratio |" in md
+    row = {"preset": "tiny", "method": "svd", "model": {"blocks_built": 2, "layers_full": 2},
+           "calibration": {"tokens": 128}, "compress_s": 3.0, "report_seconds": 3.0, "floor_s": 0.5,
+           "ratio": 6.0, "timings": {}, "write_s": None, "peak_gpu_alloc_gb": None, "peak_rss_gb": 1.0,
+           "rel_error_after_mean": None,
+           "extrapolated": {"measured_blocks": 2, "full_blocks": 2, "exact": True, "total_s": 3.0,
+                            "write_s": None, "peak_gpu_gb_upper": None, "peak_rss_gb_upper": 1.0,
+                            "basis": "x"}}
+    assert "| tiny | svd | 2/2 | 128 | 3.00 | 0.50 | 6.0 |" in "\n".join(report.compress_section([row]))
+    old = {k: v for k, v in row.items() if k not in ("floor_s", "ratio")}  # results from before the floor
+    assert "| tiny | svd | 2/2 | 128 | 3.00 | - | - |" in "\n".join(report.compress_section([old]))
     merged = report.merge([{"compress": [1], "meta": {"commands": ["x"]}},
                            {"compress": [2], "inference": {"rows": []}, "meta": {"commands": ["y"]}}])
     assert merged["compress"] == [1, 2] and merged["meta"]["commands"] == ["x", "y"]
