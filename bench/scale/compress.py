@@ -109,6 +109,7 @@ def run(args) -> dict:
         floor_streams = get_method(args.method).streams
         forward_floor(model, batches[:1], streams=floor_streams, check=False)  # warm-up, untimed
         floor_s = forward_floor(model, batches, streams=floor_streams)
+        common.free_device_memory()  # the floor's hidden states out of the allocator's cache
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     rss_before = common.peak_rss_gb()
