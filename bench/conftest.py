@@ -10,7 +10,9 @@ Run (not part of CI's ``pytest tests``)::
 Each case stores ``extra_info`` with ``flops`` and ``bytes`` (the minimum memory traffic of that
 variant). At the end of a timed run this file prints achieved GFLOP/s and GB/s per case, against the
 device's measured peaks (a large matmul and a large copy, measured once per session); the peaks are
-also written into the JSON's ``machine_info["prehab_peaks"]``.
+also written into the JSON's ``machine_info["prehab_peaks"]``. The compression benchmarks
+(test_bench_compress.py, ``extra_info["kind"]`` "compress" or "floor") get their own table instead:
+total seconds, forward floor, ratio and phases per model and method.
 """
 
 from __future__ import annotations
@@ -123,8 +125,35 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["prehab_peaks"] = measure_peaks(bench_device())
 
 
+_COMPRESS_KINDS = ("compress", "floor")
+
+
+def _compress_summary(tr, benches) -> None:
+    rows = [b for b in benches if b.extra_info.get("kind") == "compress"]
+    floors = [b for b in benches if b.extra_info.get("kind") == "floor"]
+    if not rows and not floors:
+        return
+    tr.section("prehab-svd compression against its forward floor (medians, seconds)")
+    phases = ("forward", "covariance", "factorize", "check")
+    tr.write_line(f"{'model':<10} {'method':<10} {'total':>9} {'floor':>9} {'ratio':>7} "
+                  + " ".join(f"{p:>10}" for p in phases) + f" {'other':>9}")
+    for b in sorted(rows, key=lambda b: (b.extra_info["model"], b.extra_info["method"])):
+        i, t = b.extra_info, b.extra_info.get("timings", {})
+        other = i["seconds"] - sum(t.get(p, 0.0) for p in phases)
+        tr.write_line(f"{i['model'][:10]:<10} {i['method'][:10]:<10} {i['seconds']:>9.3f} {i['floor_s']:>9.3f} "
+                      f"{i['ratio']:>7.1f} " + " ".join(f"{t.get(p, 0.0):>10.3f}" for p in phases)
+                      + f" {other:>9.3f}")
+    for b in sorted(floors, key=lambda b: (b.extra_info["model"], b.extra_info["streams"])):
+        i = b.extra_info
+        tr.write_line(f"{i['model'][:10]:<10} {'floor x' + str(i['streams']):<10} {'':>9} {i['floor_s']:>9.3f}")
+    tr.write_line("floor: the forwards alone (prehab_svd.profiling.forward_floor; aa-svd: 2 streams); "
+                  "other: total - the phases shown (capture, the driver)")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     benches = _timed_benchmarks(config)
+    _compress_summary(terminalreporter, benches)
+    benches = [b for b in benches if b.extra_info.get("kind") not in _COMPRESS_KINDS]
     if not benches:
         return
     peaks = measure_peaks(bench_device())

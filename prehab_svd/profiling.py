@@ -22,6 +22,11 @@ products) or from the shapes of this library's custom ops; bytes from the record
 dtypes (products: inputs + output; element-wise ops: inputs + one output of the first input's size).
 They are compared with the device's measured peaks (:func:`measure_peaks`: a large matrix product
 and a large copy, once per process), not with datasheet numbers.
+
+:func:`forward_floor` times what no post-training compression can do without: the forward passes of
+the block driver over the calibration tokens (the first block's inputs captured, then every block up
+to the last targeted one, once per stream), with nothing else (no hooks, no statistics). A
+compression's ``report.seconds`` over it is how far the method is from the speed of its forwards.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from .errors import PrehabError
 from .utils import check_keep_ratio, write_atomic
 
 __all__ = ["STAGES", "OpStat", "ProfileResult", "measure_peaks", "profile_stage", "small_llama",
-           "format_table"]
+           "format_table", "forward_floor"]
 
 STAGES = ("calibration", "lowrank", "decode")
 
@@ -538,3 +543,59 @@ def profile_stage(stage: str, trace, *, device="cpu", dtype=None, steps: int = 3
         dtype=str(dtype).replace("torch.", ""), steps=steps, trace=str(trace),
         peaks=measure_peaks(device, dtype if dtype != torch.float64 else torch.float32), ops=ops,
         kernels=kernels, total_us=sum(op.self_us for op in ops), wall_s=wall)
+
+
+# --------------------------------------------------------------------------------------------------
+# forward floor
+
+
+def forward_floor(model, calibration, *, streams: int = 1, targets=None, exclude=None,
+                  check: bool = True) -> float:
+    """Seconds of the forward passes that block-by-block compression of ``model`` must make over
+    ``calibration``, timed alone: the floor of a post-training method's time.
+
+    What :func:`prehab_svd.compress` runs for its forwards, and nothing else: the model up to its
+    first block on every batch (``capture``), then each block on every batch, from the first block to
+    the last one with targets (``targets`` / ``exclude`` as in ``compress``; blocks after it are not
+    run), ``streams`` times: 1 for the methods that use the original model's activations (svd, asvd,
+    svd-llm, zs-svd's factor pass), 2 for aa-svd (the original and the compressed model on the same
+    tokens; the second stream runs the same dense blocks on its own list of hidden states, the cost
+    is the same). When the targets are not all inside the blocks, or the blocks do not feed each other,
+    the stage is the whole model, run ``streams`` times per batch, as ``compress`` does.
+
+    No hooks, no statistics; eval mode, no autograd, the KV cache off (``eval_context``). Moving the
+    batches to the model's device and, with ``check``, the one forward that verifies that the blocks
+    chain (``compress``'s ``check`` phase, which decides between blocks and whole model) happen before
+    the clock starts. On CUDA the device is synchronized at both ends. The model is left unchanged;
+    time it before compressing (``compress`` modifies the model in place).
+    """
+    from .calibration import Timings, as_batch, blocks_chain, capture_block_inputs, eval_context, run_stage
+    from .models import plan_targets
+
+    if isinstance(streams, bool) or streams not in (1, 2):
+        raise PrehabError(f"streams must be 1 (the original model's activations: svd, asvd, svd-llm, zs-svd) "
+                          f"or 2 (aa-svd: the original and the compressed model), got {streams!r}")
+    plan = plan_targets(model, targets, exclude)
+    device = next(model.parameters()).device
+    batches = [as_batch(item, device) for item in calibration]
+    if not batches:
+        raise PrehabError("the calibration data is empty; pass at least one batch")
+    timer = Timings(device)
+    with eval_context(model):
+        whole = plan.blocks_name is None
+        if not whole and check:
+            whole = not blocks_chain(model, [s[1] for s in plan.stages], batches[0], stop_after_last=True)
+        last = max(i for i, (_, _, names) in enumerate(plan.stages) if names)
+        t0 = timer.now()
+        if whole:
+            for batch in batches:
+                for _ in range(streams):
+                    model(**batch)
+        else:
+            inputs = capture_block_inputs(model, plan.stages[0][1], batches, device, False)
+            hidden = [[inp.hidden for inp in inputs] for _ in range(streams)]
+            for _, block, _ in plan.stages[:last + 1]:
+                for h in hidden:
+                    for j, inp in enumerate(inputs):
+                        h[j] = run_stage(block, inp, h[j])
+        return timer.now() - t0

@@ -16,7 +16,7 @@ from _triton_env import DEV, cannot_run  # sets up the Triton interpreter where 
 from prehab_svd import cli
 from prehab_svd.errors import PrehabError
 from prehab_svd.models import rank_for
-from prehab_svd.profiling import _work, measure_peaks, profile_stage
+from prehab_svd.profiling import _work, forward_floor, measure_peaks, profile_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is not installed: import it from the checkout
@@ -142,6 +142,78 @@ def test_measure_peaks_is_cached():
 
 
 # ---------------------------------------------------------------------------------------------
+# forward_floor: the forwards a compression must make, timed alone
+
+
+def _count_block_calls(blocks):
+    """Forward hooks counting the calls of each block; returns (counts, handles)."""
+    counts = [0] * len(blocks)
+
+    def make(i):
+        def hook(_m, _args, _out):
+            counts[i] += 1
+        return hook
+
+    return counts, [b.register_forward_hook(make(i)) for i, b in enumerate(blocks)]
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_forward_floor_runs_each_block_once_per_stream_and_batch(make_model, make_batches, streams):
+    model = make_model("llama", layers=3)
+    batches = make_batches(n=3)
+    blocks = list(model.model.layers)
+    counts, handles = _count_block_calls(blocks)
+    try:
+        t = forward_floor(model, batches, streams=streams, check=False)
+        assert isinstance(t, float) and t > 0
+        assert counts == [streams * 3] * 3
+        # targets only up to block 1: block 2 is never run
+        counts[:] = [0, 0, 0]
+        forward_floor(model, batches, streams=streams, targets=[r"re:model\.layers\.[01]\..*"], check=False)
+        assert counts == [streams * 3, streams * 3, 0]
+        # excluding block 2's layers does the same
+        counts[:] = [0, 0, 0]
+        forward_floor(model, batches, streams=streams, exclude=[r"re:model\.layers\.2\..*"], check=False)
+        assert counts == [streams * 3, streams * 3, 0]
+        # the chain check: one untimed forward over the first batch, every block once
+        counts[:] = [0, 0, 0]
+        forward_floor(model, batches, streams=streams)
+        assert counts == [streams * 3 + 1] * 3
+    finally:
+        for h in handles:
+            h.remove()
+    assert not model.model.layers[0]._forward_hooks and not model.model.layers[0]._forward_pre_hooks
+
+
+def test_forward_floor_whole_model_when_a_target_is_outside_the_blocks(make_model, make_batches):
+    model = make_model("llama", layers=2)
+    model.train()
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    counts, handles = _count_block_calls(list(model.model.layers))
+    try:
+        # lm_head outside the blocks: compress treats the model as one stage, run whole per batch
+        forward_floor(model, make_batches(n=2), streams=2, targets=["*_proj", "lm_head"])
+    finally:
+        handle.remove()
+        for h in handles:
+            h.remove()
+    assert len(calls) == 2 * 2 and counts == [4, 4]
+    assert model.training  # eval mode only inside
+
+
+def test_forward_floor_rejects_bad_input(make_model, make_batches):
+    model = make_model("llama", layers=1)
+    for bad in (0, 3, True, 1.5, "2"):
+        with pytest.raises(PrehabError, match="streams must be 1 .* or 2"):
+            forward_floor(model, make_batches(n=1), streams=bad)
+    with pytest.raises(PrehabError, match="calibration data is empty"):
+        forward_floor(model, [])
+    with pytest.raises(PrehabError, match="no nn.Linear layer matches"):
+        forward_floor(model, make_batches(n=1), targets=["nothing_here"])
+
+
+# ---------------------------------------------------------------------------------------------
 # bench/scale at tiny sizes
 
 
@@ -157,6 +229,8 @@ def test_compress_benchmark_extrapolates_a_fraction(tmp_path):
     assert set(compress.TIMING_KEYS) <= set(r["timings"])
     assert r["calibration"]["tokens"] == 4 * 32
     assert r["compress_s"] > 0 and r["write_s"] > 0 and r["output_bytes"] > 0 and r["peak_rss_gb"] > 0
+    assert r["floor_streams"] == 2 and r["floor_s"] > 0  # aa-svd: two streams
+    assert r["ratio"] == pytest.approx(r["report_seconds"] / r["floor_s"])
     assert r["peak_gpu_alloc_gb"] is None  # CPU
     assert r["layers_compressed"] == 7 and 0 < r["kept_fraction"] < 1
     assert r["block_bytes_kept"] < r["block_bytes_dense"]
@@ -280,7 +354,17 @@ def test_median_of_repeated_runs_and_report():
     md = report.render({"meta": {"env": {"date": "2026-11-23", "device": "CPU: x", "device_type": "cpu"}}},
                        gpu_placeholder=True)
     assert "## GPU (one H100): not measured yet" in md and "bash bench/scale/run_gpu.sh compress" in md
-    assert "| 7b | aa-svd | 1/32 |" in md
+    assert "| 7b | aa-svd | 1/32 |" in md and "| floor s | ratio |" in md
+    row = {"preset": "tiny", "method": "svd", "model": {"blocks_built": 2, "layers_full": 2},
+           "calibration": {"tokens": 128}, "compress_s": 3.0, "report_seconds": 3.0, "floor_s": 0.5,
+           "ratio": 6.0, "timings": {}, "write_s": None, "peak_gpu_alloc_gb": None, "peak_rss_gb": 1.0,
+           "rel_error_after_mean": None,
+           "extrapolated": {"measured_blocks": 2, "full_blocks": 2, "exact": True, "total_s": 3.0,
+                            "write_s": None, "peak_gpu_gb_upper": None, "peak_rss_gb_upper": 1.0,
+                            "basis": "x"}}
+    assert "| tiny | svd | 2/2 | 128 | 3.00 | 0.50 | 6.0 |" in "\n".join(report.compress_section([row]))
+    old = {k: v for k, v in row.items() if k not in ("floor_s", "ratio")}  # results from before the floor
+    assert "| tiny | svd | 2/2 | 128 | 3.00 | - | - |" in "\n".join(report.compress_section([old]))
     merged = report.merge([{"compress": [1], "meta": {"commands": ["x"]}},
                            {"compress": [2], "inference": {"rows": []}, "meta": {"commands": ["y"]}}])
     assert merged["compress"] == [1, 2] and merged["meta"]["commands"] == ["x", "y"]

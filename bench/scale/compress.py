@@ -6,8 +6,12 @@ fraction), random-token calibration data, compresses it with one method at ``--k
 the output with ``prehab_svd.save_compressed``. Reports the total time, the library's breakdown
 (``CompressionReport.timings``: capture, check, forward, covariance, factorize, load, write; a missing
 key is shown as "-"), the time to write the output, peak GPU memory (``torch.cuda.max_memory_allocated``) and
-peak CPU RSS (``ru_maxrss``, so run one configuration per process), and, when fewer blocks than the
-full model were built, an extrapolation to the full model (labelled as such):
+peak CPU RSS (``ru_maxrss``, so run one configuration per process), the forward floor
+(``prehab_svd.profiling.forward_floor``: the forwards the compression must make, for the method's
+streams, timed alone on the same model and calibration just before compressing it, after one untimed
+batch through the same path) with ``ratio`` = ``report.seconds`` / ``floor_s`` (both on the blocks
+built; ``--no-floor`` skips it), and, when fewer blocks than the full model were built, an
+extrapolation to the full model (labelled as such):
 
 * per-block costs (forward, covariance, factorize, load, and the rest of the loop) scale with the
   number of blocks; capturing the first block's inputs happens once per model;
@@ -97,6 +101,15 @@ def run(args) -> dict:
     build_s = time.perf_counter() - t0
     dense_block, kept_block = _block_bytes(model, args.keep_ratio)
     batches = common.token_batches(p.vocab, sequences, seq_len, batch_size, device, seed=args.seed + 1)
+    floor_s = floor_streams = None
+    if args.floor:
+        from prehab_svd.methods import get as get_method
+        from prehab_svd.profiling import forward_floor
+
+        floor_streams = get_method(args.method).streams
+        forward_floor(model, batches[:1], streams=floor_streams, check=False)  # warm-up, untimed
+        floor_s = forward_floor(model, batches, streams=floor_streams)
+        common.free_device_memory()  # the floor's hidden states out of the allocator's cache
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     rss_before = common.peak_rss_gb()
@@ -136,6 +149,9 @@ def run(args) -> dict:
         "report_seconds": report.seconds,
         "timings": {k: timings.get(k) for k in TIMING_KEYS},
         "timings_extra": {k: v for k, v in timings.items() if k not in TIMING_KEYS},
+        "floor_s": floor_s,
+        "floor_streams": floor_streams,
+        "ratio": report.seconds / floor_s if floor_s else None,
         "write_s": write_s,
         "output_bytes": out_bytes,
         "total_s": compress_s + (write_s or 0.0),
@@ -207,6 +223,8 @@ def parser() -> argparse.ArgumentParser:
                     help="force the ops' backend (PREHAB_SVD_BACKEND); default: the library's choice")
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                     help="initialize GPU libraries on a tiny model first (default: on for cuda)")
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the forward floor before compressing (default: on)")
     ap.add_argument("--no-save", action="store_true", help="skip writing the output")
     ap.add_argument("--workdir", default=None, help="where the output is written (then deleted)")
     ap.add_argument("--seed", type=int, default=0)
@@ -222,7 +240,10 @@ def main(argv=None) -> dict:
     ex = result["extrapolated"]
     print(f"{result['preset']} {result['method']} keep {result['keep_ratio']}: {result['model']['blocks_built']}/"
           f"{result['model']['layers_full']} blocks, {result['calibration']['tokens']:,} tokens: compress "
-          f"{result['compress_s']:.1f} s, write {result['write_s'] or 0:.1f} s; full model "
+          f"{result['compress_s']:.1f} s"
+          + (f" (forward floor {result['floor_s']:.2f} s, ratio {result['ratio']:.1f})"
+             if result["floor_s"] else "")
+          + f", write {result['write_s'] or 0:.1f} s; full model "
           f"{'measured' if ex['exact'] else 'extrapolated'} {ex['total_s']:.1f} s; peak RSS "
           f"{result['peak_rss_gb']:.2f} GB" + (f", peak GPU {result['peak_gpu_alloc_gb']:.2f} GB"
                                               if result['peak_gpu_alloc_gb'] is not None else ""))

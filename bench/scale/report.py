@@ -43,9 +43,9 @@ def _table(head, rows) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # sections
 
-COMPRESS_HEAD = ["preset", "method", "blocks", "calib. tokens", "compress s", "capture", "check", "forward",
-                 "covariance", "factorize", "load", "write", "save s", "peak GPU GB", "peak RSS GB",
-                 "rel. err (mean)", "runs"]
+COMPRESS_HEAD = ["preset", "method", "blocks", "calib. tokens", "compress s", "floor s", "ratio", "capture",
+                 "check", "forward", "covariance", "factorize", "load", "write", "save s", "peak GPU GB",
+                 "peak RSS GB", "rel. err (mean)", "runs"]
 EXTRA_HEAD = ["preset", "method", "measured blocks", "full-model total s", "forward", "covariance",
               "factorize", "other", "save s", "peak GPU GB (upper)", "peak RSS GB (upper)", "basis"]
 
@@ -57,7 +57,8 @@ def compress_section(entries, empty: bool = False) -> list[str]:
         t = e["timings"]
         rows.append([
             e["preset"], e["method"], f"{e['model']['blocks_built']}/{e['model']['layers_full']}",
-            f"{e['calibration']['tokens']:,}", _s(e["compress_s"]),
+            f"{e['calibration']['tokens']:,}", _s(e["compress_s"]), _s(e.get("floor_s")),
+            _f(e.get("ratio"), ".1f"),
             *(_s(t.get(k)) for k in ("capture", "check", "forward", "covariance", "factorize", "load",
                                      "write")),
             _s(e["write_s"]), _f(e["peak_gpu_alloc_gb"]), _f(e["peak_rss_gb"]),
@@ -76,8 +77,10 @@ def compress_section(entries, empty: bool = False) -> list[str]:
         extra = [[p, m, f"{b}/32"] + ["" for _ in EXTRA_HEAD[3:]] for p, m, b in planned]
     out += _table(COMPRESS_HEAD, rows)
     out += ["", "Seconds; the breakdown is `CompressionReport.timings` (forward excludes covariance and "
-            "factorize; `check` is the one forward that verifies the block chain); `save s` is "
-            "`save_compressed`. Peak GPU memory is `torch.cuda.max_memory_allocated`, peak RSS is "
+            "factorize; `check` is the one forward that verifies the block chain); `floor s` is the "
+            "forward floor (`prehab_svd.profiling.forward_floor`: the same forwards alone, for the method's "
+            "streams, timed in the same run) and `ratio` the library's own compression time over it; "
+            "`save s` is `save_compressed`. Peak GPU memory is `torch.cuda.max_memory_allocated`, peak RSS is "
             "`ru_maxrss` of the process (model build included). With several runs, each number is the "
             "median (peaks: the maximum).", "", "Full model:", ""]
     out += _table(EXTRA_HEAD, extra)
