@@ -567,14 +567,13 @@ def _factorize_group(module, names, group, stats: LayerStats, ranks, report, loo
     def compute(j):
         full, lin = group[j], lins[j]
         W = lin.weight.detach()
-        before = after = _methods.relative_error(W, W, stats)
         U = V = None
         if ranks[full] is not None:
             if not factor:
                 factor.append(m.group_factor(fstats))
             U, V = m.factorize(W, fstats, ranks[full], factor[0], extra=loop.extra.get(full))
             U, V = U.contiguous(), V.contiguous()
-            after = _methods.relative_error(W, (U.to(torch.float64) @ V.to(torch.float64)), stats)
+        before, after = _methods.relative_errors(W, U, V, stats)
         return before, after, U, V
 
     shapes = [(lin.out_features, lin.in_features, ranks[full], lin.weight.dtype, lin.weight.device)

@@ -18,14 +18,15 @@ from .base import (
     option_names,
     register,
     relative_error,
+    relative_errors,
 )
 from . import svd, asvd, svd_llm, aa_svd, zs_svd  # noqa: E402,F401  (registration order = names())
 from .asvd import asvd_scale
 from .zs_svd import ZSAllocation
 
 __all__ = ["LayerStats", "Method", "CovarianceOptions", "DEFAULT_SHRINKAGE", "register", "get", "names",
-           "option_names", "build_options", "check_shrinkage", "relative_error", "asvd_scale", "factorize",
-           "ZSAllocation", "ALLOCATIONS"]
+           "option_names", "build_options", "check_shrinkage", "relative_error", "relative_errors", "asvd_scale",
+           "factorize", "ZSAllocation", "ALLOCATIONS"]
 
 ALLOCATIONS = ("uniform", "zs")  # how compress() spreads the budget when no ranks= are given
 

@@ -19,6 +19,7 @@ and ``factorize(W, stats, rank, factor)``. All methods return balanced factors
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,7 +29,7 @@ from ..errors import PrehabError
 from ..calibration import LayerStats
 from ..linalg import WhiteningFactor, check_damping, objective
 
-__all__ = ["LayerStats", "Method", "CovarianceOptions", "relative_error", "check_shrinkage",
+__all__ = ["LayerStats", "Method", "CovarianceOptions", "relative_error", "relative_errors", "check_shrinkage",
            "DEFAULT_SHRINKAGE", "register", "get", "names", "option_names", "build_options"]
 
 DEFAULT_SHRINKAGE = "oas"  # the covariance shrinkage when none is given (results/whitening_numerics.md)
@@ -148,3 +149,38 @@ def relative_error(W: torch.Tensor, W_new: torch.Tensor, stats: LayerStats) -> f
     if den <= 0:
         return 0.0
     return float(num.clamp_min(0) / den) ** 0.5
+
+
+def relative_errors(W: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None,
+                    stats: LayerStats) -> tuple[float, float]:
+    """``(before, after)``: :func:`relative_error` of ``W`` itself and of ``W' = U V`` (U, V None: a
+    dense layer, ``after = before``), the same numbers from fewer products, all in float64.
+
+    ``t1 = tr(W G_x Wᵀ)`` (also the denominator) comes from ``WG = W G_x``, the one [out, d, d]
+    product of single-stream statistics (``cross`` and ``gram_xp`` the very tensor ``gram_x``, as
+    :meth:`GroupStats.finalize` gives them), where ``before`` is exactly 0 and
+    ``tr(W C W'ᵀ) = ⟨WG Vᵀ, U⟩``; two streams add ``W C`` and ``W G_x'`` for ``before``. The last
+    term takes [r, d] and [r, r] products only: ``tr(W' G_x' W'ᵀ) = ⟨UᵀU, V G_x' Vᵀ⟩``.
+    """
+    f64 = torch.float64
+    W64 = W.detach().to(f64)
+    gx = stats.gram_x.to(f64)
+    WG = W64 @ gx
+    den = (WG * W64).sum()
+    if den <= 0:
+        return 0.0, 0.0
+    same_c, same_p = stats.cross is stats.gram_x, stats.gram_xp is stats.gram_x
+    WC = WG if same_c else W64 @ stats.cross.to(f64)
+    if same_c and same_p:
+        before = 0.0 if math.isfinite(float(den)) else math.nan  # t1 − 2·t1 + t1
+    else:
+        t3 = den if same_p else ((W64 @ stats.gram_xp.to(f64)) * W64).sum()
+        before = float((den - 2 * (WC * W64).sum() + t3).clamp_min(0) / den) ** 0.5
+    if U is None:
+        return before, before
+    U64, V64 = U.detach().to(f64), V.detach().to(f64)
+    gxp = gx if same_p else stats.gram_xp.to(f64)
+    t2 = ((WC @ V64.T) * U64).sum()
+    t3 = ((U64.T @ U64) * ((V64 @ gxp) @ V64.T)).sum()
+    after = float((den - 2 * t2 + t3).clamp_min(0) / den) ** 0.5
+    return before, after
