@@ -162,7 +162,23 @@ def measure(model_name: str, method: str, keep: float, batches, *, device=None, 
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
+        "code": code_version(),
     }
+
+
+def code_version() -> str:
+    """The library's git commit (``+changes`` when its files differ from it), or "-" outside a checkout."""
+    import subprocess
+
+    pkg = Path(sys.modules["prehab_svd"].__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(pkg), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "-"
+    return head + ("+changes" if dirty else "")
 
 
 def append_row(path, row: dict) -> None:
@@ -207,7 +223,7 @@ def render_table(rows: list) -> str:
     for r in rows:
         groups.setdefault((r["model"], r["keep"], r.get("device", "cpu")), []).append(r)
     out = []
-    head = ["method", "total s", "floor s", "ratio", "forward", "covariance", "factorize", "check", "other"]
+    head = ["method", "code", "total s", "floor s", "ratio", "forward", "covariance", "factorize", "check", "other"]
     for (model, keep, device), rs in groups.items():
         envs = sorted({(r.get("cpu"), r.get("threads"), r.get("torch")) for r in rs}, key=str)
         dates = sorted(r.get("date", "") for r in rs)
@@ -226,14 +242,14 @@ def render_table(rows: list) -> str:
             if ";" in r.get("floor_basis", ""):  # measured against a floor below its own (zs-svd)
                 notes.append(f"{r['method']}: ratio to the {r['floor_basis']}")
                 name += " *"
-            out.append("| " + " | ".join([name, _s(r["seconds"]), _s(r["floor_s"]), f"{r['ratio']:.1f}",
+            out.append("| " + " | ".join([name, r.get("code", "-"), _s(r["seconds"]), _s(r["floor_s"]), f"{r['ratio']:.1f}",
                                           *(_s(t.get(k)) for k in PHASES), _s(other_seconds(r))]) + " |")
         out += ["", "Seconds. `floor s`: the forwards the method must make over the calibration tokens, alone "
                 "(`prehab_svd.profiling.forward_floor`; one stream, aa-svd two), timed in the same run just "
                 "before the compression; `ratio` = total / floor. The phases are `CompressionReport.timings` "
                 "(`forward` excludes covariance and factorize; `check` is the forward that verifies the block "
                 "chain); `other` is the rest of the total (capturing the first block's inputs, zs-svd's "
-                "gradients, the driver)."]
+                "gradients, the driver). `code`: the library's git commit."]
         out += [f"* {n}." for n in dict.fromkeys(notes)]
         out.append("")
     return "\n".join(out)
