@@ -34,8 +34,8 @@ def test_compress_speed_rows_and_table(tmp_path, capsys):
     compress_speed.main(["--table", str(out)])
     md = capsys.readouterr().out
     assert "### tiny, keep 0.5" in md and "### tiny, keep 0.6" in md
-    assert "| method | total s | floor s | ratio | forward | covariance | factorize | check | other |" in md
-    assert "| svd | 2.00 | 0.50 | 4.0 | 1.00 | - | - | 0.25 | 0.75 |" in md  # other = 2 - 1 - 0.25
+    assert "| method | code | total s | floor s | ratio | forward | covariance | factorize | check | other |" in md
+    assert "| svd | - | 2.00 | 0.50 | 4.0 | 1.00 | - | - | 0.25 | 0.75 |" in md  # other = 2 - 1 - 0.25
     assert md.count("| svd-llm |") == 1 and md.count("| aa-svd |") == 1
 
 
@@ -43,7 +43,7 @@ def test_compress_speed_marks_zs_svd_and_checks_arguments():
     row = {"model": "m", "method": "zs-svd", "keep": 0.8, "seconds": 3.0, "floor_s": 1.0, "ratio": 3.0,
            "timings": {}, "floor_basis": compress_speed.floor_basis("zs-svd")}
     md = compress_speed.render_table([row])
-    assert "| zs-svd * | 3.00 | 1.00 | 3.0 |" in md and "above twice this one" in md
+    assert "| zs-svd * | - | 3.00 | 1.00 | 3.0 |" in md and "above twice this one" in md
     assert compress_speed.floor_basis("aa-svd") == "the two-stream floor"
     with pytest.raises(SystemExit):
         compress_speed.main(["tiny"])  # no --out

@@ -195,7 +195,7 @@ def test_blocks_that_do_not_chain_are_refused(make_model, make_batches, tmp_path
     from prehab_svd import streaming
 
     src = save_tiny(make_model, tmp_path / "src", layers=2)
-    monkeypatch.setattr(streaming, "blocks_chain", lambda *a, **k: False)
+    monkeypatch.setattr(streaming, "check_chain", lambda *a, **k: False)
     with pytest.raises(PrehabError, match="do not simply feed each other.*without --low-memory"):
         compress_pretrained(src, tmp_path / "out", "svd-llm", 0.5, make_batches())
     assert not checkpoint_dir(tmp_path / "out").exists()
