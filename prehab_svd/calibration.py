@@ -411,26 +411,25 @@ def find_groups(module: nn.Module, names: dict, inp: StageInput) -> list:
     return groups
 
 
-def collect_group_input(module, names, group, inp, hidden, stream, stop=True):
-    """Run ``module`` on one input; return the (token-selected) input of ``group``'s layers."""
-    rel = names[group[0]]
+def collect_group_input(module, names, group, inp, hidden):
+    """Run ``module`` on one input up to ``group``'s first layer; return that layer's input, the tokens
+    selected by the batch's mask (finiteness is checked on the sums, :meth:`GroupStats.check_finite`)."""
     got = {}
 
     def hook(_m, args):
         got["x"] = args[0]
-        if stop:
-            raise StopForward
+        raise StopForward
 
-    h = module.get_submodule(rel).register_forward_pre_hook(hook)
+    h = module.get_submodule(names[group[0]]).register_forward_pre_hook(hook)
     try:
         run_stage(module, inp, hidden)
     except StopForward:
         pass
     finally:
         h.remove()
-    x = got["x"]
-    check_finite(group[0], x, stream)
-    return select_tokens(x, inp.mask)
+    if "x" not in got:
+        raise PrehabError(f"layer '{group[0]}' never ran in its block's forward")
+    return select_tokens(got["x"], inp.mask)
 
 
 def take_sequences(batch: dict, n: int) -> dict:

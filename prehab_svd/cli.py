@@ -94,7 +94,7 @@ def cmd_compress(args) -> int:
     report = compress(model, args.method, args.keep_ratio, calibration,
                       targets=args.targets, exclude=args.exclude, allocation=args.allocation, ranks=args.ranks,
                       stats_dtype=torch.float64 if args.fp64_stats else torch.float32, progress=not args.quiet,
-                      **_method_options(args))
+                      pause_forwards=args.pause_forwards, **_method_options(args))
     print(report.table())
     extra = {"base_model": str(path.resolve()), "original_model": _original_of(path)}
     if args.rehab:
@@ -159,6 +159,9 @@ def _check_low_memory_flags(args) -> None:
                           "in memory; drop --low-memory, or run rehab on the saved model afterwards")
     if args.no_calibration:
         raise PrehabError("--low-memory needs calibration data; drop --no-calibration")
+    if args.pause_forwards:
+        raise PrehabError("--pause-forwards holds every batch's activations at once, against the point of "
+                          "--low-memory; drop one of them")
     if args.allocation != "uniform" or args.ranks:
         raise PrehabError("--allocation and --ranks are not available with --low-memory yet; "
                           "drop them or compress in memory")
@@ -480,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fp64-stats", action="store_true",
                    help="compute each batch's covariance product in float64 (default fp32; the sums over "
                         "batches are float64 always): independent of the backend, ~12 %% slower on a CPU")
+    c.add_argument("--pause-forwards", action="store_true",
+                   help="aa-svd: run each block forward once per batch and stream, paused at every layer "
+                        "group (~1.5x faster; holds every batch's activations at once: about twice the "
+                        "peak memory); not with --low-memory")
     c.add_argument("--no-calibration", action="store_true", help="svd only: skip calibration")
     c.add_argument("--damping", type=float, default=0.0,
                    help="add damping·tr(G)/d to each Gram matrix (0: exact optimum; ~1e-2 helps aa-svd "

@@ -37,6 +37,7 @@ from .calibration import (
     as_batch,
     capture_block_inputs,
     check_chain,
+    collect_group_input,
     eval_context,
     find_groups,
     progress_bar,
@@ -150,6 +151,7 @@ def compress(
     allocation: str = "uniform",
     ranks=None,
     stats_dtype: torch.dtype = torch.float32,
+    pause_forwards: bool = False,
     progress: bool = False,
     **options,
 ) -> CompressionReport:
@@ -187,6 +189,13 @@ def compress(
             on the order of the batches or on how they are split over ranks. float64 products also
             make the model independent of the backend that computed them, at a cost (SmolLM2,
             svd-llm, keep 0.8, 2 CPU cores: 74 s against 66 s).
+        pause_forwards (a driver option; two-stream methods, aa-svd): run each block forward once per
+            batch and stream, pausing every forward at each group until the group is compressed
+            (:class:`prehab_svd.anchored.AnchoredPass`), instead of running the block again from its
+            input for each group (about three block forwards per stream on a Llama block). Faster
+            (SmolLM2, keep 0.8, 2 CPU cores: 151 s against 220 s) but every batch's activations up
+            to the current layer are held at once (there +2 GB of peak memory, twice the default's;
+            at 7B shapes on a GPU tens of GB): off by default. results/compress_speed.md.
         task, grad_samples, correction, correction_grads, min_rank_fraction: ``zs-svd`` only. The
             task loss whose gradient predicts each component's effect ("auto": cross-entropy for a
             causal LM, the in-batch contrastive loss for an encoder, or a callable
@@ -227,7 +236,9 @@ def compress(
         ranks = _uniform_ranks(plan, keep_ratio)
 
     device = next(model.parameters()).device
-    loop = _Loop(m, stats_dtype, progress, Timings(device))
+    if not isinstance(pause_forwards, bool):
+        raise PrehabError(f"pause_forwards must be True or False, got {pause_forwards!r}")
+    loop = _Loop(m, stats_dtype, progress, Timings(device), pause_forwards=pause_forwards)
     with eval_context(model):
         if calibration is None:
             if m.needs_calibration:
@@ -380,6 +391,7 @@ class _Loop:
     timer: Timings = field(default_factory=lambda: Timings(None))
     on_group: object = None
     extra: dict = field(default_factory=dict)
+    pause_forwards: bool = False  # two streams: paused forwards (once each) instead of restarts
     # {(block class, its targets' relative names): groups of relative names}: blocks built alike group
     # alike, so the extra forward that finds the groups runs once per kind of block, not per block
     groups: dict = field(default_factory=dict)
@@ -522,11 +534,29 @@ def _stage_single(module, names, groups, inputs, ranks, report, loop, whole):
 
 
 def _stage_anchored(module, names, groups, inputs, shifted, ranks, report, loop, whole):
-    """Two streams: groups in forward order, each from the original and the partly compressed stream,
-    every forward run once (:class:`prehab_svd.anchored.AnchoredPass`)."""
+    """Two streams: groups in forward order, each from the original and the partly compressed stream.
+    By default the block runs again from its input for each group, in both streams (one batch's
+    activations alive at a time); with ``loop.pause_forwards`` each forward runs once, paused at every
+    group (:class:`prehab_svd.anchored.AnchoredPass`)."""
     original = copy.deepcopy(module)
     params = next(module.parameters())
     widths = [module.get_submodule(names[g[0]]).in_features for g in groups]
+    if not loop.pause_forwards:
+        for g, d in zip(groups, widths):
+            st = GroupStats(d, True, False, loop.stats_dtype, params.device)
+            for inp, hp in zip(inputs, shifted):
+                x = collect_group_input(original, names, g, inp, inp.hidden)
+                xp = collect_group_input(module, names, g, inp, hp)
+                with loop.timer("covariance"):
+                    st.add(x, xp)
+            with loop.timer("factorize"):
+                _finish_group(module, names, g, st.finalize(g[0]), ranks, report, loop)
+        if whole:
+            return shifted
+        new_shifted = [run_stage(module, inp, hp).detach() for inp, hp in zip(inputs, shifted)]
+        for inp in inputs:
+            inp.hidden = run_stage(original, inp).detach()
+        return new_shifted
     with AnchoredPass(original, module, names, groups, inputs, shifted) as streams:
         for gi, (g, d) in enumerate(zip(groups, widths)):
             st = GroupStats(d, True, False, loop.stats_dtype, params.device)
@@ -540,7 +570,6 @@ def _stage_anchored(module, names, groups, inputs, shifted, ranks, report, loop,
         originals, new_shifted = streams.outputs()
     for inp, h in zip(inputs, originals):
         inp.hidden = h
-    del original
     return new_shifted
 
 

@@ -54,8 +54,8 @@ def test_paused_streams_match_restarted_streams(make_model, make_batches, kind):
                     _perturb(module, names, g, 0.5 + 0.1 * gi)
             outs, outs_shifted = p.outputs()
         for gi, g in enumerate(groups):
-            want.append([(collect_group_input(ref_original, names, g, inp, inp.hidden, "original"),
-                          collect_group_input(ref_module, names, g, inp, hp, "compressed"))
+            want.append([(collect_group_input(ref_original, names, g, inp, inp.hidden),
+                          collect_group_input(ref_module, names, g, inp, hp))
                          for inp, hp in zip(inputs, shifted)])
             _perturb(ref_module, names, g, 0.5 + 0.1 * gi)
         assert len(got) == len(want) == len(groups) >= 3
@@ -74,15 +74,15 @@ def test_paused_streams_match_restarted_streams(make_model, make_batches, kind):
 
 
 def test_aa_svd_runs_each_block_forward_once_per_stream(make_model, make_batches):
-    """aa-svd's forwards: one per batch, stream and block (plus the chain check on a short input and
-    the one forward per kind of block that finds the groups): before, each group restarted the block
-    in both streams."""
+    """aa-svd with pause_forwards: one forward per batch, stream and block (plus the chain check on a
+    short input and the one forward per kind of block that finds the groups); by default each group
+    restarts the block in both streams."""
     model = make_model("llama", layers=3)
     batches = make_batches(n=4)
     calls = []
     for i, layer in enumerate(model.model.layers):
         layer.self_attn.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
-    compress(model, "aa-svd", 0.6, batches)
+    compress(model, "aa-svd", 0.6, batches, pause_forwards=True)
     blocks = len(model.model.layers)
     check, groups = blocks, 1
     assert len(calls) == check + groups + 2 * len(batches) * blocks
@@ -96,7 +96,7 @@ def test_error_in_a_paused_stream_unwinds_every_forward(make_model, make_batches
         model.model.layers[1].self_attn.o_proj.weight[0, 0] = float("nan")
     before = threading.active_count()
     with pytest.raises(NonFiniteActivationError, match=r"model\.layers\.1\.mlp\.gate_proj"):
-        compress(model, "aa-svd", 0.5, make_batches(), exclude=["o_proj"])  # o_proj itself not factorized
+        compress(model, "aa-svd", 0.5, make_batches(), exclude=["o_proj"], pause_forwards=True)
     assert threading.active_count() == before
     assert not any(isinstance(m, _Slot) for m in model.modules())
 
@@ -118,3 +118,22 @@ def test_an_exception_inside_a_forward_reaches_the_caller(make_model, make_batch
                 for gi in range(len(groups)):
                     list(p.inputs(gi))
         assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "bert"])
+def test_paused_and_restarted_compressions_are_identical(make_model, make_batches, kind):
+    """The two ways of running aa-svd's streams give the same model, bit for bit."""
+    batches = make_batches(n=3, pad_last=4)
+    a, b = make_model(kind), make_model(kind)
+    ra = compress(a, "aa-svd", 0.6, batches)
+    rb = compress(b, "aa-svd", 0.6, batches, pause_forwards=True)
+    assert [la.rank for la in ra.layers] == [lb.rank for lb in rb.layers]
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb), na
+
+
+def test_pause_forwards_is_checked(make_model, make_batches):
+    from prehab_svd import PrehabError
+
+    with pytest.raises(PrehabError, match="pause_forwards must be True or False"):
+        compress(make_model("llama"), "aa-svd", 0.6, make_batches(), pause_forwards="yes")

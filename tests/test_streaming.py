@@ -248,6 +248,7 @@ def test_cli_low_memory_equals_in_memory(tiny_llama_dir, tmp_path, capsys):
     (["--method", "zs-svd"], "zs-svd"),
     (["--rehab"], "--rehab"),
     (["--no-calibration", "--method", "svd"], "needs calibration"),
+    (["--pause-forwards", "--method", "aa-svd"], "--pause-forwards holds every batch's activations"),
 ])
 def test_cli_low_memory_refusals(tiny_llama_dir, tmp_path, capsys, extra, message):
     from prehab_svd import cli
