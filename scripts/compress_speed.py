@@ -129,7 +129,7 @@ def _tokens(batches) -> int:
 
 
 def measure(model_name: str, method: str, keep: float, batches, *, device=None, warmup: bool = True,
-            command: str = "", calib_desc: str = "") -> dict:
+            command: str = "", calib_desc: str = "", pause_forwards: bool = False) -> dict:
     """One row: a fresh model, its forward floor for the method's streams, then its compression."""
     import transformers
 
@@ -143,8 +143,9 @@ def measure(model_name: str, method: str, keep: float, batches, *, device=None, 
     if warmup:
         forward_floor(model, batches[:1], streams=streams, check=False)
     floor_s = forward_floor(model, batches, streams=streams)
-    report = compress(model, method, keep, batches)
+    report = compress(model, method, keep, batches, pause_forwards=pause_forwards)
     del model
+    import resource
     return {
         "model": model_name, "method": method, "keep": keep,
         "seconds": report.seconds, "timings": dict(report.timings),
@@ -163,6 +164,9 @@ def measure(model_name: str, method: str, keep: float, batches, *, device=None, 
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
         "code": code_version(),
+        "pause_forwards": pause_forwards,
+        # the process's peak so far (ru_maxrss): one method per process to attribute it
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
     }
 
 
@@ -238,7 +242,7 @@ def render_table(rows: list) -> str:
         notes = []
         for r in rs:
             t = r.get("timings") or {}
-            name = r["method"]
+            name = r["method"] + (" (pause_forwards)" if r.get("pause_forwards") else "")
             if ";" in r.get("floor_basis", ""):  # measured against a floor below its own (zs-svd)
                 notes.append(f"{r['method']}: ratio to the {r['floor_basis']}")
                 name += " *"
@@ -270,6 +274,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="skip the untimed batch before the floor")
+    ap.add_argument("--pause-forwards", action="store_true",
+                    help="compress(pause_forwards=True): aa-svd's forwards run once each, paused per group")
     ap.add_argument("--table", metavar="JSONL", help="print the Markdown table of a .jsonl's rows, and exit")
     return ap
 
@@ -295,6 +301,7 @@ def main(argv=None) -> list:
     for method in args.methods:
         t0 = time.perf_counter()
         row = measure(args.model, method, args.keep, batches, device=args.device, warmup=args.warmup,
+                      pause_forwards=args.pause_forwards,
                       command=command, calib_desc=desc)
         append_row(args.out, row)
         rows.append(row)
