@@ -44,6 +44,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from bench.scale.common import cpu_model  # noqa: E402  (the scale benchmarks' CPU name)
+
 MODELS = ("tiny", "minilm", "smollm2")
 DEFAULT_METHODS = ("svd-llm", "aa-svd", "svd", "asvd")
 DEFAULT_KEEP = 0.8
@@ -104,16 +106,6 @@ def floor_basis(method: str) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # measuring
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _tokens(batches) -> int:
