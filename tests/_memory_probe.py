@@ -47,8 +47,8 @@ def main():
     live = [0]
     finalize = calibration.GroupStats.finalize
 
-    def measured_finalize(self):
-        out = finalize(self)
+    def measured_finalize(self, *args, **kwargs):
+        out = finalize(self, *args, **kwargs)
         live[0] = max(live[0], live_tensor_bytes())
         return out
 
