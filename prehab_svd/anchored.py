@@ -1,32 +1,37 @@
-"""The two streams of an anchored method (AA-SVD) through one block, each forward run once.
+"""The two streams of an anchored method (AA-SVD) through one block, gathered group by group.
 
 A group's statistics need its input in *both* streams for *every* calibration batch before the group
 can be factorized, and the compressed stream's input of a later group depends on that factorization
-(``o_proj`` sees what the compressed q/k/v produce). Restarting the block from its input for each
-group costs about 3 block forwards per stream instead of 1 (SmolLM2: the forward phase of aa-svd was
-twice that of svd-llm's one stream). Instead every forward (one per batch and stream) runs in its
-own thread used as a coroutine: it pauses at the first layer of each group, hands over that layer's
-input, and resumes once the group is compressed; the compressed stream then goes on through the new
-low-rank layers. Only one thread runs at a time (the driver resumes them one by one and waits), so
-there is no contention and the order of every operation is that of a plain loop.
+(``o_proj`` sees what the compressed q/k/v produce). Two ways, one interface (``inputs(gi)``,
+``installing(gi)``, ``outputs()``):
 
-Memory: while a group is being gathered, the forward of every batch is alive at that layer (its
-activations so far) instead of one batch's: at the MLP's down projection of a Llama block about
-three [tokens, mlp] tensors per batch and stream.
+* :class:`RestartedStreams` (the default): for each group, run the block again from its input, in
+  both streams, up to the group's first layer; one batch's activations are alive at a time, at about
+  3 block forwards per stream on a Llama block.
+* :class:`AnchoredPass` (``compress(..., pause_forwards=True)``): every forward (one per batch and
+  stream) runs once, in its own thread used as a coroutine: it pauses at the first layer of each
+  group, hands over that layer's input, and resumes once the group is compressed; the compressed
+  stream then goes on through the new low-rank layers. Only one thread runs at a time (the driver
+  resumes them one by one and waits), so there is no contention and the order of every operation is
+  that of a plain loop. Memory: while a group is gathered, every batch's forward is alive at that
+  layer (its activations so far): on SmolLM2 twice the default's peak (results/compress_speed.md).
+
+Both give the same model bit for bit (tests/test_anchored.py).
 """
 
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
-from .calibration import run_stage, select_tokens
+from .calibration import collect_group_input, run_stage, select_tokens
 from .errors import PrehabError
 from .utils import set_submodule
 
-__all__ = ["AnchoredPass"]
+__all__ = ["AnchoredPass", "RestartedStreams"]
 
 _local = threading.local()  # .worker: the _Worker whose forward runs on this thread
 
@@ -134,8 +139,6 @@ class AnchoredPass:
     def __init__(self, original: nn.Module, module: nn.Module, names: dict, groups: list, inputs: list,
                  shifted: list):
         self.module = module
-        self.names = names
-        self.groups = groups
         self.inputs_ = inputs
         self.leads = [names[g[0]] for g in groups]
         self._handles = []
@@ -190,10 +193,17 @@ class AnchoredPass:
                 continue
             yield select_tokens(x, inp.mask), select_tokens(xp, inp.mask)
 
+    @contextmanager
     def installing(self, gi: int):
-        """A context: inside, group ``gi``'s first layer is the block's own module again (to be read and
+        """Inside, group ``gi``'s first layer is the block's own module again (to be read and
         replaced); on leaving, the paused forwards are pointed at whatever is installed there."""
-        return _Installing(self, gi)
+        rel, slot = self.leads[gi], self._slots[gi]
+        set_submodule(self.module, rel, slot.inner)
+        try:
+            yield
+        finally:
+            slot.inner = self.module.get_submodule(rel)
+            set_submodule(self.module, rel, slot)
 
     def outputs(self) -> tuple[list, list]:
         """Run every forward to its end: the block's outputs in the original and compressed streams."""
@@ -208,18 +218,31 @@ class AnchoredPass:
         return outs
 
 
-class _Installing:
-    def __init__(self, p: AnchoredPass, gi: int):
-        self.p, self.gi = p, gi
+
+class RestartedStreams:
+    """The interface of :class:`AnchoredPass`, by running the block again from its input for each group
+    (both streams, up to the group's first layer) and once more for the outputs."""
+
+    def __init__(self, original: nn.Module, module: nn.Module, names: dict, groups: list, inputs: list,
+                 shifted: list):
+        self.original, self.module, self.names, self.groups = original, module, names, groups
+        self.inputs_, self.shifted = inputs, shifted
 
     def __enter__(self):
-        p, gi = self.p, self.gi
-        set_submodule(p.module, p.leads[gi], p._slots[gi].inner)
+        return self
 
     def __exit__(self, *exc):
-        p, gi = self.p, self.gi
-        slot = p._slots[gi]
-        slot.inner = p.module.get_submodule(p.leads[gi])
-        set_submodule(p.module, p.leads[gi], slot)
         return False
 
+    def inputs(self, gi: int):
+        g = self.groups[gi]
+        for inp, hp in zip(self.inputs_, self.shifted):
+            yield (collect_group_input(self.original, self.names, g, inp, inp.hidden),
+                   collect_group_input(self.module, self.names, g, inp, hp))
+
+    def installing(self, gi: int):
+        return nullcontext()
+
+    def outputs(self) -> tuple[list, list]:
+        return ([run_stage(self.original, inp).detach() for inp in self.inputs_],
+                [run_stage(self.module, inp, hp).detach() for inp, hp in zip(self.inputs_, self.shifted)])

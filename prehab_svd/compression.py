@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .anchored import AnchoredPass
+from .anchored import AnchoredPass, RestartedStreams
 from .calibration import (
     GroupStats,
     StageInput,
@@ -37,7 +37,6 @@ from .calibration import (
     as_batch,
     capture_block_inputs,
     check_chain,
-    collect_group_input,
     eval_context,
     find_groups,
     progress_bar,
@@ -193,8 +192,8 @@ def compress(
             batch and stream, pausing every forward at each group until the group is compressed
             (:class:`prehab_svd.anchored.AnchoredPass`), instead of running the block again from its
             input for each group (about three block forwards per stream on a Llama block). Faster
-            (SmolLM2, keep 0.8, 2 CPU cores: 151 s against 220 s) but every batch's activations up
-            to the current layer are held at once (there +2 GB of peak memory, twice the default's;
+            (SmolLM2, keep 0.8, 2 CPU cores: 137 s against 200 s) but every batch's activations up
+            to the current layer are held at once (there 4.1 GB of peak memory against 2.0;
             at 7B shapes on a GPU tens of GB): off by default. results/compress_speed.md.
         task, grad_samples, correction, correction_grads, min_rank_fraction: ``zs-svd`` only. The
             task loss whose gradient predicts each component's effect ("auto": cross-entropy for a
@@ -537,27 +536,12 @@ def _stage_anchored(module, names, groups, inputs, shifted, ranks, report, loop,
     """Two streams: groups in forward order, each from the original and the partly compressed stream.
     By default the block runs again from its input for each group, in both streams (one batch's
     activations alive at a time); with ``loop.pause_forwards`` each forward runs once, paused at every
-    group (:class:`prehab_svd.anchored.AnchoredPass`)."""
+    group (:mod:`prehab_svd.anchored`)."""
     original = copy.deepcopy(module)
     params = next(module.parameters())
     widths = [module.get_submodule(names[g[0]]).in_features for g in groups]
-    if not loop.pause_forwards:
-        for g, d in zip(groups, widths):
-            st = GroupStats(d, True, False, loop.stats_dtype, params.device)
-            for inp, hp in zip(inputs, shifted):
-                x = collect_group_input(original, names, g, inp, inp.hidden)
-                xp = collect_group_input(module, names, g, inp, hp)
-                with loop.timer("covariance"):
-                    st.add(x, xp)
-            with loop.timer("factorize"):
-                _finish_group(module, names, g, st.finalize(g[0]), ranks, report, loop)
-        if whole:
-            return shifted
-        new_shifted = [run_stage(module, inp, hp).detach() for inp, hp in zip(inputs, shifted)]
-        for inp in inputs:
-            inp.hidden = run_stage(original, inp).detach()
-        return new_shifted
-    with AnchoredPass(original, module, names, groups, inputs, shifted) as streams:
+    passes = AnchoredPass if loop.pause_forwards else RestartedStreams
+    with passes(original, module, names, groups, inputs, shifted) as streams:
         for gi, (g, d) in enumerate(zip(groups, widths)):
             st = GroupStats(d, True, False, loop.stats_dtype, params.device)
             for x, xp in streams.inputs(gi):

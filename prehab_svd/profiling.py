@@ -569,7 +569,7 @@ def forward_floor(model, calibration, *, streams: int = 1, targets=None, exclude
     the clock starts. On CUDA the device is synchronized at both ends. The model is left unchanged;
     time it before compressing (``compress`` modifies the model in place).
     """
-    from .calibration import Timings, as_batch, blocks_chain, capture_block_inputs, eval_context, run_stage
+    from .calibration import Timings, as_batch, capture_block_inputs, check_chain, eval_context, run_stage
     from .models import plan_targets
 
     if isinstance(streams, bool) or streams not in (1, 2):
@@ -584,7 +584,7 @@ def forward_floor(model, calibration, *, streams: int = 1, targets=None, exclude
     with eval_context(model):
         whole = plan.blocks_name is None
         if not whole and check:
-            whole = not blocks_chain(model, [s[1] for s in plan.stages], batches[0], stop_after_last=True)
+            whole = not check_chain(model, [s[1] for s in plan.stages], batches[0])  # compress's own check
         last = max(i for i, (_, _, names) in enumerate(plan.stages) if names)
         t0 = timer.now()
         if whole:
