@@ -232,6 +232,22 @@ def _training_batches(tokenizer, texts, causal, args, num, *, skip: int):
     return data.sentence_batches(tokenizer, pool[:num], batch_size=args.batch_size, max_length=args.seq_len)
 
 
+def _surrogate_arg(args):
+    """--surrogate, or a CompressedTask when --exact-subspace/--no-split shape the compressed one."""
+    from .training.surrogates import CompressedTask, resolve_surrogate
+
+    if not (args.exact_subspace or args.no_split):
+        return args.surrogate
+    try:
+        chosen = resolve_surrogate(args.surrogate, args.keep_ratio)
+    except ValueError as e:
+        raise PrehabError(str(e)) from None
+    if chosen.name != "compressed":
+        raise PrehabError("--exact-subspace and --no-split shape the compressed surrogate; pass --keep-ratio "
+                          f"(and no --surrogate, or --surrogate compressed), not --surrogate {chosen.name}")
+    return CompressedTask(track=not args.exact_subspace, split=not args.no_split)
+
+
 def cmd_prehab(args) -> int:
     """Prehab: fine-tune the dense model toward low rank; save it with its log and a spectra plot."""
     import torch
@@ -253,7 +269,7 @@ def cmd_prehab(args) -> int:
     model.to(args.device)
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.train_dtype]
     report = prehab(model, calibration, train, steps=args.steps, lam=args.lam, lam_start=args.lam_start,
-                    warmup_steps=args.warmup_steps, surrogate=args.surrogate,
+                    warmup_steps=args.warmup_steps, surrogate=_surrogate_arg(args),
                     keep_ratio=args.keep_ratio, task=args.task, lr=args.lr, optimizer=args.optimizer,
                     grad_clip=args.grad_clip if args.grad_clip > 0 else None,
                     dtype=dtype, targets=args.targets, exclude=args.exclude, damping=args.damping,
@@ -535,17 +551,26 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder (must not exist)")
     pr.add_argument("--overwrite", action="store_true")
     pr.add_argument("--steps", type=int, default=100)
-    pr.add_argument("--lam", type=float, default=10.0, help="weight of the rank surrogate after warm-up")
+    pr.add_argument("--lam", type=float, default=None,
+                    help="weight of the surrogate after warm-up (default: 1 for compressed, 0.01 for tail, 10 "
+                         "for stable and nuclear)")
     pr.add_argument("--lam-start", type=float, default=1e-3, help="its weight at step 1")
     pr.add_argument("--warmup-steps", type=int, default=10)
-    pr.add_argument("--surrogate", choices=["stable", "nuclear", "tail", "compressed"], default="stable",
+    pr.add_argument("--surrogate", choices=["stable", "nuclear", "tail", "compressed"], default=None,
                     help="tail: shrink the whitened energy beyond the rank of --keep-ratio; compressed: "
-                         "add the task loss of the model svd-llm would make at --keep-ratio (both need it)")
+                         "add the task loss of the model svd-llm would make at --keep-ratio (both need it). "
+                         "Default: compressed with --keep-ratio, else stable")
     pr.add_argument("--keep-ratio", type=float, default=None,
-                    help="with --surrogate tail/compressed: the keep ratio of the compression after Prehab")
+                    help="the keep ratio of the compression after Prehab (selects the compressed surrogate)")
+    pr.add_argument("--exact-subspace", action="store_true",
+                    help="compressed: recompute every layer's truncation by SVD at every step instead of "
+                         "tracking it (several times slower)")
+    pr.add_argument("--no-split", action="store_true",
+                    help="compressed: both loss terms on the whole batch (two passes a step) instead of "
+                         "half of it each")
     pr.add_argument("--task", default="auto", choices=["auto", "causal_lm", "distill", "contrastive"],
                     help="auto: cross-entropy for a causal LM, distillation to the original for an encoder")
-    pr.add_argument("--lr", type=float, default=2e-5)
+    pr.add_argument("--lr", type=float, default=None, help="default: 1e-4 for compressed, else 2e-5")
     pr.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default="adamw")
     pr.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     pr.add_argument("--train-dtype", choices=["float32", "bfloat16", "float16"], default="float32",

@@ -48,8 +48,9 @@ PROBE_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def _comparable(sizes) -> dict:
-    """The sizes every row shares (a rehab row carries its own rehab settings in its spec)."""
-    return {k: v for k, v in (sizes or {}).items() if not k.startswith("rehab")}
+    """The sizes every row shares (a rehab row carries its own rehab settings in its spec; the Prehab
+    cache is only where results are kept)."""
+    return {k: v for k, v in (sizes or {}).items() if not k.startswith("rehab") and k != "prehab_cache"}
 
 
 def row_key(spec: dict) -> str:
@@ -78,6 +79,8 @@ def run_row(spec: dict, sizes: dict) -> dict:
     calib = data.causal_lm_batches(tok, calib_texts, num_samples=windows, seq_len=sizes["calib_len"],
                                    batch_size=8, seed=0)
     out = {"spec": spec, "calibration_tokens": windows * sizes["calib_len"], "load_seconds": round(load_s, 1)}
+    if "prehab" in spec:  # Prehab first (or its cached result), at the row's keep ratio
+        out["prehab"] = prehabbed(model, tok, calib, spec, sizes)
     t0 = time.perf_counter()
     if method != "dense":
         options = dict(spec.get("options", {}))
@@ -111,6 +114,52 @@ def run_row(spec: dict, sizes: dict) -> dict:
     out["generation"] = evaluate.generate_text(model, tok, evaluate.DEFAULT_PROMPT, max_new_tokens=24)
     out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return out
+
+
+def prehabbed(model, tok, calib, spec: dict, sizes: dict) -> dict:
+    """Run ``prehab_svd.prehab(model, calib, train, keep_ratio=keep, **spec["prehab"])`` in place (or
+    load its result from the cache: every method of a keep ratio starts from the same Prehab), with
+    training windows of the built-in corpus's train split drawn with another seed than the
+    calibration's (4 windows of ``calib_len`` tokens a step). Returns the Prehab's report summary."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from prehab_svd import data, prehab
+
+    settings = dict(spec["prehab"])
+    keep = settings.pop("keep_ratio", spec.get("keep"))
+    ident = json.dumps({"settings": settings, "keep": keep, "calib": spec.get("calib", sizes["calib_windows"]),
+                        "calib_len": sizes["calib_len"]}, sort_keys=True)
+    cache = Path(sizes.get("prehab_cache") or "/tmp/prehab_svd_rows") / hashlib.sha256(ident.encode()).hexdigest()[:16]
+    if (cache / "model.safetensors").is_file():
+        missing, unexpected = model.load_state_dict(load_file(str(cache / "model.safetensors")), strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:  # the head is tied to the embedding: saved once
+            raise SystemExit(f"{cache}: not this model's weights ({unexpected[:3]} {missing[:3]})")
+        return json.loads((cache / "report.json").read_text()) | {"cached": str(cache)}
+    steps = int(settings.get("steps", 100))
+    train = data.causal_lm_batches(tok, data.load_texts("builtin", "train"), num_samples=4 * steps,
+                                   seq_len=sizes["calib_len"], batch_size=4, seed=2)
+    torch.manual_seed(0)
+    rep = prehab(model, calib, train, keep_ratio=keep, **settings)
+    first, last = rep.steps[0], rep.steps[-1]
+    summary = {"ident": json.loads(ident), "seconds": round(rep.seconds, 1),
+               "timings": {k: round(v, 1) for k, v in rep.timings.items()},
+               "surrogate": rep.surrogate, "lam": rep.lam, "lr": rep.lr, "steps": len(rep.steps),
+               "task_loss": [first.task_loss, last.task_loss], "compressed_loss": [first.surrogate, last.surrogate],
+               "stable_rank": [rep.mean_stable_rank_before, rep.mean_stable_rank_after], "tracking": rep.tracking}
+    tmp = cache.with_name(cache.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():  # tied tensors (embedding and head) once
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            state[k] = v.contiguous()
+    save_file(state, str(tmp / "model.safetensors"))
+    (tmp / "report.json").write_text(json.dumps(summary))
+    tmp.rename(cache)
+    return summary
 
 
 def dense_at_budget(model, patterns, keep: float):
@@ -233,6 +282,8 @@ def _row_order(r: dict) -> tuple:
     """Dense first, then by keep (descending), method in TABLE_METHODS order, plain settings first."""
     s = r["spec"]
     name = s.get("method", "dense") + ("+rehab" if s.get("rehab") else "")
+    if "prehab" in s:
+        name = "prehab+" + name
     rank = TABLE_METHODS.index(name) if name in TABLE_METHODS else len(TABLE_METHODS)
     label = fmt_row(r).split(" | ")[0]
     return (name != "dense", -s.get("keep", 1.0), rank, "{" in label, label)
@@ -240,9 +291,11 @@ def _row_order(r: dict) -> tuple:
 
 def fmt_row(r: dict) -> str:
     s = r["spec"]
-    name = s.get("method", "dense") + ("+rehab" if s.get("rehab") else "")
+    name = ("prehab+" if "prehab" in s else "") + s.get("method", "dense") + ("+rehab" if s.get("rehab") else "")
     extra = {k: v for k, v in s.items() if k not in ("method", "keep", "rehab", "rehab_steps", "rehab_windows",
                                                      "rehab_lr")}
+    if extra.get("prehab") == {}:
+        del extra["prehab"]  # Prehab with its defaults
     if "keep_rest" in r:
         extra["keep_rest"] = round(r["keep_rest"], 4)
     label = name + (" " + json.dumps(extra, sort_keys=True) if extra else "")
@@ -304,10 +357,12 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--rehab-windows", type=int, default=240, help="rehab: windows of 256 tokens, 4 a step")
     p.add_argument("--rehab-steps", type=int, default=60)
+    p.add_argument("--prehab-cache", default="/tmp/prehab_svd_rows",
+                   help="rows with \"prehab\": where each Prehab's fine-tuned model is kept for the other methods")
     args = p.parse_args(argv)
     sizes = {"calib_windows": args.calib_windows, "calib_len": args.calib_len, "eval_len": args.eval_len,
              "eval_tokens": args.eval_tokens, "rehab_windows": args.rehab_windows,
-             "rehab_steps": args.rehab_steps}
+             "rehab_steps": args.rehab_steps, "prehab_cache": args.prehab_cache}
     if args.row is not None:
         import transformers
 

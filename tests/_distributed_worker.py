@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_model, token_batches  # noqa: E402
+from prehab_svd.training.surrogates import CompressedTask  # noqa: E402
 
 SHAPE = dict(layers=2, hidden=64, intermediate=128)
 ODD = dict(layers=2, hidden=40, intermediate=75)
@@ -95,7 +96,12 @@ def recipe(rank: int = 0, world: int = 1, out_dir: str | None = None) -> dict:
                              "rank0_only": fsdp.full_state_dict(model), "report": rep.to_dict()}
     out["prehab"] = prehab_run(rank, world)
     out["prehab-tail"] = prehab_run(rank, world, lam=0.3, surrogate="tail", keep_ratio=KEEP)
-    out["prehab-compressed"] = prehab_run(rank, world, lam=1.0, surrogate="compressed", keep_ratio=KEEP)
+    # the exact projector on whole batches (what FSDP runs), and the tracked one (the default, but on
+    # whole batches: a split of each rank's shard is not a split of the single process's batch)
+    out["prehab-compressed"] = prehab_run(rank, world, lam=1.0, keep_ratio=KEEP,
+                                          surrogate=CompressedTask(track=False, split=False))
+    out["prehab-compressed-tracked"] = prehab_run(rank, world, lam=1.0, keep_ratio=KEEP,
+                                                  surrogate=CompressedTask(track=True, split=False))
     out["prehab-nuclear"] = prehab_run(rank, world, lam=1.0, surrogate="nuclear")
     if world > 1:  # FSDP2: the same runs with the parameters sharded over the ranks
         saved = os.path.join(out_dir, "fsdp-prehabbed") if out_dir else None
@@ -103,7 +109,7 @@ def recipe(rank: int = 0, world: int = 1, out_dir: str | None = None) -> dict:
         out["fsdp"]["saved"] = saved
         out["fsdp-tail"] = prehab_run(rank, world, lam=0.3, surrogate="tail", keep_ratio=KEEP,
                                       parallel="fsdp")
-        out["fsdp-compressed"] = prehab_run(rank, world, lam=1.0, surrogate="compressed",
+        out["fsdp-compressed"] = prehab_run(rank, world, lam=1.0, surrogate=CompressedTask(track=False, split=False),
                                             keep_ratio=KEEP, parallel="fsdp")
         # sharded by the caller (each block, then the root), found by parallel="auto"
         out["fsdp-nuclear-presharded"] = prehab_run(rank, world, lam=1.0, surrogate="nuclear",

@@ -95,9 +95,11 @@ def streaming_case() -> dict:
 
 def prehab_rehab_case() -> dict:
     """Four Prehab steps with each surrogate; the "compressed" one then svd-llm at keep 0.6 and three
-    rehab steps."""
+    rehab steps. The "compressed" surrogate as it was recorded: the exact projector on whole batches
+    and lr 2e-5 (its defaults now track the subspace, split the batches and use lr 1e-4)."""
     import prehab_svd
     from prehab_svd import prehab, rehab
+    from prehab_svd.training.surrogates import CompressedTask
 
     calib = token_batches(n=4, batch=2, tokens=24, seed=2)
     data = token_batches(n=3, batch=2, tokens=24, seed=4)
@@ -107,7 +109,9 @@ def prehab_rehab_case() -> dict:
         m = tiny_model("llama", layers=2, hidden=64, intermediate=120, seed=1)
         torch.manual_seed(0)
         kw = {} if surrogate == "stable" else {"keep_ratio": 0.6, "lam": 1.0 if surrogate == "compressed" else 0.01}
-        prehab(m, calib, data, steps=4, surrogate=surrogate, **kw)
+        if surrogate == "compressed":
+            kw.update(surrogate=CompressedTask(track=False, split=False), lr=2e-5)
+        prehab(m, calib, data, steps=4, **({"surrogate": surrogate} | kw))
         out[f"prehab_{surrogate}/logits"] = _logits(m, probe)
         if surrogate == "compressed":
             model = m

@@ -181,6 +181,20 @@ def test_prehab_then_zs_svd_with_rehab(tiny_llama_dir, tmp_path, capsys):
     assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["perplexity"] > 1
 
 
+@pytest.mark.parametrize("extra,tracked", [([], True), (["--no-split", "--exact-subspace"], False)])
+def test_prehab_keep_ratio_alone_trains_toward_the_compressed_model(extra, tracked, tiny_llama_dir, tmp_path, capsys):
+    """`prehab --keep-ratio K`: the compressed surrogate with its defaults (tracked, λ 1, lr 1e-4),
+    or exact and unsplit when asked; the log says which."""
+    pre = tmp_path / "prehab"
+    code, stdout, _ = run(["prehab", tiny_llama_dir, "--out", pre, "--steps", 3, "--keep-ratio", 0.5,
+                           "--num-samples", 4, "--train-samples", 8, "--seq-len", 32, "--batch-size", 4,
+                           "--quiet", *extra], capsys)
+    assert code == 0, stdout
+    log = json.loads((pre / "prehab_log.json").read_text())
+    assert (log["surrogate"], log["lam"], log["lr"]) == ("compressed", 1.0, 1e-4)
+    assert (log["tracking"] != {}) == tracked
+
+
 def test_prehab_tail_surrogate(tiny_llama_dir, tmp_path, capsys):
     """--surrogate tail --keep-ratio: the logged surrogate is the whitened tail fraction, and falls."""
     pre = tmp_path / "prehab"
@@ -202,6 +216,8 @@ def test_prehab_tail_surrogate(tiny_llama_dir, tmp_path, capsys):
     (["prehab", "minilm", "--out", "{out}", "--train-samples", "100000"], "fewer than the 100000"),
     (["prehab", "minilm", "--out", "{out}", "--surrogate", "tail", "--num-samples", "8", "--train-samples",
       "8"], "surrogate='tail' needs keep_ratio"),
+    (["prehab", "minilm", "--out", "{out}", "--exact-subspace", "--num-samples", "8", "--train-samples", "8"],
+     "shape the compressed surrogate"),
 ])
 def test_prehab_user_errors(argv, msg, tmp_path, capsys):
     out = tmp_path / "out"

@@ -14,8 +14,9 @@
    every step shrinks each layer's whitened tail beyond rank r (the part svd-llm will cut) by the
    proximal step of that penalty; its plain gradient hardly moves the tail, which lives in the
    inputs' low-variance directions where the gradient in W is scaled down by the whitening. Or, with
-   ``surrogate="compressed"``, fine-tunes on ``task(model) + λ_t·task(model compressed by svd-llm at
-   keep_ratio)``, the compressed weights ``U_r U_rᵀ W`` recomputed from W·L at every step;
+   ``surrogate="compressed"`` (the default when ``keep_ratio`` is given), fine-tunes on
+   ``task(model) + λ_t·task(model compressed by svd-llm at keep_ratio)``, the compressed weights
+   ``U_r U_rᵀ W`` with U_r tracked from step to step (:class:`~.surrogates.CompressedTask`);
 3. logs per step the task loss, the surrogate, and the mean stable rank of the whitened weights.
 
 The whitening factors stay fixed during training (the compression that follows re-measures the
@@ -48,7 +49,7 @@ from ..models import plan_targets
 from ..tasks import default_task, step_range
 from ..utils import is_causal_model, is_keep_ratio
 from .runners import runner_for
-from .surrogates import SURROGATES
+from .surrogates import SURROGATES, resolve_surrogate
 from .targets import WhitenedTargets, stable_rank_of
 from .whitening import stats_blocks_that_fit, whitening_factors
 
@@ -60,7 +61,7 @@ class PrehabStep:
     step: int
     task_loss: float
     surrogate: float  # mean over layers of the surrogate (stable, nuclear, tail); "compressed": its task loss
-    stable_rank: float  # mean stable rank of the whitened weights W·L
+    stable_rank: float | None  # mean stable rank of the whitened weights W·L (None: not computed this step)
     lam: float
     loss: float
 
@@ -74,6 +75,15 @@ class PrehabReport:
     stable_rank_after: list = field(default_factory=list)
     calibration_tokens: int = 0
     seconds: float = 0.0
+    lam: float = 0.0
+    lr: float = 0.0
+    # "compressed" with tracking: how far the tracked truncation lags the exact one after the last
+    # step (WhitenedTargets.tracking_lag): max and mean over the layers of sin θ_max and of the
+    # relative excess of the truncation error
+    tracking: dict = field(default_factory=dict)
+    # seconds: "whitening" (calibration pass and factors), "spectra" (SVDs before and after, and the
+    # tracking check), "steps" (the training steps)
+    timings: dict = field(default_factory=dict)
     # per layer singular values of W·L (tensors; not in to_dict): for plots
     spectra_before: list = field(default_factory=list, repr=False)
     spectra_after: list = field(default_factory=list, repr=False)
@@ -131,27 +141,31 @@ def _check_positive_int(name, v, allow_zero=False):
         raise PrehabError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} int, got {v!r}")
 
 
-def _check_options(steps, warmup_steps, surrogate, keep_ratio, lam, lam_start, dtype, stats_blocks,
+def _check_options(steps, warmup_steps, surrogate, keep_ratio, lam, lam_start, lr, dtype, stats_blocks,
                    parallel):
-    """The surrogate object named ``surrogate``, or :class:`PrehabError` for the first bad option."""
+    """The surrogate object ``surrogate`` names (None: "compressed" with a keep_ratio, else
+    "stable"), or :class:`PrehabError` for the first bad option."""
     _check_positive_int("steps", steps)
     _check_positive_int("warmup_steps", warmup_steps, allow_zero=True)
-    if not isinstance(surrogate, str) or surrogate not in SURROGATES:
-        raise PrehabError(f"surrogate must be one of {', '.join(map(repr, SURROGATES))}, got {surrogate!r}")
-    surr = SURROGATES[surrogate]
+    try:
+        surr = resolve_surrogate(surrogate, keep_ratio)
+    except ValueError as e:
+        raise PrehabError(str(e)) from None
     if surr.needs_keep_ratio:
         # stricter than compress's (0, 1]: at 1 the planned compression keeps (about) everything,
         # leaving nothing to train toward
         if not is_keep_ratio(keep_ratio) or keep_ratio == 1:
-            raise PrehabError(f"surrogate={surrogate!r} needs keep_ratio, the fraction of parameters the "
+            raise PrehabError(f"surrogate={surr.name!r} needs keep_ratio, the fraction of parameters the "
                               f"compression after Prehab keeps, in (0, 1); got {keep_ratio!r}")
     elif keep_ratio is not None:
         needing = " or ".join(repr(name) for name, s in SURROGATES.items() if s.needs_keep_ratio)
-        raise PrehabError(f"keep_ratio is only used by surrogate={needing} (got surrogate={surrogate!r})")
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-        raise PrehabError(f"lam must be a finite number >= 0, got {lam!r}")
+        raise PrehabError(f"keep_ratio is only used by surrogate={needing} (got surrogate={surr.name!r})")
+    if lam is not None and not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise PrehabError(f"lam must be a finite number >= 0 (or None: the surrogate's default), got {lam!r}")
     if not (isinstance(lam_start, (int, float)) and lam_start > 0):
         raise PrehabError(f"lam_start must be > 0, got {lam_start!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise PrehabError(f"lr must be a finite number > 0 (or None: the surrogate's default), got {lr!r}")
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise PrehabError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
     if stats_blocks is not None:
@@ -159,6 +173,15 @@ def _check_options(steps, warmup_steps, surrogate, keep_ratio, lam, lam_start, d
     if parallel not in ("auto", "ddp", "fsdp"):
         raise PrehabError(f"parallel must be 'auto', 'ddp' or 'fsdp', got {parallel!r}")
     return surr
+
+
+def _lag_summary(lag: dict) -> dict:
+    """The report's ``tracking`` entry from :meth:`WhitenedTargets.tracking_lag`'s per-layer values."""
+    if not lag:
+        return {}
+    sins, excess = [v[0] for v in lag.values()], [v[1] for v in lag.values()]
+    return {"layers": len(lag), "max_sin": max(sins), "mean_sin": sum(sins) / len(sins),
+            "max_excess": max(excess), "mean_excess": sum(excess) / len(excess)}
 
 
 def _under_autocast(loss_fn, dtype, device: torch.device):
@@ -180,13 +203,13 @@ def prehab(
     data,
     *,
     steps: int = 100,
-    lam: float = 10.0,
+    lam: float | None = None,
     lam_start: float = 1e-3,
     warmup_steps: int = 10,
-    surrogate: str = "stable",
+    surrogate=None,
     keep_ratio: float | None = None,
     task=None,
-    lr: float = 2e-5,
+    lr: float | None = None,
     optimizer="adamw",
     weight_decay: float = 0.0,
     grad_clip: float | None = 1.0,
@@ -208,9 +231,11 @@ def prehab(
         model: a Hugging Face model or any ``nn.Module`` (the targets are found as ``compress`` does).
         calibration: batches (dicts of model inputs or LongTensors of ids) for the input covariances.
         data: training batches, cycled for ``steps`` steps.
-        steps: optimizer steps. lam: the surrogate's weight after warm-up; lam_start: its weight at
-            step 1 (exponential warm-up over ``warmup_steps``).
-        surrogate: "stable" (‖WL‖_F²/σ₁², power iteration warm-started), "nuclear"
+        steps: optimizer steps. lam: the surrogate's weight after warm-up (None: the surrogate's
+            default, 1 for "compressed", 0.01 for "tail", 10 for the others); lam_start: its weight
+            at step 1 (exponential warm-up over ``warmup_steps``).
+        surrogate: None (default): "compressed" when ``keep_ratio`` is given, else "stable". The
+            names: "stable" (‖WL‖_F²/σ₁², power iteration warm-started), "nuclear"
             (‖WL‖_*²/‖WL‖_F², Newton–Schulz) or "tail" (Σ_{i>r}σᵢ²/‖WL‖_F², the fraction of the
             whitened energy that truncation to the rank of ``keep_ratio`` would drop: svd-llm's
             relative error of the layer; needs ``keep_ratio``). "tail" is not added to the loss:
@@ -220,12 +245,17 @@ def prehab(
             "compressed": the task loss of the model as svd-llm would compress it at ``keep_ratio``
             (every W replaced by ``U_r U_rᵀ W``, U_r the top-r left singular vectors of W·L, held
             fixed within the step), so training minimizes ``task(dense) + λ·task(compressed)``: the
-            dense model stays close to the original while the compressed one improves. Costs a
-            second forward/backward and the SVD of every W·L per step. λ 1 is a good start.
+            dense model stays close to the original while the compressed one improves. By default
+            U_r is tracked (one block-power step per optimizer step, exact SVDs only at the start)
+            and each batch is split, half for each term, so a step costs about a plain fine-tuning
+            step; ``surrogate=CompressedTask(track=False, split=False)`` gives the exact projector on
+            the whole batch for both terms (fp64 SVDs every step, two passes). A
+            :class:`~prehab_svd.training.surrogates.Surrogate` object is used as given.
         keep_ratio: the compression planned after Prehab (surrogates "tail" and "compressed").
         task: "auto" (cross-entropy for a causal LM, embedding distillation to the original model for
             an encoder), "causal_lm", "distill", "contrastive", or a callable loss(model, batch).
-        lr, optimizer ("adamw", "adam", "sgd" or a callable params -> optimizer), weight_decay,
+        lr (None: the surrogate's default, 1e-4 for "compressed", 2e-5 for the others), optimizer
+            ("adamw", "adam", "sgd" or a callable params -> optimizer), weight_decay,
         grad_clip (max global grad norm; None: off).
         dtype: None (fp32) or torch.bfloat16/float16 to train under autocast.
         train_mode: run with dropout (model.train()); default False keeps the model in eval mode.
@@ -255,8 +285,10 @@ def prehab(
         after.
     """
     t0 = time.perf_counter()
-    surr = _check_options(steps, warmup_steps, surrogate, keep_ratio, lam, lam_start, dtype, stats_blocks,
+    surr = _check_options(steps, warmup_steps, surrogate, keep_ratio, lam, lam_start, lr, dtype, stats_blocks,
                           parallel)
+    lam = surr.default_lam if lam is None else lam
+    lr = surr.default_lr if lr is None else lr
     sharded = _fsdp.is_sharded(model)
     if sharded and parallel == "ddp":
         raise PrehabError("the model's parameters are DTensors (sharded with FSDP2's fully_shard): "
@@ -287,7 +319,9 @@ def prehab(
         wanted = set(Runner.layers_to_whiten(names, own, surr))
         factors, tokens = whitening_factors(model, plan, calib, wanted, damping, blocks_per_pass)
         owner_of = {n: _dist.owner(i) for i, n in enumerate(names)}
-        report = PrehabReport(surrogate=surrogate, layers=list(names), calibration_tokens=tokens)
+        report = PrehabReport(surrogate=surr.name, layers=list(names), calibration_tokens=tokens,
+                              lam=float(lam), lr=float(lr))
+        report.timings["whitening"] = time.perf_counter() - t0
         if sharded and not callable(task) and (task == "distill" or (
                 task in (None, "auto") and not is_causal_model(model))):
             raise PrehabError(
@@ -304,8 +338,11 @@ def prehab(
                                      keep_ratio=keep_ratio) if own else None)
         runner = Runner(model, names, targets_w, owner_of, surr)
 
+        t1 = time.perf_counter()
         report.spectra_before = runner.spectra()
         report.stable_rank_before = [stable_rank_of(sp) for sp in report.spectra_before]
+        t_steps = time.perf_counter()
+        report.timings["spectra"] = t_steps - t1
         model.train(train_mode)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = _make_optimizer(optimizer, params, lr, weight_decay)
@@ -327,10 +364,15 @@ def prehab(
             if callback is not None:
                 callback(rec)
             if log_every and (step + 1) % log_every == 0:
+                sr = "-" if rec.stable_rank is None else f"{rec.stable_rank:.3f}"
                 print(f"prehab step {rec.step}/{steps}: task {rec.task_loss:.4f}  "
-                      f"{surrogate} {rec.surrogate:.3f}  stable rank {rec.stable_rank:.3f}  λ {lam_t:.3g}")
+                      f"{surr.name} {rec.surrogate:.3f}  stable rank {sr}  λ {lam_t:.3g}")
         runner.stop()
+        t1 = time.perf_counter()
+        report.timings["steps"] = t1 - t_steps
+        report.tracking = _lag_summary(runner.tracking_lag())
         report.spectra_after = runner.spectra()
         report.stable_rank_after = [stable_rank_of(sp) for sp in report.spectra_after]
+        report.timings["spectra"] += time.perf_counter() - t1
     report.seconds = time.perf_counter() - t0
     return report

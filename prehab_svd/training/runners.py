@@ -99,6 +99,17 @@ class StepRunner:
     def stop(self) -> None:
         """After the last step."""
 
+    def _logs_stable_rank(self, step: int) -> bool:
+        """Whether the surrogate logs the whitened stable rank at ``step`` (asked of a rank without
+        layers: with none, it says so by returning None for every step it skips)."""
+        return not isinstance(getattr(self.surrogate, "STABLE_RANK_EVERY", None), int) or \
+            step % self.surrogate.STABLE_RANK_EVERY == 0
+
+    def tracking_lag(self) -> dict:
+        """``{layer: (sin θ_max, excess)}`` of the tracked truncation now (see
+        :meth:`WhitenedTargets.tracking_lag`); empty where nothing is tracked."""
+        return {}
+
     def _global_log(self, step: int, task_loss, reg_own: float, sr_own: float, per_layer: bool,
                     lam: float) -> tuple:
         """(task, surrogate, stable rank, loss) as the means over the global batch and all the
@@ -110,7 +121,8 @@ class StepRunner:
             raise PrehabError(f"the task loss is {task_g} (mean over the ranks) at step "
                               f"{step + 1}; lower the learning rate or train in float32")
         mean_reg = reg_sum / (len(self.names) if per_layer else self.world)
-        return task_g, mean_reg, sr_sum / len(self.names), task_g + lam * mean_reg
+        sr = None if math.isnan(sr_sum) else sr_sum / len(self.names)
+        return task_g, mean_reg, sr, task_g + lam * mean_reg
 
 
 class _DataParallel(StepRunner):
@@ -137,14 +149,17 @@ class _DataParallel(StepRunner):
                 self.projected = self.targets  # one process: the same stacks
             else:
                 self.projected = WhitenedTargets(self.model, self.names, factors, keep_ratio=keep_ratio)
+            self.projected.track = self.surrogate.track
         # DDP's construction broadcasts rank 0's parameters and buffers
         self.step_fn = _dist.data_parallel(_dist.LossModule(self.model, self._losses), device)
 
     def _losses(self, model, batch):
-        """The task loss and this rank's surrogate values (one call, so DDP sees both)."""
-        task_loss = self.task(model, batch)
+        """The task loss and this rank's surrogate values (one call, so DDP sees both); "compressed":
+        each on its part of the batch (:meth:`CompressedTask.batches`)."""
         if self.projected is not None:
-            return task_loss, self.surrogate.loss(self.projected, self.task, model, batch)
+            dense, compressed = self.surrogate.batches(batch)
+            return self.task(model, dense), self.surrogate.loss(self.projected, self.task, model, compressed)
+        task_loss = self.task(model, batch)
         vals = self.surrogate.values(self.targets) if self.targets is not None else None
         return task_loss, vals
 
@@ -153,6 +168,14 @@ class _DataParallel(StepRunner):
             fn(self.targets)
         _dist.broadcast_from_owners([(self.owner_of[n], [self.model.get_submodule(n).weight.data])
                                      for n in self.names])
+
+    def _after_backward(self) -> None:
+        """Tracked truncation: one block-power step of every subspace, before the weights change."""
+        if self.projected is not None and self.projected.track:
+            self.projected.advance()
+
+    def tracking_lag(self) -> dict:
+        return self.projected.tracking_lag() if self.projected is not None and self.projected.track else {}
 
     def stop(self) -> None:
         self.step_fn = None  # DDP's gradient hooks go with it
@@ -168,10 +191,11 @@ class LocalRunner(_DataParallel):
                               "the learning rate or train in float32")
         reg = vals.mean()
         # the logged stable rank is the one of the weights this step starts from
-        sr = self.surrogate.stable_ranks(self.targets, vals).mean().item()
+        srs = self.surrogate.stable_ranks(self.targets, vals, step)
         loss = task_loss.float() + lam * reg
-        logged = (task_loss.item(), reg.item(), sr, loss.item())
+        logged = (task_loss.item(), reg.item(), None if srs is None else srs.mean().item(), loss.item())
         loss.backward()
+        self._after_backward()
         return logged
 
 
@@ -186,11 +210,13 @@ class DDPRunner(_DataParallel):
         reg = (vals.sum() * (self.world / len(self.names) if per_layer else 1.0) if vals is not None
                else task_loss.new_zeros(()))
         reg_own = vals.sum().item() if vals is not None else 0.0
-        sr_own = (self.surrogate.stable_ranks(self.targets, vals).sum().item()
-                  if self.targets is not None else 0.0)
+        srs = self.surrogate.stable_ranks(self.targets, vals, step) if self.targets is not None else None
+        # the same step skips the log's stable rank on every rank (it depends on the step only)
+        sr_own = srs.sum().item() if srs is not None else (0.0 if self._logs_stable_rank(step) else math.nan)
         loss = task_loss.float() + lam * reg
         logged = self._global_log(step, task_loss, reg_own, sr_own, per_layer, lam)
         loss.backward()
+        self._after_backward()
         return logged
 
 
@@ -230,7 +256,7 @@ class FSDPRunner(StepRunner):
         if self.surrogate.per_layer:
             reg_own, sr_own = self._per_layer_grads(lam)
         else:
-            reg_own, sr_own = self._compressed_grads(batch, lam)
+            reg_own, sr_own = self._compressed_grads(batch, lam, step)
         return self._global_log(step, task_loss, reg_own, sr_own, self.surrogate.per_layer, lam)
 
     def _per_layer_grads(self, lam):
@@ -255,12 +281,12 @@ class FSDPRunner(StepRunner):
                     else:
                         vals = surrogate.values(targets)
                     reg_own += vals.sum().item()
-                    sr_own += surrogate.stable_ranks(targets, vals).sum().item()
+                    sr_own += surrogate.stable_ranks(targets, vals).sum().item()  # per-layer: every step
                 if surrogate.in_loss:
                     _fsdp.scatter_from_owners(self.model, chunk, self.owner_of, grads, into="grad", add=True)
         return reg_own, sr_own
 
-    def _compressed_grads(self, batch, lam):
+    def _compressed_grads(self, batch, lam, step=0):
         """The "compressed" surrogate: the projected layers' task gradients are set aside; each owner
         scatters its layers' projected weights ``U_r U_rᵀ W`` into the shards, the model runs forward
         and backward on ``λ·task``, the weights are restored, and each owner maps its layers'
@@ -269,7 +295,7 @@ class FSDPRunner(StepRunner):
         The other parameters accumulate both backward passes' gradients as they are. Returns this
         rank's compressed-model loss and the sum of its own layers' whitened stable ranks."""
         model, targets, owner_of = self.model, self.targets, self.owner_of
-        sr_own = 0.0
+        sr_own = 0.0 if self._logs_stable_rank(step) else math.nan
         projected = [n for n in self.names  # the same list on every rank: from the shapes alone
                      if rank_for(*model.get_submodule(n).weight.shape, self.keep_ratio) is not None]
         weights = {n: model.get_submodule(n).weight for n in projected}
@@ -286,7 +312,9 @@ class FSDPRunner(StepRunner):
                     here = targets.projections()
                     Urs.update(here)
                     new = {n: project_onto(Ur, full[n]) for n, Ur in here.items()}
-                    sr_own += self.surrogate.stable_ranks(targets, None).sum().item()
+                    srs = self.surrogate.stable_ranks(targets, None, step)
+                    if srs is not None:
+                        sr_own += srs.sum().item()
                 _fsdp.scatter_from_owners(model, [n for n in chunk if n in weights], owner_of, new,
                                           into="weight")
         try:
