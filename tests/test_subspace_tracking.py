@@ -115,7 +115,7 @@ def test_defaults_follow_the_planned_compression(make_model, make_batches):
     assert (rep.surrogate, rep.lam, rep.lr) == ("compressed", 1.0, 1e-4)
     assert rep.tracking["layers"] > 0
     assert set(rep.timings) == {"whitening", "spectra", "steps"}
-    assert rep.steps[0].stable_rank is not None and rep.steps[1].stable_rank is None  # every 10 steps
+    assert rep.steps[0].stable_rank is not None and rep.steps[1].stable_rank is None  # every 25 steps
     rep = prehab(make_model("llama"), batches, batches, steps=2)
     assert (rep.surrogate, rep.lam, rep.lr) == ("stable", 10.0, 2e-5)
     rep = prehab(make_model("llama"), batches, batches, steps=1, keep_ratio=0.6, lam=0.5, lr=1e-5,

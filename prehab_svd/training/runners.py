@@ -169,10 +169,14 @@ class _DataParallel(StepRunner):
         _dist.broadcast_from_owners([(self.owner_of[n], [self.model.get_submodule(n).weight.data])
                                      for n in self.names])
 
-    def _after_backward(self) -> None:
-        """Tracked truncation: one block-power step of every subspace, before the weights change."""
+    def _after_backward(self, step: int) -> None:
+        """Tracked truncation: one block-power step of every subspace every ``track_every`` steps,
+        before the weights change."""
         if self.projected is not None and self.projected.track:
-            self.projected.advance()
+            if (step + 1) % self.surrogate.track_every == 0:
+                self.projected.advance()
+            else:
+                self.projected.skip_advance()
 
     def tracking_lag(self) -> dict:
         return self.projected.tracking_lag() if self.projected is not None and self.projected.track else {}
@@ -195,7 +199,7 @@ class LocalRunner(_DataParallel):
         loss = task_loss.float() + lam * reg
         logged = (task_loss.item(), reg.item(), None if srs is None else srs.mean().item(), loss.item())
         loss.backward()
-        self._after_backward()
+        self._after_backward(step)
         return logged
 
 
@@ -216,7 +220,7 @@ class DDPRunner(_DataParallel):
         loss = task_loss.float() + lam * reg
         logged = self._global_log(step, task_loss, reg_own, sr_own, per_layer, lam)
         loss.backward()
-        self._after_backward()
+        self._after_backward(step)
         return logged
 
 

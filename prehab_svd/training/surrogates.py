@@ -90,10 +90,13 @@ class CompressedTask(Surrogate):
     parallelism every rank needs every layer's projection; under FSDP the owners project their
     layers and scatter the projected weights (:mod:`.runners`).
 
-    ``track`` (default True): U_r is tracked, not recomputed: one block-power step per optimizer step
-    from the previous U_r (:meth:`WhitenedTargets.advance`), exact fp64 SVDs only at the start; the
-    compressed forward runs on the two factors. False: fp64 SVDs of every ``W·L`` at every step (the
-    exact projector; ~6x a plain step on SmolLM2).
+    ``track`` (default True): U_r is tracked, not recomputed: one block-power step every
+    ``track_every`` optimizer steps from the previous U_r (:meth:`WhitenedTargets.advance`), exact
+    fp64 SVDs only at the start; the compressed forward runs on the two factors. False: fp64 SVDs of
+    every ``W·L`` at every step (the exact projector; ~6x a plain step on SmolLM2).
+    ``track_every`` (default 2): on SmolLM2 a block-power step of every layer (its products and
+    thin QRs) costs about a third of a plain step; one every other step halves that, and the lag it
+    adds is measured (``PrehabReport.tracking``, results/prehab_smollm2.md).
 
     ``split`` (default True): a batch of two or more sequences is split in halves: the first half's
     task loss is the dense term and the second half's, through the truncation, the compressed one,
@@ -102,21 +105,25 @@ class CompressedTask(Surrogate):
     batch (two passes). FSDP always runs both terms on the whole batch with exact projections.
 
     Not added to the stable rank every step (forming every ``W·L`` would cost more than the
-    regularizer): the log carries the whitened stable rank every :attr:`STABLE_RANK_EVERY` steps."""
+    regularizer, about a third of a plain step on SmolLM2): the log carries the whitened stable rank
+    every :attr:`STABLE_RANK_EVERY` steps."""
 
     name = "compressed"
     per_layer = False
     needs_keep_ratio = True
     default_lam = 1.0
     default_lr = 1e-4
-    STABLE_RANK_EVERY = 10
+    STABLE_RANK_EVERY = 25
 
-    def __init__(self, track: bool = True, split: bool = True):
+    def __init__(self, track: bool = True, split: bool = True, track_every: int = 2):
+        if isinstance(track_every, bool) or not isinstance(track_every, int) or track_every < 1:
+            raise ValueError(f"track_every must be a positive int, got {track_every!r}")
         self.track = bool(track)
         self.split = bool(split)
+        self.track_every = track_every
 
     def __repr__(self) -> str:
-        return f"CompressedTask(track={self.track}, split={self.split})"
+        return f"CompressedTask(track={self.track}, split={self.split}, track_every={self.track_every})"
 
     def values(self, targets) -> torch.Tensor:
         raise TypeError("the 'compressed' surrogate has no per-layer values; see CompressedTask.loss")

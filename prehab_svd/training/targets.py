@@ -226,6 +226,10 @@ class WhitenedTargets:
                 self._tracked[n] = u
         self._last_b.clear()
 
+    def skip_advance(self) -> None:
+        """A step without a block-power step: the subspaces stay; the forward's products are dropped."""
+        self._last_b.clear()
+
     @torch.no_grad()
     def tracking_lag(self) -> dict:
         """How far the tracked subspaces are from the exact ones now, per tracked held layer:

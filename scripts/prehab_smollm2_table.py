@@ -1,0 +1,128 @@
+"""results/prehab_smollm2.md from the rows of ``scripts/methods_smollm2.py --out results/prehab_smollm2``
+and the step costs of ``scripts/prehab_step_cost.py`` (results/prehab_step_cost.json).
+
+Usage: python scripts/prehab_smollm2_table.py [--rows results/prehab_smollm2/methods_smollm2.json]
+       [--cost results/prehab_step_cost.json] [--out results/prehab_smollm2.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ZS = {"grad_samples": 64, "min_rank_fraction": 0.3}  # the CLI's zs settings for a causal LM
+METHODS = [  # (label, method, options)
+    ("svd-llm", "svd-llm", {}),
+    ("aa-svd", "aa-svd", {}),
+    ("zs-svd", "zs-svd", ZS),
+    ("zs-ranks+aa-svd", "aa-svd", {"allocation": "zs", **ZS}),
+]
+
+
+def _find(rows, method, keep, options, prehab, rehab):
+    for r in rows:
+        s = r["spec"]
+        if (s.get("method") == method and s.get("keep") == keep and s.get("options", {}) == options
+                and ("prehab" in s) == prehab and bool(s.get("rehab")) == rehab and "calib" not in s
+                and "dense" not in s and (not prehab or s["prehab"] == {})):
+            return r
+    return None
+
+
+def _ppl(r):
+    return "-" if r is None else f"{r['ppl_builtin']:.2f} / {r['ppl_licenses']:.2f}"
+
+
+def _gain(new, old):
+    if new is None or old is None:
+        return "-"
+    return " / ".join(f"{100 * (new[k] / old[k] - 1):+.0f} %" for k in ("ppl_builtin", "ppl_licenses"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=str(ROOT / "results/prehab_smollm2/methods_smollm2.json"))
+    p.add_argument("--cost", default=str(ROOT / "results/prehab_step_cost.json"))
+    p.add_argument("--out", default=str(ROOT / "results/prehab_smollm2.md"))
+    args = p.parse_args(argv)
+    doc = json.loads(Path(args.rows).read_text())
+    rows = [r for r in doc["rows"] if "ppl_builtin" in r]
+    env = doc["env"]
+    dense = _find(rows, "dense", None, {}, False, False) or next(r for r in rows if r["spec"] == {"method": "dense"})
+    lines = ["# Prehab, heterogeneous ranks and anchored factors on SmolLM2-135M-Instruct (CPU)", "",
+             f"Rows: `python scripts/methods_smollm2.py --out results/prehab_smollm2 ...` (each row's command is "
+             f"in results/prehab_smollm2/methods_smollm2.json; every row a fresh process); table: "
+             f"`python scripts/prehab_smollm2_table.py`. {env['date']}; Python {env['python']}, torch {env['torch']}, "
+             f"transformers {env['transformers']}; {env['machine']}.", "",
+             f"Calibration {env['sizes']['calib_windows']} x {env['sizes']['calib_len']} tokens of the built-in "
+             "corpus (train split); perplexity on consecutive 2048-token windows, 8,192 tokens each of `builtin` "
+             "(the corpus's held-out split) and `licenses` (license texts: another kind), as builtin / licenses. "
+             "Prehab: `prehab(model, calibration, train, keep_ratio=K)` with nothing else (the defaults: the "
+             "compressed surrogate, tracked and split, λ 1, lr 1e-4, AdamW, 100 steps of 4 windows of 256 "
+             "tokens drawn from the same train split with another seed), at the keep ratio of the "
+             "compression that follows. Rehab: LoRA rank 8 on the factors, causal-LM loss, "
+             f"{env['sizes']['rehab_steps']} steps of 4 windows, lr 2e-4. zs settings: grad_samples 64, "
+             "min_rank_fraction 0.3 (the CLI's for a causal LM).", ""]
+    lines += ["| model | keep | ppl | vs dense |", "| --- | --- | --- | --- |",
+              f"| dense | 1 | {_ppl(dense)} | - |"]
+    for keep in (0.6, 0.4):
+        pd = _find(rows, "dense", keep, {}, True, False)
+        if pd is not None:
+            lines.append(f"| Prehab-dense (trained for keep {keep}) | 1 | {_ppl(pd)} | {_gain(pd, dense)} |")
+    for keep in (0.6, 0.4):
+        lines += ["", f"## keep {keep}", "",
+                  "| method | without Prehab | with Prehab | Prehab's change | +rehab | Prehab + method + rehab |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for label, method, opts in METHODS:
+            base = _find(rows, method, keep, opts, False, False)
+            pre = _find(rows, method, keep, opts, True, False)
+            reh = _find(rows, method, keep, opts, False, True)
+            pre_reh = _find(rows, method, keep, opts, True, True)
+            lines.append(f"| {label} | {_ppl(base)} | {_ppl(pre)} | {_gain(pre, base)} | {_ppl(reh)} | "
+                         f"{_ppl(pre_reh)} |")
+    lines += ["", "## Time per stage (seconds, 2 CPU cores)", "",
+              "| row | keep | Prehab: whitening / spectra / steps | compression | rehab |",
+              "| --- | --- | --- | --- | --- |"]
+    for keep in (0.6, 0.4):
+        for label, method, opts in [("Prehab-dense", "dense", {})] + METHODS:
+            for prehab in (False, True):
+                r = _find(rows, method, keep, opts, prehab, False)
+                if r is None or (method == "dense" and not prehab):
+                    continue
+                ph = r.get("prehab", {})
+                t = ph.get("timings", {})
+                pre_s = ("cached" if "cached" in ph and method != "dense" else
+                         f"{t.get('whitening', 0):.0f} / {t.get('spectra', 0):.0f} / {t.get('steps', 0):.0f}") if ph else "-"
+                lines.append(f"| {('prehab+' if prehab and method != 'dense' else '') + label} | {keep} | {pre_s} | "
+                             f"{r.get('compress_seconds', 0):.0f} | - |")
+    tracking = [(r["spec"]["keep"], r["prehab"]) for r in rows
+                if r["spec"].get("method") == "dense" and "prehab" in r and "tracking" in r["prehab"]]
+    if tracking:
+        lines += ["", "## How far the tracked truncation lags the exact one (after the last step)", "",
+                  "| keep | layers | sin θ_max: max / mean | excess truncation error: max / mean | "
+                  "task loss first -> last | compressed loss first -> last |", "| --- | --- | --- | --- | --- | --- |"]
+        for keep, ph in tracking:
+            t = ph["tracking"]
+            lines.append(f"| {keep} | {t['layers']} | {t['max_sin']:.3f} / {t['mean_sin']:.3f} | "
+                         f"{t['max_excess']:.2e} / {t['mean_excess']:.2e} | {ph['task_loss'][0]:.3f} -> "
+                         f"{ph['task_loss'][1]:.3f} | {ph['compressed_loss'][0]:.3f} -> {ph['compressed_loss'][1]:.3f} |")
+    cost_path = Path(args.cost)
+    if cost_path.is_file():
+        cost = json.loads(cost_path.read_text())
+        sec = cost["seconds_per_step"]
+        lines += ["", "## What a Prehab step costs", "",
+                  f"`{cost['env']['command']}`, {cost['env']['date']}, {cost['env']['machine']}, "
+                  f"{cost['env']['threads']} threads; the same 4 x 256-token batches, keep 0.6.", "",
+                  "| step | s | x plain |", "| --- | --- | --- |"]
+        for k, v in sec.items():
+            if isinstance(v, (int, float)):
+                lines.append(f"| {k} | {v:.2f} | {v / sec['plain']:.2f} |")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
