@@ -1,5 +1,6 @@
 """results/prehab_smollm2.md from the rows of ``scripts/methods_smollm2.py --out results/prehab_smollm2``
-and the step costs of ``scripts/prehab_step_cost.py`` (results/prehab_step_cost.json).
+and the step costs of ``scripts/prehab_step_cost.py`` (results/prehab_step_cost.json), followed by
+the hand-written reading in results/prehab_smollm2/reading.md.
 
 Usage: python scripts/prehab_smollm2_table.py [--rows results/prehab_smollm2/methods_smollm2.json]
        [--cost results/prehab_step_cost.json] [--out results/prehab_smollm2.md]
@@ -120,6 +121,9 @@ def main(argv=None) -> int:
         for k, v in sec.items():
             if isinstance(v, (int, float)):
                 lines.append(f"| {k} | {v:.2f} | {v / sec['plain']:.2f} |")
+    reading = Path(args.rows).parent / "reading.md"  # the interpretation, written by hand
+    if reading.is_file():
+        lines += ["", reading.read_text().rstrip()]
     Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
 
