@@ -22,10 +22,8 @@ __all__ = ["DEMO_DEFAULT", "DEMO_PREHAB", "DEMO_REHAB", "DEMO_ZS", "DEMO_TRAIN",
 DEMO_DEFAULT = ("svd", "asvd", "svd-llm", "aa-svd", "zs-svd", "prehab+svd-llm", "prehab+aa-svd")
 # The demo's training settings (how they were chosen: results/methods_minilm.md). Prehab and rehab
 # train on built-in sentences disjoint from the calibration and held-out ones.
-# Prehab: the best of the settings measured on MiniLM (results/prehab_minilm.md) -- it still does not
-# beat compression without Prehab there.
-# Prehab for the demo: task(dense) + λ·task(the model svd-llm makes at the smallest demo keep ratio),
-# the setting measured in results/prehab_minilm.md.
+# Prehab for the demo: task(dense) + λ·task(the model svd-llm makes at the smallest demo keep ratio)
+# (tracked, split: the defaults with a keep_ratio; results/prehab_minilm.md).
 DEMO_PREHAB = dict(steps=100, lam=1.0, surrogate="compressed", lr=1e-4, optimizer="adamw")
 DEMO_REHAB = dict(steps=100, lr=1e-4, lora_rank=8)
 DEMO_ZS = dict(grad_samples=64)  # min_rank_fraction: the default, 0.75·keep_ratio
