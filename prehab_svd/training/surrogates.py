@@ -32,6 +32,12 @@ class Surrogate:
     needs_keep_ratio = False
     default_lam = 10.0
     default_lr = 2e-5
+    track = False  # a model-level surrogate (per_layer False) with a tracked truncation
+    track_every = 1
+
+    def batches(self, batch: dict) -> tuple:
+        """(the task term's batch, a model-level surrogate's batch): the whole batch for both."""
+        return batch, batch
 
     def values(self, targets) -> torch.Tensor:
         """The held layers' values (:meth:`WhitenedTargets.values`), differentiable w.r.t. the weights
