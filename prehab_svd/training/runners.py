@@ -99,12 +99,6 @@ class StepRunner:
     def stop(self) -> None:
         """After the last step."""
 
-    def _logs_stable_rank(self, step: int) -> bool:
-        """Whether the surrogate logs the whitened stable rank at ``step`` (asked of a rank without
-        layers: with none, it says so by returning None for every step it skips)."""
-        return not isinstance(getattr(self.surrogate, "STABLE_RANK_EVERY", None), int) or \
-            step % self.surrogate.STABLE_RANK_EVERY == 0
-
     def tracking_lag(self) -> dict:
         """``{layer: (sin θ_max, excess)}`` of the tracked truncation now (see
         :meth:`WhitenedTargets.tracking_lag`); empty where nothing is tracked."""
@@ -216,7 +210,8 @@ class DDPRunner(_DataParallel):
         reg_own = vals.sum().item() if vals is not None else 0.0
         srs = self.surrogate.stable_ranks(self.targets, vals, step) if self.targets is not None else None
         # the same step skips the log's stable rank on every rank (it depends on the step only)
-        sr_own = srs.sum().item() if srs is not None else (0.0 if self._logs_stable_rank(step) else math.nan)
+        logs = self.surrogate.logs_stable_rank(step)
+        sr_own = srs.sum().item() if srs is not None else (0.0 if logs else math.nan)
         loss = task_loss.float() + lam * reg
         logged = self._global_log(step, task_loss, reg_own, sr_own, per_layer, lam)
         loss.backward()
@@ -299,7 +294,7 @@ class FSDPRunner(StepRunner):
         The other parameters accumulate both backward passes' gradients as they are. Returns this
         rank's compressed-model loss and the sum of its own layers' whitened stable ranks."""
         model, targets, owner_of = self.model, self.targets, self.owner_of
-        sr_own = 0.0 if self._logs_stable_rank(step) else math.nan
+        sr_own = 0.0 if self.surrogate.logs_stable_rank(step) else math.nan
         projected = [n for n in self.names  # the same list on every rank: from the shapes alone
                      if rank_for(*model.get_submodule(n).weight.shape, self.keep_ratio) is not None]
         weights = {n: model.get_submodule(n).weight for n in projected}

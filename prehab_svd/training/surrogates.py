@@ -44,11 +44,15 @@ class Surrogate:
         when the surrogate is in the loss."""
         return targets.values(self.name, grad=self.in_loss)
 
+    def logs_stable_rank(self, step: int) -> bool:
+        """Whether the log of (0-based) ``step`` carries the whitened stable rank (every step here)."""
+        return True
+
     def stable_ranks(self, targets, values, step: int = 0) -> torch.Tensor | None:
         """The held layers' whitened stable ranks for the log of (0-based) ``step``, given this step's
         ``values`` of the same weights: computed without gradient (advancing the warm-started power
-        iteration); None where the surrogate skips it at this step."""
-        return targets.values("stable", grad=False)
+        iteration); None where :meth:`logs_stable_rank` skips the step."""
+        return targets.values("stable", grad=False) if self.logs_stable_rank(step) else None
 
     def proximal_step(self, targets, lam: float) -> None:
         """After an optimizer step, on the held layers' whole weights (surrogates not in the loss)."""
@@ -134,10 +138,8 @@ class CompressedTask(Surrogate):
     def values(self, targets) -> torch.Tensor:
         raise TypeError("the 'compressed' surrogate has no per-layer values; see CompressedTask.loss")
 
-    def stable_ranks(self, targets, values, step: int = 0) -> torch.Tensor | None:
-        if step % self.STABLE_RANK_EVERY:
-            return None
-        return targets.values("stable", grad=False)
+    def logs_stable_rank(self, step: int) -> bool:
+        return step % self.STABLE_RANK_EVERY == 0
 
     def batches(self, batch: dict) -> tuple:
         """(the dense term's batch, the compressed term's batch): the halves of ``batch`` when
