@@ -115,12 +115,12 @@ def _method_options(args) -> dict:
     flags of other methods are left out (they keep their defaults there)."""
     from .compression import method_options
 
-    given = dict(alpha=args.alpha, damping=args.damping, shrinkage=args.shrinkage, task=args.task,
-                 grad_samples=args.grad_samples, correction=args.correction,
+    given = dict(alpha=args.alpha, damping=args.damping, shrinkage=args.shrinkage, anchor=args.anchor,
+                 task=args.task, grad_samples=args.grad_samples, correction=args.correction,
                  min_rank_fraction=args.min_rank_fraction)
     valid = method_options(args.method, getattr(args, "allocation", "uniform"))
     # an unset flag (None) leaves the method's own default
-    return {k: v for k, v in given.items() if k in valid and not (k == "shrinkage" and v is None)}
+    return {k: v for k, v in given.items() if k in valid and not (k in ("shrinkage", "anchor") and v is None)}
 
 
 # What `compress` does when the user passes nothing but a model and --out (results/methods_smollm2.md,
@@ -467,6 +467,7 @@ def _shrinkage_arg(text: str):
 def build_parser() -> argparse.ArgumentParser:
     from .compression import METHODS
     from .methods import DEFAULT_SHRINKAGE
+    from .methods.aa_svd import DEFAULT_ANCHOR
     from .methods.zs_svd import ZS_DEFAULT_SHRINKAGE
 
     p = argparse.ArgumentParser(prog="prehab-svd", description=__doc__.splitlines()[0])
@@ -512,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a in [0, 1] (0: the exact optimum on the calibration text), or 'oas': a per "
                         f"group from the statistics (Oracle Approximating Shrinkage); default "
                         f"{DEFAULT_SHRINKAGE} for svd-llm and aa-svd, {ZS_DEFAULT_SHRINKAGE} for zs-svd (measured)")
+    c.add_argument("--anchor", type=float, default=None,
+                   help="aa-svd: the share in [0, 1] of the upstream compression error the factors undo "
+                        f"(1: the paper's full anchoring; default {DEFAULT_ANCHOR}, measured best on "
+                        "held-out text)")
     c.add_argument("--allocation", choices=["uniform", "zs"], default="uniform",
                    help="how the budget is spread over the layers: uniform ranks, or zs-svd's zero-sum "
                         "selection with this method's factors")

@@ -228,6 +228,7 @@ def compress(
     plan = plan_targets(model, targets, exclude)
     report = CompressionReport(method=method, keep_ratio=float(keep_ratio))
     report.details["allocation"] = "zs" if zs is not None else ("given" if ranks is not None else "uniform")
+    report.details["options"] = asdict(m.options)  # every option the factors used, defaults included
     # Ranks first, so a bad keep_ratio or ranks table fails before any work.
     if ranks is not None:
         ranks = _given_ranks(plan, ranks)

@@ -461,7 +461,7 @@ def whitened_lowrank(
 
 def anchored_lowrank(
     W: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, rank: int, *, damping: float = 0.0,
-    factor: WhiteningFactor | None = None, unvisited: str = "keep",
+    factor: WhiteningFactor | None = None, unvisited: str = "keep", anchor: float = 1.0,
 ):
     """AA-SVD: the rank-``rank`` ``W'`` minimizing ``‖x Wᵀ − x' W'ᵀ‖_F``.
 
@@ -469,14 +469,27 @@ def anchored_lowrank(
     model on the same tokens; ``cross = xᵀx'`` and ``gram = x'ᵀx'``. With ``gram = R Rᵀ`` the
     objective equals ``‖M − W'R‖_F²`` plus a constant, ``M = W·cross·R⁻ᵀ``, hence
     ``W' = (M)_r R⁻¹``. With ``cross = gram`` this is exactly :func:`whitened_lowrank`.
+
+    ``anchor`` = β in [0, 1] moves the target to ``(β·x + (1−β)·x') Wᵀ``: the factors undo the
+    fraction β of the upstream error (1: the paper's objective above; 0: fit the partly compressed
+    model's own output, whitening by x'). Only the cross term changes, ``β·cross + (1−β)·gram``,
+    so the whitening factor is the same for every β. The full correction ``W·cross·gram⁻¹`` is a
+    regression of the original outputs on the shifted inputs fit on the calibration tokens; β < 1
+    shrinks it toward no correction, which is what generalizes to other tokens (measured:
+    :class:`prehab_svd.methods.aa_svd.AnchoredOptions`).
     """
     rank = _validate(W, rank)
     d = W.shape[1]
     _check_square("gram", gram, d)
     _check_square("cross", cross, d)
+    if isinstance(anchor, bool) or not isinstance(anchor, (int, float)) or not 0 <= anchor <= 1:
+        raise PrehabError(f"anchor must be a number in [0, 1] (1: the paper's full anchoring), got {anchor!r}")
     F = factor if factor is not None else whitening_factor(gram, damping)
     W64 = W.detach().to(torch.float64)
-    M = F.right_solve_t(W64 @ cross.detach().to(torch.float64))
+    C = cross.detach().to(torch.float64)
+    if anchor != 1:
+        C = anchor * C + (1 - anchor) * gram.detach().to(torch.float64)
+    M = F.right_solve_t(W64 @ C)
     return closed_form_factors(W64, M, F, rank, W.dtype, W.device, unvisited)
 
 

@@ -171,6 +171,7 @@ def compress_pretrained(
     }
     timer = Timings(device)
     report = _c.CompressionReport(method=method, keep_ratio=float(keep_ratio))
+    report.details["options"] = inputs["options"]
     ckpt = _Checkpoint(dst, inputs, len(plan.stages) + 1)
     with ckpt.open(resume):
         hooks = _StreamHooks(model, plan, source, ckpt, report, timer, dtype, device, on_block)

@@ -36,6 +36,12 @@ def _rows(path: Path) -> list:
     return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
+def _same(method) -> dict:
+    """The other options of this table's rows: zs-svd's CLI settings; aa-svd as it was measured here,
+    before its anchor option (always the full anchor, 1.0; the default is 0.5 now: results/anchor.md)."""
+    return ZS if method == "zs-svd" else {"anchor": 1.0} if method == "aa-svd" else {}
+
+
 def main() -> int:
     new = [r for r in _rows(ROOT / "results/shrinkage_smollm2/methods_smollm2.json") if "ppl_builtin" in r]
     old = [r for r in _rows(ROOT / "results/methods_smollm2.json") if "ppl_builtin" in r]
@@ -45,7 +51,7 @@ def main() -> int:
             s = r["spec"]
             o = dict(s.get("options", {}))
             if (s["method"], s["keep"], s.get("calib", 64)) == (method, keep, calib) and o.pop("shrinkage") == shrink:
-                if o == (ZS if method == "zs-svd" else {}):
+                if o == _same(method):
                     return r, "new"
         if (method, keep, calib, shrink) in RECORDED:
             b, lic = RECORDED[(method, keep, calib, shrink)]
@@ -56,7 +62,7 @@ def main() -> int:
                 o = s.get("options", {})
                 if ((s.get("method"), s.get("keep"), s.get("calib", 64)) == (method, keep, calib)
                         and not s.get("rehab") and "dense" not in s
-                        and o == (ZS if method == "zs-svd" else {})):
+                        and o == _same(method)):
                     return r, "methods_smollm2"
         return None, None
 
@@ -69,7 +75,9 @@ def main() -> int:
              "results/whitening_numerics.md (the same script on 2026-12-02, JSON not kept); every other row "
              "was measured for this table by `python scripts/methods_smollm2.py --out "
              "results/shrinkage_smollm2 --suite none --extra SPEC` (rows and commands in "
-             "results/shrinkage_smollm2/). Table: `python scripts/shrinkage_smollm2_table.py`.", "",
+             "results/shrinkage_smollm2/). Table: `python scripts/shrinkage_smollm2_table.py`. aa-svd: "
+             "the full anchor (1.0), as every row here was measured before the anchor option; its "
+             "default is 0.5 now (results/anchor.md).", "",
              "| method | keep | calibration | shrinkage 0 | OAS | OAS better on |",
              "| --- | --- | --- | --- | --- | --- |"]
     for calib in (64, 16):

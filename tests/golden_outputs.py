@@ -51,11 +51,12 @@ TINY_CASES = {
     "svd_llm": ("svd-llm", 0.6, {}),
     "svd_llm_exact": ("svd-llm", 0.6, {"shrinkage": 0.0}),
     "svd_llm_damped": ("svd-llm", 0.6, {"shrinkage": 0.0, "damping": 0.01}),
-    "aa_svd": ("aa-svd", 0.6, {}),
-    "aa_svd_exact": ("aa-svd", 0.4, {"shrinkage": 0.0}),
+    "aa_svd": ("aa-svd", 0.6, {"anchor": 1.0}),  # recorded before the anchor option (1.0: as then)
+    "aa_svd_exact": ("aa-svd", 0.4, {"shrinkage": 0.0, "anchor": 1.0}),
+    "aa_svd_default": ("aa-svd", 0.6, {}),  # the measured default anchor (methods.aa_svd.DEFAULT_ANCHOR)
     "zs_svd": ("zs-svd", 0.6, {"grad_samples": 4}),
     "zs_svd_correction": ("zs-svd", 0.6, {"grad_samples": 4, "correction": True, "correction_grads": 2}),
-    "aa_svd_zs_alloc": ("aa-svd", 0.6, {"allocation": "zs", "grad_samples": 4}),
+    "aa_svd_zs_alloc": ("aa-svd", 0.6, {"allocation": "zs", "grad_samples": 4, "anchor": 1.0}),
     "svd_llm_given_ranks": ("svd-llm", 0.6, {"ranks": "half"}),
 }
 MINILM_METHODS = ["svd", "asvd", "svd-llm", "aa-svd", "zs-svd"]
@@ -110,7 +111,7 @@ def streaming_case() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp, "src"), Path(tmp, "dst")
         model.save_pretrained(src)
-        prehab_svd.compress_pretrained(src, dst, "aa-svd", 0.6, calib)
+        prehab_svd.compress_pretrained(src, dst, "aa-svd", 0.6, calib, anchor=1.0)
         out = prehab_svd.load_compressed(dst)
         return {"streaming_aa_svd/logits": _logits(out, probe), **_factors(out, "streaming_aa_svd")}
 
@@ -161,7 +162,7 @@ def minilm_case(method: str) -> dict:
 
     calib = [enc(calib_texts[i:i + 8]) for i in range(0, 32, 8)]
     torch.manual_seed(0)
-    opts = {"grad_samples": 8} if method == "zs-svd" else {}
+    opts = {"grad_samples": 8} if method == "zs-svd" else {"anchor": 1.0} if method == "aa-svd" else {}
     prehab_svd.compress(model, method, 0.6, calib, **opts)
     batch = enc(probe_texts)
     with torch.no_grad():

@@ -33,11 +33,12 @@ def test_compress_then_eval_causal_lm(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "compressed"
     code, stdout, _ = run(["compress", tiny_llama_dir, "--method", "aa-svd", "--keep-ratio", "0.5",
                            "--out", out, "--num-samples", 4, "--seq-len", 32, "--batch-size", 2,
-                           "--quiet"], capsys)
+                           "--anchor", 0.75, "--quiet"], capsys)
     assert code == 0
     assert "model.layers.1.mlp.down_proj" in stdout and "aa-svd: kept" in stdout
     meta = json.loads((out / "prehab_svd.json").read_text())
     assert meta["method"] == "aa-svd" and len(meta["ranks"]) == 14
+    assert meta["report"]["details"]["options"] == {"damping": 0.0, "shrinkage": "oas", "anchor": 0.75}
     code, stdout, _ = run(["eval", out, "--seq-len", 32, "--batch-size", 8, "--max-eval-batches", 3,
                            "--quiet", "--json"], capsys)
     assert code == 0

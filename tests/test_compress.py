@@ -250,12 +250,42 @@ def test_options_the_method_does_not_take_are_refused_with_the_valid_ones(make_m
         compress(model, "aa-svd", 0.5, None, damping=-1.0)
     with pytest.raises(PrehabError, match=r"svd takes no option shrinkage; its options are: \(none\)"):
         compress(model, "svd", 0.5, None, shrinkage=0.0)
+    with pytest.raises(PrehabError, match=r"svd-llm takes no option anchor"):
+        compress(model, "svd-llm", 0.5, None, anchor=0.5)
+    with pytest.raises(PrehabError, match=r"anchor must be a number in \[0, 1\]"):  # before any pass
+        compress(model, "aa-svd", 0.5, None, anchor=2.0)
     # the zs allocation adds its own options to the method's
     from prehab_svd.compression import method_options
 
-    assert method_options("aa-svd", "zs") == ["damping", "shrinkage", "task", "grad_samples", "min_rank_fraction"]
+    assert method_options("aa-svd", "zs") == ["damping", "shrinkage", "anchor", "task", "grad_samples",
+                                              "min_rank_fraction"]
     assert method_options("zs-svd")[:4] == ["damping", "shrinkage", "correction", "correction_grads"]
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def test_aa_svd_anchor_moves_the_factors_between_full_anchoring_and_shifted_whitening(make_model,
+                                                                                      make_batches):
+    """compress(aa-svd, anchor=β): β = 1 fits the original outputs, β = 0 the partly compressed model's
+    own outputs, the default lies between (the first group has no upstream compression, so every β
+    gives it the same factors); linalg's tests check each β's closed form against its optimum."""
+    from prehab_svd.methods.aa_svd import DEFAULT_ANCHOR, AnchoredOptions
+
+    assert AnchoredOptions().anchor == DEFAULT_ANCHOR and 0 < DEFAULT_ANCHOR < 1
+    batches = make_batches()
+    outs = {}
+    for beta in (1.0, DEFAULT_ANCHOR, 0.0):
+        model = make_model("llama")
+        compress(model, "aa-svd", 0.5, batches, anchor=beta)
+        outs[beta] = {n: m.U @ m.V for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    first_group = [n for n in outs[1.0] if ".0.self_attn." in n and not n.endswith("o_proj")]
+    assert first_group
+    for n in first_group:  # no upstream compression yet: x' = x
+        assert torch.allclose(outs[1.0][n], outs[0.0][n], atol=1e-5)
+    later = [n for n in outs[1.0] if n not in first_group]
+    assert all(not torch.allclose(outs[1.0][n], outs[0.0][n], atol=1e-4) for n in later)
+    # the default is the blend: its factors are neither end's
+    assert all(not torch.allclose(outs[DEFAULT_ANCHOR][n], outs[e][n], atol=1e-4) for n in later
+               for e in (0.0, 1.0))
 
 
 def test_a_new_method_is_one_class(make_model, make_batches, monkeypatch):

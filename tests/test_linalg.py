@@ -221,6 +221,40 @@ def test_rank_beyond_the_data_goes_to_unseen_directions():
     assert ((W - Wk) @ P).norm() < ((W - Wz) @ P).norm()
 
 
+@pytest.mark.parametrize("T,d,out,rank,deficient", CASES)
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5])
+def test_partial_anchor_reaches_its_optimum(T, d, out, rank, deficient, beta):
+    """anchor=β: the optimum of ‖(βX + (1−β)X')Wᵀ − X'W'ᵀ‖ over rank-r W', checked against the
+    oracle on the blended data matrix; β = 0 is whitening by the shifted inputs."""
+    gen = torch.Generator().manual_seed(T * 3 + d + int(beta * 10))
+    X, Xp, W = make_problem(T, d, out, gen, deficient=deficient)
+    _, c, gp = stats(X, Xp)
+    U, V = anchored_lowrank(W, c, gp, rank, anchor=beta)
+    Wn = U @ V
+    target = beta * X + (1 - beta) * Xp
+    got = (target @ W.T - Xp @ Wn.T).square().sum()
+    best = oracle_min(target, Xp, W, rank)
+    assert abs(got - best) <= 1e-8 * (target @ W.T).square().sum(), (got, best)
+    if beta == 0:
+        Uw, Vw = whitened_lowrank(W, gp, rank)
+        assert torch.allclose(Uw @ Vw, Wn, rtol=0, atol=1e-9 * Wn.abs().max())
+
+
+def test_full_anchor_is_the_default_of_the_closed_form_bit_for_bit():
+    gen = torch.Generator().manual_seed(5)
+    X, Xp, W = make_problem(200, 24, 16, gen)
+    _, c, gp = stats(X, Xp)
+    a, b = anchored_lowrank(W, c, gp, 6), anchored_lowrank(W, c, gp, 6, anchor=1.0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, True, "half", float("nan")])
+def test_anchor_out_of_range_is_refused(bad):
+    g = torch.eye(5, dtype=f64)
+    with pytest.raises(PrehabError, match="anchor must be a number in \\[0, 1\\]"):
+        anchored_lowrank(torch.randn(4, 5, dtype=f64), g, g, 2, anchor=bad)
+
+
 def test_bad_inputs():
     W = torch.randn(4, 5)
     with pytest.raises(PrehabError, match="square"):
