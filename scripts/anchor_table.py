@@ -25,6 +25,16 @@ def _load(rel):
     return json.loads(path.read_text()) if path.is_file() else {"rows": [], "env": {}}
 
 
+def _recorded(method, keep, calib, anchor):
+    """A row of shrinkage_smollm2_table.RECORDED (same script, 2026-12-02, JSON not kept; aa-svd then
+    had the full anchor), marked †."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from shrinkage_smollm2_table import RECORDED
+
+    got = RECORDED.get((method, keep, calib, "oas")) if anchor in (None, 1.0) else None
+    return ({"ppl_builtin": got[0], "ppl_licenses": got[1]}, "recorded") if got else (None, None)
+
+
 def _smollm2_row(rows, method, keep, calib, anchor):
     for r, src in rows:
         s = r["spec"]
@@ -35,7 +45,7 @@ def _smollm2_row(rows, method, keep, calib, anchor):
             continue
         if o == ({} if anchor is None else {"anchor": anchor}):
             return r, src
-    return None, None
+    return _recorded(method, keep, calib, anchor)
 
 
 def main() -> int:
@@ -74,13 +84,26 @@ def main() -> int:
                     return f"**{s}**" if c["cosine"] == best else s
                 lines.append(f"| {n} sentences | {k:g} | {fmt(base)} | " + " | ".join(fmt(c) for c in cells) + " |")
         lines.append("")
+    ins = ROOT / "results/anchor/insample.jsonl"
+    if ins.is_file():
+        got = [json.loads(line) for line in ins.read_text().splitlines() if line.strip()]
+        lines += ["### Why: in-sample against held-out", "",
+                  "`python scripts/anchor_insample.py N 0.8,0.6,0.4` for N = 256 and 64 (rows in "
+                  "results/anchor/insample.jsonl): the embedding cosine on the calibration sentences themselves "
+                  "and on the 512 held-out ones, and the gap between them.", "",
+                  "| calibration | keep | β | in-sample | held-out | gap |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in got:
+            lines.append(f"| {r['n']} sentences | {r['keep']:g} | {r['anchor']:g} | {r['calib_cos']:.4f} | "
+                         f"{r['heldout_cos']:.4f} | {r['calib_cos'] - r['heldout_cos']:.4f} |")
+        lines.append("")
     rows = [(r, rel) for rel in SMOLLM2_ROWS for r in _load(rel)["rows"] if "ppl_builtin" in r]
     if rows:
         lines += ["## SmolLM2-135M-Instruct", "",
                   "`python scripts/methods_smollm2.py --out results/anchor_smollm2 --suite none --extra SPEC` (each "
                   "row's spec and environment in results/anchor_smollm2/methods_smollm2.json); rows marked * were "
                   "measured with the same script and protocol for results/shrinkage_smollm2 or results/prehab_smollm2 "
-                  "(aa-svd there: β = 1, before the option existed). Perplexity on consecutive 2048-token windows, "
+                  "(aa-svd there: β = 1, before the option existed), rows marked † with the same script on 2026-12-02 "
+                  "(numbers in results/whitening_numerics.md, JSON not kept). Perplexity on consecutive 2048-token windows, "
                   "8,192 tokens each: builtin (held-out text of the calibration's kind) / licenses (another kind); "
                   "dense 32.04 / 14.08. Calibration: windows of 256 tokens of the built-in corpus.", "",
                   "| calibration | keep | svd-llm | " + " | ".join(f"aa-svd {label(b)}" for b in ANCHORS[:-1]) + " |",
@@ -94,7 +117,7 @@ def main() -> int:
                     r, src = c
                     if r is None:
                         return "-"
-                    mark = "" if src == SMOLLM2_ROWS[0] else "*"
+                    mark = "" if src == SMOLLM2_ROWS[0] else "†" if src == "recorded" else "*"
                     return f"{r['ppl_builtin']:.2f} / {r['ppl_licenses']:.2f}{mark}"
                 lines.append(f"| {calib} x 256 | {keep:g} | " + " | ".join(fmt(c) for c in cells) + " |")
         lines.append("")

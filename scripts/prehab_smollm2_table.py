@@ -15,12 +15,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ZS = {"grad_samples": 64, "min_rank_fraction": 0.3}  # the CLI's zs settings for a causal LM
-METHODS = [  # (label, method, options)
+METHODS = [  # (label, method, options); aa-svd at the paper's full anchor and at the default 0.5
     ("svd-llm", "svd-llm", {}),
-    ("aa-svd", "aa-svd", {}),
+    ("aa-svd (anchor 1)", "aa-svd", {"anchor": 1.0}),
+    ("aa-svd (anchor 0.5)", "aa-svd", {"anchor": 0.5}),
     ("zs-svd", "zs-svd", ZS),
-    ("zs-ranks+aa-svd", "aa-svd", {"allocation": "zs", **ZS}),
+    ("zs-ranks+aa-svd (anchor 1)", "aa-svd", {"allocation": "zs", **ZS, "anchor": 1.0}),
+    ("zs-ranks+aa-svd (anchor 0.5)", "aa-svd", {"allocation": "zs", **ZS, "anchor": 0.5}),
 ]
+# aa-svd rows without Prehab measured for results/anchor.md with the same script and sizes
+MORE_ROWS = ROOT / "results/anchor_smollm2/methods_smollm2.json"
 
 
 def _find(rows, method, keep, options, prehab, rehab):
@@ -51,6 +55,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     doc = json.loads(Path(args.rows).read_text())
     rows = [r for r in doc["rows"] if "ppl_builtin" in r]
+    if MORE_ROWS.is_file():
+        more = json.loads(MORE_ROWS.read_text())
+        if more["env"]["sizes"] != doc["env"]["sizes"]:
+            raise SystemExit(f"{MORE_ROWS} was measured with other sizes")
+        rows += [r for r in more["rows"] if "ppl_builtin" in r]
     env = doc["env"]
     dense = _find(rows, "dense", None, {}, False, False) or next(r for r in rows if r["spec"] == {"method": "dense"})
     lines = ["# Prehab, heterogeneous ranks and anchored factors on SmolLM2-135M-Instruct (CPU)", "",
