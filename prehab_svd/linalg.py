@@ -52,6 +52,7 @@ __all__ = [
     "check_rank",
     "whitened_lowrank",
     "anchored_lowrank",
+    "check_anchor",
     "truncated_svd",
     "balanced_factors",
     "closed_form_factors",
@@ -482,8 +483,7 @@ def anchored_lowrank(
     d = W.shape[1]
     _check_square("gram", gram, d)
     _check_square("cross", cross, d)
-    if isinstance(anchor, bool) or not isinstance(anchor, (int, float)) or not 0 <= anchor <= 1:
-        raise PrehabError(f"anchor must be a number in [0, 1] (1: the paper's full anchoring), got {anchor!r}")
+    anchor = check_anchor(anchor)
     F = factor if factor is not None else whitening_factor(gram, damping)
     W64 = W.detach().to(torch.float64)
     C = cross.detach().to(torch.float64)
@@ -491,6 +491,13 @@ def anchored_lowrank(
         C = anchor * C + (1 - anchor) * gram.detach().to(torch.float64)
     M = F.right_solve_t(W64 @ C)
     return closed_form_factors(W64, M, F, rank, W.dtype, W.device, unvisited)
+
+
+def check_anchor(anchor) -> float:
+    """``anchor`` of :func:`anchored_lowrank` as a float, or a PrehabError unless it is in [0, 1]."""
+    if isinstance(anchor, bool) or not isinstance(anchor, (int, float)) or not 0 <= anchor <= 1:
+        raise PrehabError(f"anchor must be a number in [0, 1] (1: the paper's full anchoring), got {anchor!r}")
+    return float(anchor)
 
 
 def objective(W, W_new, gram_x, cross, gram_xp) -> torch.Tensor:

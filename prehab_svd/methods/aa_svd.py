@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import PrehabError
-from ..linalg import anchored_lowrank
+from ..linalg import anchored_lowrank, check_anchor
 from .base import CovarianceOptions, register
 from .svd_llm import Whitening
 
@@ -30,10 +29,7 @@ class AnchoredOptions(CovarianceOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        a = self.anchor
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
-            raise PrehabError(f"anchor must be a number in [0, 1] (1: the paper's full anchoring), got {a!r}")
-        self.anchor = float(a)
+        self.anchor = check_anchor(self.anchor)  # at once, not after the calibration passes
 
 
 @register
