@@ -13,11 +13,10 @@ Usage:  python scripts/anchor_minilm.py [OUT_DIR]      (about 15 minutes on 2 CP
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import time
-from pathlib import Path
+
+from _rows import out_dir, write_rows
 
 ANCHORS = [1.0, 0.75, 0.5, 0.25, 0.0]
 RATIOS = [0.8, 0.6, 0.4]
@@ -25,15 +24,9 @@ CALIBRATION = [256, 64]  # sentences: the demo's default and a quarter of it
 
 
 def main(argv=None) -> int:
-    import torch
-    import transformers
-
     from prehab_svd import demo_encoder
-    from prehab_svd.utils import write_atomic
 
-    argv = sys.argv[1:] if argv is None else argv
-    out = Path(argv[0] if argv else "results")
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
     rows = []
     runs = [("svd-llm", None)] + [("aa-svd", b) for b in ANCHORS]
@@ -45,10 +38,7 @@ def main(argv=None) -> int:
                 rows.append({"method": method, "anchor": beta, "keep_ratio": r["keep_ratio"], "calibration": n,
                              "cosine": r["cosine"], "nn_agreement": r["nn_agreement"], "seconds": r["seconds"]})
                 print(json.dumps(rows[-1]), flush=True)
-    env = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-           "command": "python scripts/anchor_minilm.py", "seconds": round(time.time() - t0, 1)}
-    write_atomic(out / "anchor_minilm.json", json.dumps({"env": env, "rows": rows}, indent=1))
+    write_rows(out / "anchor_minilm.json", "python scripts/anchor_minilm.py", t0, rows)
     print(f"wrote {out}/anchor_minilm.json")
     return 0
 

@@ -12,12 +12,11 @@ Usage:  python scripts/shrinkage_minilm.py [OUT_DIR]      (about 10 minutes on 2
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
+
+from _rows import out_dir, write_rows
 
 METHODS = ["svd-llm", "aa-svd", "zs-svd"]
 RATIOS = [0.8, 0.6, 0.4]
@@ -26,15 +25,10 @@ SHRINKAGE = [0.0, "oas"]
 
 
 def main(argv=None) -> int:
-    import torch
-    import transformers
-
     from prehab_svd import demo_encoder
     from prehab_svd.utils import write_atomic
 
-    argv = sys.argv[1:] if argv is None else argv
-    out = Path(argv[0] if argv else "results")
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
     rows = []
     for n in CALIBRATION:
@@ -48,10 +42,7 @@ def main(argv=None) -> int:
                                  oas_median=statistics.median(alphas) if alphas else None))
                 print(json.dumps({k: rows[-1][k] for k in ("method", "keep_ratio", "calibration", "shrinkage",
                                                            "cosine", "nn_agreement", "seconds")}), flush=True)
-    env = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-           "command": "python scripts/shrinkage_minilm.py", "seconds": round(time.time() - t0, 1)}
-    write_atomic(out / "shrinkage_minilm.json", json.dumps({"env": env, "rows": rows}, indent=1))
+    env = write_rows(out / "shrinkage_minilm.json", "python scripts/shrinkage_minilm.py", t0, rows)
     key = {(r["method"], r["keep_ratio"], r["calibration"], r["shrinkage"]): r for r in rows}
     lines = ["# Covariance shrinkage on all-MiniLM-L6-v2 (CPU): exact optimum vs OAS", "",
              f"Command: `{env['command']}` ({env['seconds'] / 60:.0f} min); {env['date']}; Python "
