@@ -613,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smollm2: the causal LM, perplexity and answers (default); minilm: the encoder, "
                         "embedding fidelity")
     d.add_argument("--methods", nargs="*", default=None,
-                   help="smollm2: each [zs-ranks+]METHOD[+rehab]; minilm: each [prehab+]METHOD[+rehab]; "
+                   help="smollm2: each [zs-ranks+]METHOD[+rehab]; minilm: each [prehab+][zs-ranks+]METHOD[+rehab]; "
                         "METHOD one of " + ", ".join(METHODS))
     d.add_argument("--keep-ratio", type=float, nargs="+", default=None, help="default 0.8 (smollm2), 0.6 (minilm)")
     d.add_argument("--num-calib", type=int, default=None,

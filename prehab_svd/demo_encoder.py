@@ -41,18 +41,25 @@ def demo_prehab_options(options, ratios) -> dict:
     return opts
 
 
-def parse_demo_method(name: str) -> tuple[bool, str, bool]:
-    """``"[prehab+]<method>[+rehab]"`` -> (prehab first?, compression method, rehab after?)."""
+def parse_demo_method(name: str) -> tuple[bool, str, bool, bool]:
+    """``"[prehab+][zs-ranks+]<method>[+rehab]"`` -> (prehab first?, compression method, zs-svd's
+    ranks?, rehab after?). ``zs-ranks+METHOD``: zs-svd's zero-sum selection picks every layer's rank
+    and METHOD its factors (``compress(..., allocation="zs")``)."""
     from .compression import METHODS
+    from .methods import get as get_method
 
     parts = name.split("+")
     pre = parts[0] == "prehab"
     post = len(parts) > 1 and parts[-1] == "rehab"
     inner = parts[int(pre): len(parts) - int(post)]
+    zs_ranks = len(inner) == 2 and inner[0] == "zs-ranks"
+    inner = inner[int(zs_ranks):]
     if len(inner) != 1 or inner[0] not in METHODS:
-        raise PrehabError(f"unknown demo method {name!r}: use [prehab+]METHOD[+rehab] with METHOD one of "
-                          f"{', '.join(METHODS)}")
-    return pre, inner[0], post
+        raise PrehabError(f"unknown demo method {name!r}: use [prehab+][zs-ranks+]METHOD[+rehab] with METHOD "
+                          f"one of {', '.join(METHODS)}")
+    if zs_ranks and get_method(inner[0]).allocation == "zs":
+        raise PrehabError(f"zs-ranks+{inner[0]} is just {inner[0]}")
+    return pre, inner[0], zs_ranks, post
 
 
 def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=128, batch_size=32,
@@ -61,7 +68,7 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
     """The embedded default: compress the real MiniLM with each method; returns table rows.
 
     ``keep_ratio`` may be a list (every method at every ratio). A method is
-    ``[prehab+]METHOD[+rehab]``: "prehab+" first fine-tunes a copy of the model with Prehab
+    ``[prehab+][zs-ranks+]METHOD[+rehab]``: "prehab+" first fine-tunes a copy of the model with Prehab
     (distillation to the original's embeddings + the task loss of the model svd-llm makes at the
     smallest keep ratio; done once and shared, and reported as the row "prehab (dense)"), "+rehab" ends with LoRA recovery (distillation to the original).
     ``artifacts``, a dict, receives the reports: ``(method, keep_ratio) -> CompressionReport`` and
@@ -104,7 +111,7 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
     rows = []
     prehabbed = None
     for ratio in ratios:
-        for name, pre, method, post in parsed:
+        for name, pre, method, zs_ranks, post in parsed:
             t0 = time.perf_counter()
             if pre and prehabbed is None:
                 from .prehab import prehab
@@ -121,10 +128,12 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
                              "stable_rank": [rep.mean_stable_rank_before, rep.mean_stable_rank_after]})
                 t0 = time.perf_counter()
             model = copy.deepcopy(prehabbed if pre else base)
-            valid = method_options(method)
+            allocation = "zs" if zs_ranks else "uniform"
+            valid = method_options(method, allocation)
+            zs = zs_opts if zs_ranks or get_method(method).allocation == "zs" else {}
             report = compress(model, method, ratio, calib, progress=progress,
-                              **{k: v for k, v in (compress_options or {}).items() if k in valid},
-                              **(zs_opts if get_method(method).allocation == "zs" else {}))
+                              **({"allocation": "zs"} if zs_ranks else {}),
+                              **{k: v for k, v in (compress_options or {}).items() if k in valid and k not in zs}, **zs)
             if post:
                 from .rehab import rehab
 
@@ -137,7 +146,7 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
                          "params_dense": report.params_dense, "kept_fraction": report.kept_fraction,
                          "seconds": time.perf_counter() - t0,
                          "ranks": sorted({str(layer.rank) for layer in report.layers})
-                         if get_method(method).allocation else None})
+                         if get_method(method).allocation or zs_ranks else None})
     return rows
 
 

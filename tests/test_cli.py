@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import tiny_model
-from prehab_svd import cli, demo_encoder
+from prehab_svd import PrehabError, cli, demo_encoder
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,16 @@ def test_demo_prehab_targets_the_smallest_keep_ratio():
     assert options({"keep_ratio": 0.5}, [0.6, 0.4])["keep_ratio"] == 0.5
     nuclear = options({"surrogate": "nuclear", "lam": 0.005}, [0.6])
     assert nuclear["surrogate"] == "nuclear" and "keep_ratio" not in nuclear
+
+
+def test_demo_method_names():
+    parse = demo_encoder.parse_demo_method
+    assert parse("svd-llm") == (False, "svd-llm", False, False)
+    assert parse("prehab+zs-ranks+aa-svd+rehab") == (True, "aa-svd", True, True)
+    assert parse("zs-ranks+svd-llm") == (False, "svd-llm", True, False)
+    for bad in ("zs-ranks+zs-svd", "zs-ranks", "aa-svd+zs-ranks", "prehab+nope"):
+        with pytest.raises(PrehabError, match="unknown demo method|is just zs-svd"):
+            parse(bad)
 
 
 def test_demo_orders_methods():
