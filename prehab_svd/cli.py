@@ -123,10 +123,10 @@ def _method_options(args) -> dict:
     return {k: v for k, v in given.items() if k in valid and not (k in ("shrinkage", "anchor") and v is None)}
 
 
-# What `compress` does when the user passes nothing but a model and --out (results/methods_smollm2.md,
-# results/methods_minilm.md): the best of the measured settings.
-DEFAULT_METHOD = "zs-svd"
-DEFAULT_METHOD_LOW_MEMORY = "svd-llm"  # zs-svd needs the whole model's task gradient
+# What `compress` does when the user passes nothing but a model and --out: the best of the measured
+# settings, on SmolLM2 and MiniLM alike (results/default_method.md): aa-svd's factors at zs-svd's ranks.
+DEFAULT_METHOD, DEFAULT_ALLOCATION = "aa-svd", "zs"
+DEFAULT_METHOD_LOW_MEMORY = "aa-svd"  # uniform ranks: zs-svd's need the whole model's task gradient
 CAUSAL_CALIBRATION = dict(num_samples=64, seq_len=256)  # 16k tokens: windows of the calibration text
 ENCODER_CALIBRATION = dict(num_samples=128, seq_len=128)  # sentences, truncated to 128 tokens
 
@@ -136,7 +136,14 @@ def compress_defaults(args, causal: bool) -> None:
     from .methods import get as get_method
 
     if args.method is None:
-        args.method = DEFAULT_METHOD_LOW_MEMORY if args.low_memory else DEFAULT_METHOD
+        if args.low_memory:
+            args.method = DEFAULT_METHOD_LOW_MEMORY
+        else:
+            args.method = DEFAULT_METHOD
+            if args.allocation is None:
+                args.allocation = DEFAULT_ALLOCATION
+    if args.allocation is None:
+        args.allocation = "uniform"
     if args.low_memory and get_method(args.method).allocation is not None:
         raise PrehabError(f"--low-memory cannot run {args.method} (it needs the task gradient of the whole model); "
                           "choose --method svd-llm or aa-svd, or drop --low-memory")
@@ -162,7 +169,7 @@ def _check_low_memory_flags(args) -> None:
     if args.pause_forwards:
         raise PrehabError("--pause-forwards holds every batch's activations at once, against the point of "
                           "--low-memory; drop one of them")
-    if args.allocation != "uniform" or args.ranks:
+    if args.allocation not in (None, "uniform") or args.ranks:
         raise PrehabError("--allocation and --ranks are not available with --low-memory yet; "
                           "drop them or compress in memory")
 
@@ -486,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a model and save it (safetensors + ranks)")
     c.add_argument("model", help="a model name (" + ", ".join(MODELS) + "), a local Hugging Face folder or a .gguf file")
     c.add_argument("--method", choices=METHODS, default=None,
-                   help=f"default {DEFAULT_METHOD} ({DEFAULT_METHOD_LOW_MEMORY} with --low-memory)")
+                   help=f"default: {DEFAULT_METHOD} with zs-svd's ranks (--allocation {DEFAULT_ALLOCATION}); "
+                        f"{DEFAULT_METHOD_LOW_MEMORY} with uniform ranks with --low-memory (measured best: "
+                        "results/default_method.md)")
     c.add_argument("--keep-ratio", type=float, default=0.6,
                    help="fraction of the targeted parameters KEPT (0.6 keeps 60%%)")
     c.add_argument("--out", required=True, help="output folder (must not exist)")
@@ -517,9 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aa-svd: the share in [0, 1] of the upstream compression error the factors undo "
                         f"(1: the paper's full anchoring; default {DEFAULT_ANCHOR}, measured best on "
                         "held-out text)")
-    c.add_argument("--allocation", choices=["uniform", "zs"], default="uniform",
+    c.add_argument("--allocation", choices=["uniform", "zs"], default=None,
                    help="how the budget is spread over the layers: uniform ranks, or zs-svd's zero-sum "
-                        "selection with this method's factors")
+                        "selection with this method's factors (default: uniform, or the default method's)")
     c.add_argument("--ranks", default=None,
                    help="per-layer ranks from a saved compressed model folder or a JSON file {layer: rank}")
     c.add_argument("--alpha", type=float, default=0.5, help="asvd's activation exponent")

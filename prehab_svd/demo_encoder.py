@@ -19,7 +19,7 @@ from .utils import keep_ratio_list
 __all__ = ["DEMO_DEFAULT", "DEMO_PREHAB", "DEMO_REHAB", "DEMO_ZS", "DEMO_TRAIN", "demo_prehab_options",
            "parse_demo_method", "run_demo", "format_demo"]
 
-DEMO_DEFAULT = ("svd", "asvd", "svd-llm", "aa-svd", "zs-svd", "prehab+svd-llm", "prehab+aa-svd")
+DEMO_DEFAULT = ("svd", "asvd", "svd-llm", "aa-svd", "zs-svd", "zs-ranks+aa-svd", "prehab+svd-llm", "prehab+aa-svd")
 # The demo's training settings (how they were chosen: results/methods_minilm.md). Prehab and rehab
 # train on built-in sentences disjoint from the calibration and held-out ones.
 # Prehab for the demo: task(dense) + λ·task(the model svd-llm makes at the smallest demo keep ratio)

@@ -55,6 +55,24 @@ def test_compress_then_eval_causal_lm(tiny_llama_dir, tmp_path, capsys):
     assert code == 0 and res["tokens"] == 32 * 127 and res["reference"] is None
 
 
+@pytest.mark.parametrize("extra,method,allocation", [
+    ([], "aa-svd", "zs"),  # nothing given: the measured best for a causal LM
+    (["--allocation", "uniform"], "aa-svd", "uniform"),
+    (["--method", "svd-llm"], "svd-llm", "uniform"),  # a method given: its own uniform ranks
+    (["--low-memory"], "aa-svd", "uniform"),
+])
+def test_compress_default_method_for_a_causal_lm(tiny_llama_dir, tmp_path, capsys, extra, method, allocation):
+    out = tmp_path / "o"
+    code, stdout, err = run(["compress", tiny_llama_dir, "--keep-ratio", "0.5", "--out", out, "--num-samples", 4,
+                             "--seq-len", 32, "--batch-size", 2, "--grad-samples", 4, "--quiet"] + extra, capsys)
+    assert code == 0, err
+    meta = json.loads((out / "prehab_svd.json").read_text())
+    details = meta["report"]["details"]
+    assert meta["method"] == method and details.get("allocation", "uniform") == allocation, details
+    if method == "aa-svd":
+        assert details["options"]["anchor"] == 0.5 and details["options"]["shrinkage"] == "oas"
+
+
 def test_compress_and_eval_encoder(tmp_path, capsys):
     out = tmp_path / "minilm-svd"
     code, stdout, _ = run(["compress", "minilm", "--method", "svd-llm", "--keep-ratio", "0.6", "--out", out,
