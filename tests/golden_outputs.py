@@ -7,6 +7,14 @@ held-out sentences after each method. ``tests/test_golden.py`` recomputes every 
 code and compares; ``--check`` compares bit for bit instead of writing. The cases cover each method, both allocations, given ranks, shrinkage 0 / "oas",
 damping, the zs correction, the no-calibration svd path, the streaming driver, and a few Prehab and
 rehab steps.
+
+Every case computes in float64 (the models, the statistics, the factors). In float32 the outputs of
+the ill-conditioned cases (few calibration tokens for the width, shrinkage 0, the full anchor) move
+with the rounding of the machine's BLAS kernels: the file recorded on an AMD EPYC (AVX2) and
+recomputed on an Intel Xeon (AVX-512) differed by up to 6.7e-4 (aa_svd_exact's logits), whatever the
+thread count or MKL's reproducibility mode. In float64 the same kernels' differences leave at most
+4e-8 (tests/test_golden.py says where), so the comparison's 1e-6 catches a changed result and
+nothing else.
 """
 
 from __future__ import annotations
@@ -24,11 +32,12 @@ sys.path.insert(0, str(HERE))
 
 from conftest import tiny_model, token_batches  # noqa: E402
 
-# The file was written with torch's intra-op thread count at 2 (the development machine's cores). The
-# cases compute with that count wherever they run: MiniLM's aa-svd embeddings move by 2.9e-5 between
-# one and two threads (the pseudo-inverse of its rank-deficient compressed-input Gram amplifies the
-# fp32 summation order), far beyond the comparison's 1e-6.
+# The file was written with torch's intra-op thread count at 2 (the development machine's cores), and
+# the cases compute with that count wherever they run, so that the machine that wrote the file
+# reproduces it bit for bit (`--check`); `--threads N` computes with N instead, to measure what the
+# thread count moves.
 RECORDED_THREADS = 2
+F64 = torch.float64
 
 
 def _recorded_threads(fn):
@@ -84,7 +93,7 @@ def tiny_case(key: str) -> dict:
 
     method, keep, opts = TINY_CASES[key]
     opts = dict(opts)
-    model = tiny_model("llama", layers=2, hidden=64, intermediate=120, seed=1)
+    model = tiny_model("llama", layers=2, hidden=64, intermediate=120, seed=1).to(F64)
     calib = token_batches(n=4, batch=2, tokens=24, seed=2, pad_last=5)
     probe = token_batches(n=1, batch=2, tokens=16, seed=3)[0]
     if opts.pop("no_calibration", False):
@@ -96,7 +105,7 @@ def tiny_case(key: str) -> dict:
                 ranks[name] = max(1, min(mod.weight.shape) // 2 - (len(ranks) % 3))
         opts["ranks"] = ranks
     torch.manual_seed(0)
-    prehab_svd.compress(model, method, keep, calib, **opts)
+    prehab_svd.compress(model, method, keep, calib, stats_dtype=F64, **opts)
     return {f"{key}/logits": _logits(model, probe), **_factors(model, key)}
 
 
@@ -105,13 +114,13 @@ def streaming_case() -> dict:
     """compress_pretrained (the block-streaming driver) with aa-svd on a saved tiny Llama."""
     import prehab_svd
 
-    model = tiny_model("llama", layers=2, hidden=64, intermediate=120, seed=1)
+    model = tiny_model("llama", layers=2, hidden=64, intermediate=120, seed=1).to(F64)
     calib = token_batches(n=4, batch=2, tokens=24, seed=2)
     probe = token_batches(n=1, batch=2, tokens=16, seed=3)[0]
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp, "src"), Path(tmp, "dst")
         model.save_pretrained(src)
-        prehab_svd.compress_pretrained(src, dst, "aa-svd", 0.6, calib, anchor=1.0)
+        prehab_svd.compress_pretrained(src, dst, "aa-svd", 0.6, calib, anchor=1.0, dtype=F64, stats_dtype=F64)
         out = prehab_svd.load_compressed(dst)
         return {"streaming_aa_svd/logits": _logits(out, probe), **_factors(out, "streaming_aa_svd")}
 
@@ -130,7 +139,7 @@ def prehab_rehab_case() -> dict:
     probe = token_batches(n=1, batch=2, tokens=16, seed=3)[0]
     out = {}
     for surrogate in ("stable", "compressed", "tail"):
-        m = tiny_model("llama", layers=2, hidden=64, intermediate=120, seed=1)
+        m = tiny_model("llama", layers=2, hidden=64, intermediate=120, seed=1).to(F64)
         torch.manual_seed(0)
         kw = {} if surrogate == "stable" else {"keep_ratio": 0.6, "lam": 1.0 if surrogate == "compressed" else 0.01}
         if surrogate == "compressed":
@@ -139,7 +148,7 @@ def prehab_rehab_case() -> dict:
         out[f"prehab_{surrogate}/logits"] = _logits(m, probe)
         if surrogate == "compressed":
             model = m
-    prehab_svd.compress(model, "svd-llm", 0.6, calib)
+    prehab_svd.compress(model, "svd-llm", 0.6, calib, stats_dtype=F64)
     torch.manual_seed(0)
     rehab(model, data, steps=3)
     out["prehab_rehab/logits"] = _logits(model, probe)
@@ -152,6 +161,7 @@ def minilm_case(method: str) -> dict:
     from prehab_svd.pretrained import load_pretrained
 
     model, tok = load_pretrained("minilm")
+    model.to(F64)
     from prehab_svd.data import builtin_corpus
 
     texts = builtin_corpus()
@@ -163,7 +173,7 @@ def minilm_case(method: str) -> dict:
     calib = [enc(calib_texts[i:i + 8]) for i in range(0, 32, 8)]
     torch.manual_seed(0)
     opts = {"grad_samples": 8} if method == "zs-svd" else {"anchor": 1.0} if method == "aa-svd" else {}
-    prehab_svd.compress(model, method, 0.6, calib, **opts)
+    prehab_svd.compress(model, method, 0.6, calib, stats_dtype=F64, **opts)
     batch = enc(probe_texts)
     with torch.no_grad():
         h = model(**batch).last_hidden_state
@@ -186,7 +196,10 @@ def all_cases(minilm: bool) -> dict:
 def main(argv=None) -> int:
     from safetensors.torch import save_file
 
+    global RECORDED_THREADS
     argv = sys.argv[1:] if argv is None else argv
+    if "--threads" in argv:
+        RECORDED_THREADS = int(argv[argv.index("--threads") + 1])
     out = all_cases(minilm="--minilm" in argv)
     if "--check" in argv:  # compare with the saved file instead of writing it
         from safetensors.torch import load_file

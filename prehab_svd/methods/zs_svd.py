@@ -268,7 +268,8 @@ class ZSAllocation:
         chunks = self.correction_grads
         loss_fn = default_task(model, self.options.task, encoder="contrastive")
         plan, taken = gradient_plan(batches, self.options.grad_samples)
-        total = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+        # sums in at least float32 (16-bit weights), in float64 for float64 weights
+        total = [torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32)) for w in weights]
         # per chunk: sums; chunk c holds the global batches g with g % chunks == c
         groups = [[torch.zeros_like(t) for t in total] for _ in range(min(chunks, len(taken)))]
         error = None
@@ -283,10 +284,10 @@ class ZSAllocation:
                 if chunks:
                     for s_, gr in zip(groups[g % chunks], gs):
                         if gr is not None:
-                            s_.add_(gr.float(), alpha=n)
+                            s_.add_(gr.to(s_.dtype), alpha=n)
                 for t, gr in zip(total, gs):
                     if gr is not None:
-                        t.add_(gr.float(), alpha=n)
+                        t.add_(gr.to(t.dtype), alpha=n)
         except PrehabError as e:
             error = e
         _dist.raise_together(error, "the task gradient of zs-svd")
