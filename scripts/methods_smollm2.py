@@ -26,7 +26,6 @@ Sizes (all options): ``--calib-windows 64 --calib-len 256`` (16k calibration tok
 from __future__ import annotations
 
 import argparse
-import os
 import copy
 import json
 import platform
@@ -36,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from _rows import machine
 from prehab_svd.utils import set_submodule, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,6 +113,7 @@ def run_row(spec: dict, sizes: dict) -> dict:
         out[f"eval_seconds_{name}"] = round(time.perf_counter() - t1, 1)
     out["generation"] = evaluate.generate_text(model, tok, evaluate.DEFAULT_PROMPT, max_new_tokens=24)
     out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out["machine"] = machine()
     return out
 
 
@@ -394,7 +395,7 @@ def main(argv=None) -> int:
             if "error" not in r:
                 results.setdefault(row_key(r["spec"]), r)
     env = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+           "transformers": transformers.__version__, "machine": machine(),
            "command": " ".join(["python scripts/methods_smollm2.py"] + (sys.argv[1:] if argv is None else argv)),
            "sizes": sizes, "prompt": DEFAULT_PROMPT}
     if args.layers is not None:
