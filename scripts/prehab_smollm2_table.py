@@ -57,7 +57,10 @@ def main(argv=None) -> int:
     rows = [r for r in doc["rows"] if "ppl_builtin" in r]
     if MORE_ROWS.is_file():
         more = json.loads(MORE_ROWS.read_text())
-        if more["env"]["sizes"] != doc["env"]["sizes"]:
+        def same(sizes):  # where the Prehab cache was kept is not a measurement setting
+            return {k: v for k, v in sizes.items() if k != "prehab_cache"}
+
+        if same(more["env"]["sizes"]) != same(doc["env"]["sizes"]):
             raise SystemExit(f"{MORE_ROWS} was measured with other sizes")
         rows += [r for r in more["rows"] if "ppl_builtin" in r]
     env = doc["env"]
@@ -99,15 +102,17 @@ def main(argv=None) -> int:
     for keep in (0.6, 0.4):
         for label, method, opts in [("Prehab-dense", "dense", {})] + METHODS:
             for prehab in (False, True):
-                r = _find(rows, method, keep, opts, prehab, False)
-                if r is None or (method == "dense" and not prehab):
-                    continue
-                ph = r.get("prehab", {})
-                t = ph.get("timings", {})
-                pre_s = ("cached" if "cached" in ph and method != "dense" else
-                         f"{t.get('whitening', 0):.0f} / {t.get('spectra', 0):.0f} / {t.get('steps', 0):.0f}") if ph else "-"
-                lines.append(f"| {('prehab+' if prehab and method != 'dense' else '') + label} | {keep} | {pre_s} | "
-                             f"{r.get('compress_seconds', 0):.0f} | - |")
+                for rehab in (False, True):
+                    r = _find(rows, method, keep, opts, prehab, rehab)
+                    if r is None or (method == "dense" and not prehab):
+                        continue
+                    ph = r.get("prehab", {})
+                    t = ph.get("timings", {})
+                    pre_s = ("cached" if "cached" in ph and method != "dense" else
+                             f"{t.get('whitening', 0):.0f} / {t.get('spectra', 0):.0f} / {t.get('steps', 0):.0f}") if ph else "-"
+                    name = ('prehab+' if prehab and method != 'dense' else '') + label + ("+rehab" if rehab else "")
+                    reh = f"{r['rehab_seconds']:.0f}" if "rehab_seconds" in r else "-"
+                    lines.append(f"| {name} | {keep} | {pre_s} | {r.get('compress_seconds', 0):.0f} | {reh} |")
     tracking = [(r["spec"]["keep"], r["prehab"]) for r in rows
                 if r["spec"].get("method") == "dense" and "prehab" in r and "tracking" in r["prehab"]]
     if tracking:
