@@ -130,10 +130,10 @@ def run_demo(methods, keep_ratio=0.6, num_calib=256, num_eval=512, max_length=12
             model = copy.deepcopy(prehabbed if pre else base)
             allocation = "zs" if zs_ranks else "uniform"
             valid = method_options(method, allocation)
-            zs = zs_opts if zs_ranks or get_method(method).allocation == "zs" else {}
-            report = compress(model, method, ratio, calib, progress=progress,
-                              **({"allocation": "zs"} if zs_ranks else {}),
-                              **{k: v for k, v in (compress_options or {}).items() if k in valid and k not in zs}, **zs)
+            options = {k: v for k, v in (compress_options or {}).items() if k in valid}
+            if zs_ranks or get_method(method).allocation == "zs":
+                options.update(zs_opts)  # the demo's zs settings win over compress_options
+            report = compress(model, method, ratio, calib, progress=progress, allocation=allocation, **options)
             if post:
                 from .rehab import rehab
 

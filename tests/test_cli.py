@@ -134,6 +134,15 @@ def test_demo_method_names():
             parse(bad)
 
 
+def test_demo_zs_ranks_with_another_methods_factors():
+    """``zs-ranks+svd-llm`` in the encoder demo: zs-svd's heterogeneous ranks, at the keep ratio."""
+    rows = demo_encoder.run_demo(["zs-ranks+svd-llm"], 0.6, num_calib=32, num_eval=32, progress=False,
+                                 zs_options={"grad_samples": 8})
+    (row,) = rows
+    assert row["method"] == "zs-ranks+svd-llm" and abs(row["kept_fraction"] - 0.6) < 0.01
+    assert len(row["ranks"]) > 2 and 0 < row["cosine"] <= 1
+
+
 def test_demo_orders_methods():
     """The embedded demo at its defaults (256 calibration, 512 held-out sentences of the built-in
     corpus, keep_ratio 0.6): AA-SVD >= SVD-LLM > ASVD > SVD in embedding fidelity.
