@@ -4,6 +4,9 @@ A task loss is any callable ``loss(model, batch) -> scalar tensor`` (differentia
 model's parameters). Three are built in:
 
 * :func:`causal_lm_loss` -- next-token cross-entropy of a causal LM, padding excluded;
+* :class:`LogitDistillation` -- for a causal LM: the KL divergence from a frozen reference's (the
+  original's) next-token distribution to the model's, averaged over the unpadded positions; zero
+  (with zero gradient) at the reference itself, so fine-tuning with it keeps the model's function;
 * :class:`EmbeddingDistillation` -- for an encoder without labels: ``1 − cos`` between the model's
   mean-pooled sentence embedding and a frozen reference model's (the original), averaged over sentences;
   zero (and with zero gradient) at the reference itself;
@@ -13,7 +16,8 @@ model's parameters). Three are built in:
   ZS-SVD's first-order estimates where distillation cannot.
 
 :func:`default_task` picks causal-LM cross-entropy for causal LMs and the given encoder default
-otherwise.
+otherwise; "distill" names the distillation that fits the model (next-token for a causal LM, sentence
+embeddings for an encoder).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from .utils import is_causal_model  # in __all__: prehab and rehab import it fro
 
 __all__ = [
     "causal_lm_loss",
+    "LogitDistillation",
     "EmbeddingDistillation",
+    "distillation",
     "ContrastiveLoss",
     "is_causal_model",
     "default_task",
@@ -54,24 +60,32 @@ def batch_filter(model: nn.Module):
     return lambda batch: {k: v for k, v in batch.items() if k in names}
 
 
-def forward_batch(model: nn.Module, batch) -> object:
-    """``model(**batch)`` for a dict batch (keys the forward does not take are dropped) or token ids."""
+def _as_dict(batch) -> dict:
     if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch if batch.dim() == 2 else batch.unsqueeze(0)}
+        return {"input_ids": batch if batch.dim() == 2 else batch.unsqueeze(0)}
     if not isinstance(batch, dict):
         raise PrehabError(f"a batch must be a dict of model inputs or a LongTensor of ids, got "
                           f"{type(batch).__name__}")
-    return model(**batch_filter(model)(batch))
+    return batch
+
+
+def forward_batch(model: nn.Module, batch) -> object:
+    """``model(**batch)`` for a dict batch (keys the forward does not take are dropped) or token ids."""
+    return model(**batch_filter(model)(_as_dict(batch)))
+
+
+def causal_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The next-token logits [batch, length, vocab] of a causal LM (its KV cache off)."""
+    kw = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    out = model(**batch_filter(model)(batch), **kw)
+    return out.logits if hasattr(out, "logits") else out[0]
 
 
 def causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose token and successor are not padding."""
-    if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch if batch.dim() == 2 else batch.unsqueeze(0)}
+    batch = _as_dict(batch)
     ids = batch["input_ids"]
-    kw = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    out = model(**batch_filter(model)(batch), **kw)
-    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = causal_logits(model, batch)
     valid = torch.ones_like(ids[:, 1:], dtype=torch.bool)
     mask = batch.get("attention_mask")
     if mask is not None:
@@ -79,6 +93,42 @@ def causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
     if not valid.any():
         raise PrehabError("a batch has no scored tokens (sequences need 2 unpadded tokens)")
     return F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid])
+
+
+class LogitDistillation:
+    """``mean_t KL(p_ref(·|x_≤t) ‖ p(·|x_≤t))`` over the unpadded positions t of each sequence, ``p_ref``
+    the next-token distribution of a frozen copy of the original causal LM (fp32 softmax).
+
+    Unlike cross-entropy on the training text's own tokens, it asks the model for the original's whole
+    distribution at every position, and it is zero at the original: fine-tuning the dense model with
+    it keeps the dense model where it was, while a compressed surrogate trained with it learns to
+    behave as the original does, not as the training text does. ``reference`` defaults to a deep copy
+    of the model taken when the loss is created: create the loss first, then train.
+    """
+
+    def __init__(self, reference: nn.Module):
+        self.reference = reference  # used under no_grad in eval mode; its parameters are not changed
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "LogitDistillation":
+        return cls(copy.deepcopy(model))
+
+    def __call__(self, model: nn.Module, batch) -> torch.Tensor:
+        batch = _as_dict(batch)
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        if not valid.any():
+            raise PrehabError("a batch has no scored tokens (every position is padding)")
+        was_training = self.reference.training
+        self.reference.eval()
+        try:
+            with torch.no_grad():
+                ref = F.log_softmax(causal_logits(self.reference, batch)[valid].float(), dim=-1)
+        finally:
+            self.reference.train(was_training)
+        logp = F.log_softmax(causal_logits(model, batch)[valid].float(), dim=-1)
+        return (ref.exp() * (ref - logp)).sum(-1).mean()
 
 
 def pooled_embeddings(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -171,11 +221,17 @@ def default_task(model: nn.Module, task=None, *, encoder: str = "distill"):
     if task == "causal_lm":
         return causal_lm_loss
     if task == "distill":
-        return EmbeddingDistillation.of(model)
+        return distillation(model, copy.deepcopy(model))
     if task == "contrastive":
         return ContrastiveLoss()
     raise PrehabError(f"unknown task {task!r}; use 'auto', 'causal_lm', 'distill', 'contrastive' or a "
                       "callable loss(model, batch) -> scalar")
+
+
+def distillation(model: nn.Module, reference: nn.Module):
+    """The distillation toward ``reference`` that fits ``model``: :class:`LogitDistillation` for a
+    causal LM, :class:`EmbeddingDistillation` for an encoder."""
+    return LogitDistillation(reference) if is_causal_model(model) else EmbeddingDistillation(reference)
 
 
 def step_range(steps: int, progress: bool, desc: str):

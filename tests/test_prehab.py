@@ -13,7 +13,8 @@ from prehab_svd.training.prehab import lambda_schedule
 from prehab_svd.training.surrogates import CompressedTask
 from prehab_svd.training.targets import WhitenedTargets, stable_rank_of
 from prehab_svd.training.whitening import layer_input_grams
-from prehab_svd.tasks import ContrastiveLoss, EmbeddingDistillation, causal_lm_loss, default_task
+from prehab_svd.tasks import (ContrastiveLoss, EmbeddingDistillation, LogitDistillation, causal_lm_loss,
+                              default_task)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,10 +33,49 @@ def test_distillation_is_zero_at_the_reference_and_positive_after_a_change(make_
     model = make_model("bert")
     batch = make_batches(n=1, batch=4, pad_last=6)[0]
     loss = EmbeddingDistillation.of(model)
-    assert float(loss(model, batch)) == pytest.approx(0.0, abs=1e-6)
+    assert loss(model, batch).item() == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
         model.encoder.layer[0].output.dense.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
-    assert float(loss(model, batch)) > 1e-3
+    assert loss(model, batch).item() > 1e-3
+
+
+def _kl_float64(reference, model, batch):
+    """KL(p_ref || p) per unpadded position, averaged, from float64 copies of both models."""
+    ref64, mod64 = copy.deepcopy(reference).double(), copy.deepcopy(model).double()
+    with torch.no_grad():
+        lq = torch.log_softmax(ref64(**batch).logits, -1)
+        lp = torch.log_softmax(mod64(**batch).logits, -1)
+    kl = (lq.exp() * (lq - lp)).sum(-1)
+    keep = batch["attention_mask"].bool()
+    return kl[keep].mean().item()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_logit_distillation_matches_float64_and_is_zero_with_zero_gradient_at_the_reference(
+        make_model, make_batches, kind):
+    model = make_model(kind)
+    batch = make_batches(n=1, batch=3, tokens=19, pad_last=7, seed=5)[0]
+    loss = LogitDistillation.of(model)
+    at_ref = loss(model, batch)
+    assert at_ref.item() == pytest.approx(0.0, abs=1e-6)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    (g,) = torch.autograd.grad(at_ref, [weight])
+    assert g.abs().max() < 1e-6
+    with torch.no_grad():
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    moved = loss(model, batch)
+    expected = _kl_float64(loss.reference, model, batch)
+    assert expected > 1e-4  # the change moved the distribution: the check below can fail
+    assert moved.item() == pytest.approx(expected, rel=1e-4)
+    # padding is not scored: changing a padded position's token changes nothing
+    other = {k: v.clone() for k, v in batch.items()}
+    other["input_ids"][-1, -1] = 7 if int(other["input_ids"][-1, -1]) != 7 else 8
+    assert loss(model, other).item() == pytest.approx(moved.item(), rel=1e-6)
+
+
+def test_distill_names_the_distillation_that_fits_the_model(make_model):
+    assert isinstance(default_task(make_model("llama"), "distill"), LogitDistillation)
+    assert isinstance(default_task(make_model("bert"), "distill"), EmbeddingDistillation)
 
 
 def test_contrastive_loss_has_a_gradient(make_model, make_batches):

@@ -253,7 +253,9 @@ def prehab(
             :class:`~prehab_svd.training.surrogates.Surrogate` object is used as given.
         keep_ratio: the compression planned after Prehab (surrogates "tail" and "compressed").
         task: "auto" (cross-entropy for a causal LM, embedding distillation to the original model for
-            an encoder), "causal_lm", "distill", "contrastive", or a callable loss(model, batch).
+            an encoder), "causal_lm", "distill" (distillation to a copy of the original taken now:
+            next-token KL divergence for a causal LM, :class:`~prehab_svd.tasks.LogitDistillation`;
+            sentence embeddings for an encoder), "contrastive", or a callable loss(model, batch).
         lr (None: the surrogate's default, 1e-4 for "compressed", 2e-5 for the others), optimizer
             ("adamw", "adam", "sgd" or a callable params -> optimizer), weight_decay,
         grad_clip (max global grad norm; None: off).

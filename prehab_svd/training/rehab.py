@@ -24,7 +24,7 @@ from .. import fsdp as _fsdp
 from ..calibration import as_batch
 from ..errors import PrehabError
 from ..layers import FactorPair, LowRankLinear
-from ..tasks import EmbeddingDistillation, default_task, step_range
+from ..tasks import default_task, distillation, step_range
 from ..utils import is_causal_model, set_submodule
 
 __all__ = ["rehab", "RehabReport"]
@@ -130,7 +130,7 @@ def rehab(
         if reference is None:
             raise PrehabError("rehab of an encoder distils toward the original model: pass "
                               "reference=<the uncompressed model> (or another task)")
-        loss_fn = EmbeddingDistillation(reference)
+        loss_fn = distillation(model, reference)
     else:
         loss_fn = default_task(model, task)
 
