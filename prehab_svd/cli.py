@@ -583,9 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compressed: both loss terms on the whole batch (two passes a step) instead of "
                          "half of it each")
     pr.add_argument("--task", default="auto", choices=["auto", "causal_lm", "distill", "contrastive"],
-                    help="auto: cross-entropy for a causal LM, distillation to the original for an encoder; "
-                         "distill: the KL divergence to the original's next-token distribution for a causal "
-                         "LM (zero at the original), 1 - cos to its sentence embeddings for an encoder")
+                    help="auto: distillation to the original with the compressed surrogate (--keep-ratio) "
+                         "or for an encoder, else cross-entropy; distill: the KL divergence to the "
+                         "original's next-token distribution for a causal LM (zero at the original), "
+                         "1 - cos to its sentence embeddings for an encoder; causal_lm: cross-entropy of "
+                         "the training text")
     pr.add_argument("--lr", type=float, default=None, help="default: 1e-4 for compressed, else 2e-5")
     pr.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default="adamw")
     pr.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")

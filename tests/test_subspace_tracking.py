@@ -108,16 +108,24 @@ def test_split_batch_halves():
 
 
 def test_defaults_follow_the_planned_compression(make_model, make_batches):
-    """Only keep_ratio given: the "compressed" surrogate (tracked, split) with its measured λ and lr;
-    no keep_ratio: the stable rank as before; explicit values win."""
+    """Only keep_ratio given: the "compressed" surrogate (tracked, split) with its measured λ and lr,
+    distilling toward the original; no keep_ratio: the stable rank and cross-entropy as before;
+    explicit values win."""
     batches = make_batches(n=2, batch=2)
     rep = prehab(make_model("llama"), batches, batches, steps=2, keep_ratio=0.6)
-    assert (rep.surrogate, rep.lam, rep.lr) == ("compressed", 1.0, 1e-4)
+    assert (rep.surrogate, rep.lam, rep.lr, rep.task) == ("compressed", 1.0, 1e-4, "distill")
+    assert rep.steps[0].task_loss == pytest.approx(0.0, abs=1e-6)  # the dense term: KL to itself
+    assert rep.steps[0].surrogate > 1e-5  # the compressed model's KL to the original (1.6e-4 here)
     assert rep.tracking["layers"] > 0
     assert set(rep.timings) == {"whitening", "spectra", "steps"}
     assert rep.steps[0].stable_rank is not None and rep.steps[1].stable_rank is None  # every 25 steps
+    rep = prehab(make_model("llama"), batches, batches, steps=1, keep_ratio=0.6, task="auto")
+    assert rep.task == "distill"
+    rep = prehab(make_model("llama"), batches, batches, steps=1, keep_ratio=0.6, task="causal_lm")
+    assert rep.task == "causal_lm" and rep.steps[0].task_loss > 1.0  # cross-entropy of random text
     rep = prehab(make_model("llama"), batches, batches, steps=2)
-    assert (rep.surrogate, rep.lam, rep.lr) == ("stable", 10.0, 2e-5)
+    assert (rep.surrogate, rep.lam, rep.lr, rep.task) == ("stable", 10.0, 2e-5, "causal_lm")
+    assert prehab(make_model("bert"), batches, batches, steps=1).task == "distill"
     rep = prehab(make_model("llama"), batches, batches, steps=1, keep_ratio=0.6, lam=0.5, lr=1e-5,
                  surrogate="tail")
     assert (rep.surrogate, rep.lam, rep.lr) == ("tail", 0.5, 1e-5)
