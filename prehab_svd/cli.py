@@ -277,7 +277,8 @@ def cmd_prehab(args) -> int:
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.train_dtype]
     report = prehab(model, calibration, train, steps=args.steps, lam=args.lam, lam_start=args.lam_start,
                     warmup_steps=args.warmup_steps, surrogate=_surrogate_arg(args),
-                    keep_ratio=args.keep_ratio, task=args.task, lr=args.lr, optimizer=args.optimizer,
+                    keep_ratio=args.keep_ratio, ranks=args.ranks, task=args.task, lr=args.lr,
+                    optimizer=args.optimizer,
                     grad_clip=args.grad_clip if args.grad_clip > 0 else None,
                     dtype=dtype, targets=args.targets, exclude=args.exclude, damping=args.damping,
                     log_every=0 if args.quiet else args.log_every, progress=not args.quiet)
@@ -576,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "Default: compressed with --keep-ratio, else stable")
     pr.add_argument("--keep-ratio", type=float, default=None,
                     help="the keep ratio of the compression after Prehab (selects the compressed surrogate)")
+    pr.add_argument("--ranks", default=None,
+                    help="compressed: truncate each layer to its rank from a saved compressed model folder "
+                         "or a JSON file {layer: rank} (e.g. the ranks of a zs allocation) instead of the "
+                         "uniform rank of --keep-ratio")
     pr.add_argument("--exact-subspace", action="store_true",
                     help="compressed: recompute every layer's truncation by SVD at every step instead of "
                          "tracking it (several times slower)")

@@ -139,3 +139,58 @@ def test_bad_options_are_refused(bad, match, make_model, make_batches):
     batches = make_batches(n=1, batch=2)
     with pytest.raises(PrehabError, match=match):
         prehab(make_model("llama"), batches, batches, steps=1, keep_ratio=0.6, **bad)
+
+
+def test_given_ranks_set_each_layers_truncation(make_model, make_batches):
+    """prehab(..., ranks=R): uniform ranks equal to keep_ratio's give the same Prehab bit for bit;
+    heterogeneous ranks (two layers of one shape at different ranks, one layer dense) truncate each
+    layer to its own rank, and the tracked subspaces (batched per rank) keep their rank and stay
+    orthonormal and within a few percent of the exact truncation."""
+    from prehab_svd.compression import given_ranks
+    from prehab_svd.models import rank_for
+    from prehab_svd import PrehabError
+
+    batches = make_batches(n=3, batch=2)
+    base = make_model("llama")
+    plan = plan_targets(base)
+    uniform = {n: rank_for(*base.get_submodule(n).weight.shape, 0.6) for n in plan.targets}
+    kw = dict(steps=4, keep_ratio=0.6, lr=1e-3, warmup_steps=0, task="causal_lm")
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    torch.manual_seed(0)
+    ra = prehab(a, batches, batches, **kw)
+    torch.manual_seed(0)
+    rb = prehab(b, batches, batches, ranks=uniform, **kw)
+    assert [s.loss for s in ra.steps] == [s.loss for s in rb.steps]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+    q0, q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+    mixed = dict(uniform)
+    mixed[q0], mixed[q1], mixed["model.layers.0.mlp.down_proj"] = 3, 7, None
+    ranks = given_ranks(plan, mixed)
+    names = plan.targets
+    grams = layer_input_grams(base, names, batches)
+    factors = {n: _square_factor(g, 0.0) for n, (g, _t) in grams.items()}
+    wt = WhitenedTargets(base, names, factors, keep_ratio=0.6, ranks=ranks)
+    wt.track = True
+    Urs = wt.projections()
+    assert "model.layers.0.mlp.down_proj" not in Urs
+    assert Urs[q0].shape[1] == 3 and Urs[q1].shape[1] == 7
+    with torch.no_grad():
+        for p in base.parameters():  # move the weights so that the tracking has something to follow
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    for _ in range(10):
+        with torch.no_grad(), wt.truncated():
+            base(**batches[0])
+        wt.advance()
+    after = wt.projections()
+    for n, u in after.items():
+        assert u.shape == Urs[n].shape
+        assert torch.allclose(u.mT @ u, torch.eye(u.shape[1]), atol=1e-4)
+    assert max(e for _s, e in wt.tracking_lag().values()) < 0.05
+
+    rep = prehab(copy.deepcopy(make_model("llama")), batches, batches, steps=2, keep_ratio=0.6, ranks=mixed)
+    assert rep.tracking["layers"] == sum(r is not None for r in ranks.values())
+    with pytest.raises(PrehabError, match="ranks= sets the truncation"):
+        prehab(make_model("llama"), batches, batches, steps=1, keep_ratio=0.6, surrogate="tail", ranks=mixed)
+    with pytest.raises(PrehabError, match="not targets of this model"):
+        prehab(make_model("llama"), batches, batches, steps=1, keep_ratio=0.6, ranks={"nope": 2})

@@ -233,6 +233,7 @@ def prehab(
     warmup_steps: int = 10,
     surrogate=None,
     keep_ratio: float | None = None,
+    ranks=None,
     task=None,
     lr: float | None = None,
     optimizer="adamw",
@@ -277,6 +278,10 @@ def prehab(
             the whole batch for both terms (fp64 SVDs every step, two passes). A
             :class:`~prehab_svd.training.surrogates.Surrogate` object is used as given.
         keep_ratio: the compression planned after Prehab (surrogates "tail" and "compressed").
+        ranks: "compressed" only: truncate each layer to its own rank instead of the uniform rank of
+            ``keep_ratio``, as ``compress(..., ranks=...)`` takes them (a dict ``{layer: rank or
+            None}``, a CompressionReport, a saved compressed model's folder or a JSON file), e.g. the
+            zs allocation's ranks when aa-svd at zs-svd's ranks will follow.
         task: None/"auto" (default): "distill" with the "compressed" surrogate or for an encoder,
             "causal_lm" for a causal LM with the other surrogates (:func:`prehab_task_name`);
             "causal_lm" (next-token cross-entropy of the training text), "distill" (distillation to a
@@ -337,6 +342,13 @@ def prehab(
     names = plan.targets
     if not names:
         raise PrehabError("no target layers found")
+    if ranks is not None:
+        if surr.name != "compressed":
+            raise PrehabError(f"ranks= sets the truncation of the 'compressed' surrogate; got "
+                              f"surrogate={surr.name!r}")
+        from ..compression import given_ranks
+
+        ranks = given_ranks(plan, ranks)
 
     grad_enabled = torch.is_grad_enabled()
     # eval mode and the KV cache off throughout (restored afterwards); autograd as the caller has it
@@ -369,7 +381,7 @@ def prehab(
                 _fsdp.shard(model, device)
             _fsdp.check_sharding(model, names)
         targets_w = (WhitenedTargets(model, names, {n: factors[n] for n in own}, backend=backend, owned=own,
-                                     keep_ratio=keep_ratio) if own else None)
+                                     keep_ratio=keep_ratio, ranks=ranks) if own else None)
         runner = Runner(model, names, targets_w, owner_of, surr)
 
         t1 = time.perf_counter()
@@ -380,7 +392,7 @@ def prehab(
         model.train(train_mode)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = _make_optimizer(optimizer, params, lr, weight_decay)
-        runner.start(_under_autocast(loss_fn, dtype, device), device, factors, keep_ratio)
+        runner.start(_under_autocast(loss_fn, dtype, device), device, factors, keep_ratio, ranks)
         stream = itertools.cycle(train_batches)
         for step in step_range(steps, progress, "prehab"):
             batch = next(stream)
