@@ -277,7 +277,8 @@ def cmd_prehab(args) -> int:
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.train_dtype]
     report = prehab(model, calibration, train, steps=args.steps, lam=args.lam, lam_start=args.lam_start,
                     warmup_steps=args.warmup_steps, surrogate=_surrogate_arg(args),
-                    keep_ratio=args.keep_ratio, task=args.task, lr=args.lr, optimizer=args.optimizer,
+                    keep_ratio=args.keep_ratio, ranks=args.ranks, task=args.task, lr=args.lr,
+                    optimizer=args.optimizer,
                     grad_clip=args.grad_clip if args.grad_clip > 0 else None,
                     dtype=dtype, targets=args.targets, exclude=args.exclude, damping=args.damping,
                     log_every=0 if args.quiet else args.log_every, progress=not args.quiet)
@@ -576,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "Default: compressed with --keep-ratio, else stable")
     pr.add_argument("--keep-ratio", type=float, default=None,
                     help="the keep ratio of the compression after Prehab (selects the compressed surrogate)")
+    pr.add_argument("--ranks", default=None,
+                    help="compressed: truncate each layer to its rank from a saved compressed model folder "
+                         "or a JSON file {layer: rank} (e.g. the ranks of a zs allocation) instead of the "
+                         "uniform rank of --keep-ratio")
     pr.add_argument("--exact-subspace", action="store_true",
                     help="compressed: recompute every layer's truncation by SVD at every step instead of "
                          "tracking it (several times slower)")
@@ -583,9 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compressed: both loss terms on the whole batch (two passes a step) instead of "
                          "half of it each")
     pr.add_argument("--task", default="auto", choices=["auto", "causal_lm", "distill", "contrastive"],
-                    help="auto: cross-entropy for a causal LM, distillation to the original for an encoder; "
-                         "distill: the KL divergence to the original's next-token distribution for a causal "
-                         "LM (zero at the original), 1 - cos to its sentence embeddings for an encoder")
+                    help="auto: distillation to the original with the compressed surrogate (--keep-ratio) "
+                         "or for an encoder, else cross-entropy; distill: the KL divergence to the "
+                         "original's next-token distribution for a causal LM (zero at the original), "
+                         "1 - cos to its sentence embeddings for an encoder; causal_lm: cross-entropy of "
+                         "the training text")
     pr.add_argument("--lr", type=float, default=None, help="default: 1e-4 for compressed, else 2e-5")
     pr.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default="adamw")
     pr.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")

@@ -231,7 +231,7 @@ def compress(
     report.details["options"] = asdict(m.options)  # every option the factors used, defaults included
     # Ranks first, so a bad keep_ratio or ranks table fails before any work.
     if ranks is not None:
-        ranks = _given_ranks(plan, ranks)
+        ranks = given_ranks(plan, ranks)
     elif zs is None:
         ranks = _uniform_ranks(plan, keep_ratio)
 
@@ -305,7 +305,7 @@ def _zs_ranks(model, plan, zs, m, batches, report, device, loop) -> dict:
     return sel.ranks
 
 
-def _given_ranks(plan, ranks) -> dict:
+def given_ranks(plan, ranks) -> dict:
     """{target: rank or None} from a dict, a report, a saved folder or a JSON file (see compress)."""
     source = ranks
     if isinstance(ranks, CompressionReport):

@@ -128,10 +128,14 @@ def prehabbed(model, tok, calib, spec: dict, sizes: dict) -> dict:
     from safetensors.torch import load_file, save_file
 
     from prehab_svd import data, prehab
+    from prehab_svd.training.prehab import prehab_task_name
 
     settings = dict(spec["prehab"])
     keep = settings.pop("keep_ratio", spec.get("keep"))
-    ident = json.dumps({"settings": settings, "keep": keep, "calib": spec.get("calib", sizes["calib_windows"]),
+    # the task the defaults resolve to is part of what is cached (the default changed once)
+    named = settings if "task" in settings else settings | {
+        "task": prehab_task_name(model, None, settings.get("surrogate"), keep)}
+    ident = json.dumps({"settings": named, "keep": keep, "calib": spec.get("calib", sizes["calib_windows"]),
                         "calib_len": sizes["calib_len"]}, sort_keys=True)
     cache = Path(sizes.get("prehab_cache") or "/tmp/prehab_svd_rows") / hashlib.sha256(ident.encode()).hexdigest()[:16]
     if (cache / "model.safetensors").is_file():
@@ -147,7 +151,7 @@ def prehabbed(model, tok, calib, spec: dict, sizes: dict) -> dict:
     first, last = rep.steps[0], rep.steps[-1]
     summary = {"ident": json.loads(ident), "seconds": round(rep.seconds, 1),
                "timings": {k: round(v, 1) for k, v in rep.timings.items()},
-               "surrogate": rep.surrogate, "lam": rep.lam, "lr": rep.lr, "steps": len(rep.steps),
+               "surrogate": rep.surrogate, "task": rep.task, "lam": rep.lam, "lr": rep.lr, "steps": len(rep.steps),
                "task_loss": [first.task_loss, last.task_loss], "compressed_loss": [first.surrogate, last.surrogate],
                "stable_rank": [rep.mean_stable_rank_before, rep.mean_stable_rank_after], "tracking": rep.tracking}
     tmp = cache.with_name(cache.name + ".tmp")

@@ -27,14 +27,31 @@ METHODS = [  # (label, method, options); aa-svd at the paper's full anchor and a
 MORE_ROWS = ROOT / "results/anchor_smollm2/methods_smollm2.json"
 
 
+def prehab_task(r):
+    """None without Prehab; "distill" or "causal_lm" for a Prehab at its defaults but (perhaps) the
+    task; "other" for other settings. A row whose Prehab summary does not name the task ran before the
+    default became distillation, with cross-entropy."""
+    s = r["spec"]
+    if "prehab" not in s:
+        return None
+    if set(s["prehab"]) - {"task"}:
+        return "other"
+    return s["prehab"].get("task") or r.get("prehab", {}).get("task") or "causal_lm"
+
+
 def _find(rows, method, keep, options, prehab, rehab):
+    """The row of ``method`` at ``keep`` with ``options``; ``prehab``: None (without Prehab) or the
+    task of a Prehab at otherwise default settings."""
     for r in rows:
         s = r["spec"]
         if (s.get("method") == method and s.get("keep") == keep and s.get("options", {}) == options
-                and ("prehab" in s) == prehab and bool(s.get("rehab")) == rehab and "calib" not in s
-                and "dense" not in s and (not prehab or s["prehab"] == {})):
+                and prehab_task(r) == prehab and bool(s.get("rehab")) == rehab and "calib" not in s
+                and "dense" not in s):
             return r
     return None
+
+
+TASKS = {"distill": "distillation", "causal_lm": "cross-entropy"}
 
 
 def _ppl(r):
@@ -44,7 +61,8 @@ def _ppl(r):
 def _gain(new, old):
     if new is None or old is None:
         return "-"
-    return " / ".join(f"{100 * (new[k] / old[k] - 1):+.0f} %" for k in ("ppl_builtin", "ppl_licenses"))
+    changes = [100 * (new[k] / old[k] - 1) for k in ("ppl_builtin", "ppl_licenses")]
+    return " / ".join(f"{c:+.1f} %" if abs(c) < 10 else f"{c:+.0f} %" for c in changes)
 
 
 def main(argv=None) -> int:
@@ -64,44 +82,49 @@ def main(argv=None) -> int:
             raise SystemExit(f"{MORE_ROWS} was measured with other sizes")
         rows += [r for r in more["rows"] if "ppl_builtin" in r]
     env = doc["env"]
-    dense = _find(rows, "dense", None, {}, False, False) or next(r for r in rows if r["spec"] == {"method": "dense"})
+    dense = _find(rows, "dense", None, {}, None, False) or next(r for r in rows if r["spec"] == {"method": "dense"})
     lines = ["# Prehab, heterogeneous ranks and anchored factors on SmolLM2-135M-Instruct (CPU)", "",
              f"Rows: `python scripts/methods_smollm2.py --out results/prehab_smollm2 ...` (each row's command is "
              f"in results/prehab_smollm2/methods_smollm2.json; every row a fresh process); table: "
              f"`python scripts/prehab_smollm2_table.py`. {env['date']}; Python {env['python']}, torch {env['torch']}, "
-             f"transformers {env['transformers']}; {env['machine']}.", "",
+             f"transformers {env['transformers']}; {env['machine']} (later rows name their machine in the JSON).", "",
              f"Calibration {env['sizes']['calib_windows']} x {env['sizes']['calib_len']} tokens of the built-in "
              "corpus (train split); perplexity on consecutive 2048-token windows, 8,192 tokens each of `builtin` "
              "(the corpus's held-out split) and `licenses` (license texts: another kind), as builtin / licenses. "
-             "Prehab: `prehab(model, calibration, train, keep_ratio=K)` with nothing else (the defaults: the "
+             "Prehab: `prehab(model, calibration, train, keep_ratio=K)` with the defaults but the task: the "
              "compressed surrogate, tracked and split, λ 1, lr 1e-4, AdamW, 100 steps of 4 windows of 256 "
-             "tokens drawn from the same train split with another seed), at the keep ratio of the "
-             "compression that follows. Rehab: LoRA rank 8 on the factors, causal-LM loss, "
+             "tokens drawn from the same train split with another seed, at the keep ratio of the "
+             "compression that follows; the task is distillation to the original (`task=\"distill\"`, the "
+             "default since it was measured here) or the cross-entropy of the training text "
+             "(`task=\"causal_lm\"`, the default before). Rehab: LoRA rank 8 on the factors, causal-LM loss, "
              f"{env['sizes']['rehab_steps']} steps of 4 windows, lr 2e-4. zs settings: grad_samples 64, "
              "min_rank_fraction 0.3 (the CLI's for a causal LM).", ""]
     lines += ["| model | keep | ppl | vs dense |", "| --- | --- | --- | --- |",
               f"| dense | 1 | {_ppl(dense)} | - |"]
-    for keep in (0.6, 0.4):
-        pd = _find(rows, "dense", keep, {}, True, False)
-        if pd is not None:
-            lines.append(f"| Prehab-dense (trained for keep {keep}) | 1 | {_ppl(pd)} | {_gain(pd, dense)} |")
+    for task in TASKS:
+        for keep in (0.6, 0.4):
+            pd = _find(rows, "dense", keep, {}, task, False)
+            if pd is not None:
+                lines.append(f"| Prehab-dense ({TASKS[task]}, for keep {keep}) | 1 | {_ppl(pd)} | {_gain(pd, dense)} |")
     for keep in (0.6, 0.4):
         lines += ["", f"## keep {keep}", "",
-                  "| method | without Prehab | with Prehab | Prehab's change | +rehab | Prehab + method + rehab |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| method | without Prehab | Prehab (distillation) | its change | Prehab (cross-entropy) | "
+                  "its change | +rehab | Prehab (cross-entropy) + rehab |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for label, method, opts in METHODS:
-            base = _find(rows, method, keep, opts, False, False)
-            pre = _find(rows, method, keep, opts, True, False)
-            reh = _find(rows, method, keep, opts, False, True)
-            pre_reh = _find(rows, method, keep, opts, True, True)
-            lines.append(f"| {label} | {_ppl(base)} | {_ppl(pre)} | {_gain(pre, base)} | {_ppl(reh)} | "
-                         f"{_ppl(pre_reh)} |")
+            base = _find(rows, method, keep, opts, None, False)
+            kd = _find(rows, method, keep, opts, "distill", False)
+            ce = _find(rows, method, keep, opts, "causal_lm", False)
+            reh = _find(rows, method, keep, opts, None, True)
+            ce_reh = _find(rows, method, keep, opts, "causal_lm", True)
+            lines.append(f"| {label} | {_ppl(base)} | {_ppl(kd)} | {_gain(kd, base)} | {_ppl(ce)} | "
+                         f"{_gain(ce, base)} | {_ppl(reh)} | {_ppl(ce_reh)} |")
     lines += ["", "## Time per stage (seconds, 2 CPU cores)", "",
               "| row | keep | Prehab: whitening / spectra / steps | compression | rehab |",
               "| --- | --- | --- | --- | --- |"]
     for keep in (0.6, 0.4):
         for label, method, opts in [("Prehab-dense", "dense", {})] + METHODS:
-            for prehab in (False, True):
+            for prehab in (None, "causal_lm", "distill"):
                 for rehab in (False, True):
                     r = _find(rows, method, keep, opts, prehab, rehab)
                     if r is None or (method == "dense" and not prehab):
@@ -110,31 +133,39 @@ def main(argv=None) -> int:
                     t = ph.get("timings", {})
                     pre_s = ("cached" if "cached" in ph and method != "dense" else
                              f"{t.get('whitening', 0):.0f} / {t.get('spectra', 0):.0f} / {t.get('steps', 0):.0f}") if ph else "-"
-                    name = ('prehab+' if prehab and method != 'dense' else '') + label + ("+rehab" if rehab else "")
+                    name = (f"prehab ({TASKS[prehab]})+" if prehab and method != "dense" else "") + label + (
+                        f" ({TASKS[prehab]})" if method == "dense" else "") + ("+rehab" if rehab else "")
                     reh = f"{r['rehab_seconds']:.0f}" if "rehab_seconds" in r else "-"
                     lines.append(f"| {name} | {keep} | {pre_s} | {r.get('compress_seconds', 0):.0f} | {reh} |")
-    tracking = [(r["spec"]["keep"], r["prehab"]) for r in rows
+    tracking = [(r["spec"]["keep"], r["spec"]["prehab"], r["prehab"]) for r in rows
                 if r["spec"].get("method") == "dense" and "prehab" in r and "tracking" in r["prehab"]]
     if tracking:
         lines += ["", "## How far the tracked truncation lags the exact one (after the last step)", "",
-                  "| keep | layers | sin θ_max: max / mean | excess truncation error: max / mean | "
-                  "task loss first -> last | compressed loss first -> last |", "| --- | --- | --- | --- | --- | --- |"]
-        for keep, ph in tracking:
+                  "The task and compressed losses are cross-entropies (nats per token) with the task "
+                  "cross-entropy, KL divergences to the original with distillation.", "",
+                  "| keep | Prehab settings | layers | sin θ_max: max / mean | excess truncation error: max / mean | "
+                  "task loss first -> last | compressed loss first -> last |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for keep, settings, ph in tracking:
             t = ph["tracking"]
-            lines.append(f"| {keep} | {t['layers']} | {t['max_sin']:.3f} / {t['mean_sin']:.3f} | "
+            named = settings if "task" in settings else settings | {"task": ph.get("task", "causal_lm")}
+            lines.append(f"| {keep} | {json.dumps(named, sort_keys=True)} | {t['layers']} | "
+                         f"{t['max_sin']:.3f} / {t['mean_sin']:.3f} | "
                          f"{t['max_excess']:.2e} / {t['mean_excess']:.2e} | {ph['task_loss'][0]:.3f} -> "
                          f"{ph['task_loss'][1]:.3f} | {ph['compressed_loss'][0]:.3f} -> {ph['compressed_loss'][1]:.3f} |")
     cost_path = Path(args.cost)
     if cost_path.is_file():
         cost = json.loads(cost_path.read_text())
         sec = cost["seconds_per_step"]
+        plain = sec.get("plain (cross-entropy)", sec.get("plain"))  # the key before distillation was measured
         lines += ["", "## What a Prehab step costs", "",
                   f"`{cost['env']['command']}`, {cost['env']['date']}, {cost['env']['machine']}, "
-                  f"{cost['env']['threads']} threads; the same 4 x 256-token batches, keep 0.6.", "",
+                  f"{cost['env']['threads']} threads; the same 4 x 256-token batches, keep 0.6; x plain: "
+                  "against a plain fine-tuning step with cross-entropy.", "",
                   "| step | s | x plain |", "| --- | --- | --- |"]
         for k, v in sec.items():
             if isinstance(v, (int, float)):
-                lines.append(f"| {k} | {v:.2f} | {v / sec['plain']:.2f} |")
+                lines.append(f"| {k} | {v:.2f} | {v / plain:.2f} |")
     reading = Path(args.rows).parent / "reading.md"  # the interpretation, written by hand
     if reading.is_file():
         lines += ["", reading.read_text().rstrip()]

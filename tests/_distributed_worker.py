@@ -98,9 +98,11 @@ def recipe(rank: int = 0, world: int = 1, out_dir: str | None = None) -> dict:
     out["prehab-tail"] = prehab_run(rank, world, lam=0.3, surrogate="tail", keep_ratio=KEEP)
     # the exact projector on whole batches (what FSDP runs), and the tracked one (the default, but on
     # whole batches: a split of each rank's shard is not a split of the single process's batch)
-    out["prehab-compressed"] = prehab_run(rank, world, lam=1.0, keep_ratio=KEEP,
+    # (cross-entropy named: the default task with this surrogate, distillation, starts at loss 0,
+    # where the comparison would be of fp32 noise; the encoder runs below cover distillation)
+    out["prehab-compressed"] = prehab_run(rank, world, lam=1.0, keep_ratio=KEEP, task="causal_lm",
                                           surrogate=CompressedTask(track=False, split=False))
-    out["prehab-compressed-tracked"] = prehab_run(rank, world, lam=1.0, keep_ratio=KEEP,
+    out["prehab-compressed-tracked"] = prehab_run(rank, world, lam=1.0, keep_ratio=KEEP, task="causal_lm",
                                                   surrogate=CompressedTask(track=True, split=False))
     out["prehab-nuclear"] = prehab_run(rank, world, lam=1.0, surrogate="nuclear")
     if world > 1:  # FSDP2: the same runs with the parameters sharded over the ranks
@@ -110,7 +112,7 @@ def recipe(rank: int = 0, world: int = 1, out_dir: str | None = None) -> dict:
         out["fsdp-tail"] = prehab_run(rank, world, lam=0.3, surrogate="tail", keep_ratio=KEEP,
                                       parallel="fsdp")
         out["fsdp-compressed"] = prehab_run(rank, world, lam=1.0, surrogate=CompressedTask(track=False, split=False),
-                                            keep_ratio=KEEP, parallel="fsdp")
+                                            keep_ratio=KEEP, parallel="fsdp", task="causal_lm")
         # sharded by the caller (each block, then the root), found by parallel="auto"
         out["fsdp-nuclear-presharded"] = prehab_run(rank, world, lam=1.0, surrogate="nuclear",
                                                     preshard=True)

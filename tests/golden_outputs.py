@@ -128,8 +128,9 @@ def streaming_case() -> dict:
 @_recorded_threads
 def prehab_rehab_case() -> dict:
     """Four Prehab steps with each surrogate; the "compressed" one then svd-llm at keep 0.6 and three
-    rehab steps. The "compressed" surrogate as it was recorded: the exact projector on whole batches
-    and lr 2e-5 (its defaults now track the subspace, split the batches and use lr 1e-4)."""
+    rehab steps. The "compressed" surrogate as it was recorded: the exact projector on whole batches,
+    lr 2e-5 and cross-entropy (its defaults now track the subspace, split the batches, use lr 1e-4
+    and distil toward the original)."""
     import prehab_svd
     from prehab_svd import prehab, rehab
     from prehab_svd.training.surrogates import CompressedTask
@@ -143,7 +144,7 @@ def prehab_rehab_case() -> dict:
         torch.manual_seed(0)
         kw = {} if surrogate == "stable" else {"keep_ratio": 0.6, "lam": 1.0 if surrogate == "compressed" else 0.01}
         if surrogate == "compressed":
-            kw.update(surrogate=CompressedTask(track=False, split=False), lr=2e-5)
+            kw.update(surrogate=CompressedTask(track=False, split=False), lr=2e-5, task="causal_lm")
         prehab(m, calib, data, steps=4, **({"surrogate": surrogate} | kw))
         out[f"prehab_{surrogate}/logits"] = _logits(m, probe)
         if surrogate == "compressed":

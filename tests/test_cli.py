@@ -229,8 +229,21 @@ def test_prehab_keep_ratio_alone_trains_toward_the_compressed_model(extra, track
                            "--quiet", *extra], capsys)
     assert code == 0, stdout
     log = json.loads((pre / "prehab_log.json").read_text())
-    assert (log["surrogate"], log["lam"], log["lr"]) == ("compressed", 1.0, 1e-4)
+    assert (log["surrogate"], log["lam"], log["lr"], log["task"]) == ("compressed", 1.0, 1e-4, "distill")
     assert (log["tracking"] != {}) == tracked
+
+
+def test_prehab_ranks_from_a_json_file(tiny_llama_dir, tmp_path, capsys):
+    """`prehab --keep-ratio K --ranks FILE`: only the layers the file ranks are truncated (the others,
+    absent from it, stay dense), as compress --ranks reads them."""
+    ranks = tmp_path / "ranks.json"
+    ranks.write_text(json.dumps({"model.layers.0.self_attn.q_proj": 3, "model.layers.1.mlp.up_proj": 5}))
+    pre = tmp_path / "prehab"
+    code, stdout, _ = run(["prehab", tiny_llama_dir, "--out", pre, "--steps", 2, "--keep-ratio", 0.5,
+                           "--ranks", ranks, "--num-samples", 4, "--train-samples", 4, "--seq-len", 32,
+                           "--batch-size", 2, "--quiet"], capsys)
+    assert code == 0, stdout
+    assert json.loads((pre / "prehab_log.json").read_text())["tracking"]["layers"] == 2
 
 
 def test_prehab_tail_surrogate(tiny_llama_dir, tmp_path, capsys):

@@ -108,16 +108,24 @@ def test_split_batch_halves():
 
 
 def test_defaults_follow_the_planned_compression(make_model, make_batches):
-    """Only keep_ratio given: the "compressed" surrogate (tracked, split) with its measured λ and lr;
-    no keep_ratio: the stable rank as before; explicit values win."""
+    """Only keep_ratio given: the "compressed" surrogate (tracked, split) with its measured λ and lr,
+    distilling toward the original; no keep_ratio: the stable rank and cross-entropy as before;
+    explicit values win."""
     batches = make_batches(n=2, batch=2)
     rep = prehab(make_model("llama"), batches, batches, steps=2, keep_ratio=0.6)
-    assert (rep.surrogate, rep.lam, rep.lr) == ("compressed", 1.0, 1e-4)
+    assert (rep.surrogate, rep.lam, rep.lr, rep.task) == ("compressed", 1.0, 1e-4, "distill")
+    assert rep.steps[0].task_loss == pytest.approx(0.0, abs=1e-6)  # the dense term: KL to itself
+    assert rep.steps[0].surrogate > 1e-5  # the compressed model's KL to the original (1.6e-4 here)
     assert rep.tracking["layers"] > 0
     assert set(rep.timings) == {"whitening", "spectra", "steps"}
     assert rep.steps[0].stable_rank is not None and rep.steps[1].stable_rank is None  # every 25 steps
+    rep = prehab(make_model("llama"), batches, batches, steps=1, keep_ratio=0.6, task="auto")
+    assert rep.task == "distill"
+    rep = prehab(make_model("llama"), batches, batches, steps=1, keep_ratio=0.6, task="causal_lm")
+    assert rep.task == "causal_lm" and rep.steps[0].task_loss > 1.0  # cross-entropy of random text
     rep = prehab(make_model("llama"), batches, batches, steps=2)
-    assert (rep.surrogate, rep.lam, rep.lr) == ("stable", 10.0, 2e-5)
+    assert (rep.surrogate, rep.lam, rep.lr, rep.task) == ("stable", 10.0, 2e-5, "causal_lm")
+    assert prehab(make_model("bert"), batches, batches, steps=1).task == "distill"
     rep = prehab(make_model("llama"), batches, batches, steps=1, keep_ratio=0.6, lam=0.5, lr=1e-5,
                  surrogate="tail")
     assert (rep.surrogate, rep.lam, rep.lr) == ("tail", 0.5, 1e-5)
@@ -131,3 +139,58 @@ def test_bad_options_are_refused(bad, match, make_model, make_batches):
     batches = make_batches(n=1, batch=2)
     with pytest.raises(PrehabError, match=match):
         prehab(make_model("llama"), batches, batches, steps=1, keep_ratio=0.6, **bad)
+
+
+def test_given_ranks_set_each_layers_truncation(make_model, make_batches):
+    """prehab(..., ranks=R): uniform ranks equal to keep_ratio's give the same Prehab bit for bit;
+    heterogeneous ranks (two layers of one shape at different ranks, one layer dense) truncate each
+    layer to its own rank, and the tracked subspaces (batched per rank) keep their rank and stay
+    orthonormal and within a few percent of the exact truncation."""
+    from prehab_svd.compression import given_ranks
+    from prehab_svd.models import rank_for
+    from prehab_svd import PrehabError
+
+    batches = make_batches(n=3, batch=2)
+    base = make_model("llama")
+    plan = plan_targets(base)
+    uniform = {n: rank_for(*base.get_submodule(n).weight.shape, 0.6) for n in plan.targets}
+    kw = dict(steps=4, keep_ratio=0.6, lr=1e-3, warmup_steps=0, task="causal_lm")
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    torch.manual_seed(0)
+    ra = prehab(a, batches, batches, **kw)
+    torch.manual_seed(0)
+    rb = prehab(b, batches, batches, ranks=uniform, **kw)
+    assert [s.loss for s in ra.steps] == [s.loss for s in rb.steps]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+    q0, q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+    mixed = dict(uniform)
+    mixed[q0], mixed[q1], mixed["model.layers.0.mlp.down_proj"] = 3, 7, None
+    ranks = given_ranks(plan, mixed)
+    names = plan.targets
+    grams = layer_input_grams(base, names, batches)
+    factors = {n: _square_factor(g, 0.0) for n, (g, _t) in grams.items()}
+    wt = WhitenedTargets(base, names, factors, keep_ratio=0.6, ranks=ranks)
+    wt.track = True
+    Urs = wt.projections()
+    assert "model.layers.0.mlp.down_proj" not in Urs
+    assert Urs[q0].shape[1] == 3 and Urs[q1].shape[1] == 7
+    with torch.no_grad():
+        for p in base.parameters():  # move the weights so that the tracking has something to follow
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    for _ in range(10):
+        with torch.no_grad(), wt.truncated():
+            base(**batches[0])
+        wt.advance()
+    after = wt.projections()
+    for n, u in after.items():
+        assert u.shape == Urs[n].shape
+        assert torch.allclose(u.mT @ u, torch.eye(u.shape[1]), atol=1e-4)
+    assert max(e for _s, e in wt.tracking_lag().values()) < 0.05
+
+    rep = prehab(copy.deepcopy(make_model("llama")), batches, batches, steps=2, keep_ratio=0.6, ranks=mixed)
+    assert rep.tracking["layers"] == sum(r is not None for r in ranks.values())
+    with pytest.raises(PrehabError, match="ranks= sets the truncation"):
+        prehab(make_model("llama"), batches, batches, steps=1, keep_ratio=0.6, surrogate="tail", ranks=mixed)
+    with pytest.raises(PrehabError, match="not targets of this model"):
+        prehab(make_model("llama"), batches, batches, steps=1, keep_ratio=0.6, ranks={"nope": 2})

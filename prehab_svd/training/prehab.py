@@ -53,7 +53,7 @@ from .surrogates import SURROGATES, resolve_surrogate
 from .targets import WhitenedTargets, stable_rank_of
 from .whitening import stats_blocks_that_fit, whitening_factors
 
-__all__ = ["prehab", "PrehabReport", "PrehabStep", "lambda_schedule"]
+__all__ = ["prehab", "PrehabReport", "PrehabStep", "lambda_schedule", "prehab_task_name"]
 
 
 @dataclass
@@ -77,6 +77,7 @@ class PrehabReport:
     seconds: float = 0.0
     lam: float = 0.0
     lr: float = 0.0
+    task: str = ""  # the task loss trained: "causal_lm", "distill", "contrastive" or the callable's name
     # "compressed" with tracking: how far the tracked truncation lags the exact one after the last
     # step (WhitenedTargets.tracking_lag): max and mean over the layers of sin θ_max and of the
     # relative excess of the truncation error
@@ -175,6 +176,30 @@ def _check_options(steps, warmup_steps, surrogate, keep_ratio, lam, lam_start, l
     return surr
 
 
+def prehab_task_name(model: nn.Module, task=None, surrogate=None, keep_ratio=None) -> str:
+    """The task loss ``prehab(model, ..., task=task, surrogate=surrogate, keep_ratio=keep_ratio)`` trains:
+    ``task`` when named; for None/"auto" "distill" when the surrogate is "compressed" (the default
+    with a keep_ratio), else "causal_lm" for a causal LM and "distill" for an encoder; a callable's
+    (class) name.
+
+    With the compressed surrogate a causal LM distils toward the original (next-token KL divergence):
+    on SmolLM2 the cross-entropy of the training text made the compressed models worse on another
+    kind of text than without Prehab (+75 % perplexity on license text for the default compression at
+    keep 0.4) and moved the dense model by 7 %; distillation improves both texts and keeps the dense
+    model within 0.5 % (results/prehab_smollm2.md)."""
+    if callable(task):
+        return getattr(task, "__name__", type(task).__name__)
+    if task not in (None, "auto"):
+        return task
+    try:
+        surr = resolve_surrogate(surrogate, keep_ratio)
+    except ValueError as e:
+        raise PrehabError(str(e)) from None
+    if surr.name == "compressed" or not is_causal_model(model):
+        return "distill"
+    return "causal_lm"
+
+
 def _lag_summary(lag: dict) -> dict:
     """The report's ``tracking`` entry from :meth:`WhitenedTargets.tracking_lag`'s per-layer values."""
     if not lag:
@@ -208,6 +233,7 @@ def prehab(
     warmup_steps: int = 10,
     surrogate=None,
     keep_ratio: float | None = None,
+    ranks=None,
     task=None,
     lr: float | None = None,
     optimizer="adamw",
@@ -252,10 +278,18 @@ def prehab(
             the whole batch for both terms (fp64 SVDs every step, two passes). A
             :class:`~prehab_svd.training.surrogates.Surrogate` object is used as given.
         keep_ratio: the compression planned after Prehab (surrogates "tail" and "compressed").
-        task: "auto" (cross-entropy for a causal LM, embedding distillation to the original model for
-            an encoder), "causal_lm", "distill" (distillation to a copy of the original taken now:
-            next-token KL divergence for a causal LM, :class:`~prehab_svd.tasks.LogitDistillation`;
-            sentence embeddings for an encoder), "contrastive", or a callable loss(model, batch).
+        ranks: "compressed" only: truncate each layer to its own rank instead of the uniform rank of
+            ``keep_ratio``, as ``compress(..., ranks=...)`` takes them (a dict ``{layer: rank or
+            None}``, a CompressionReport, a saved compressed model's folder or a JSON file), e.g. the
+            zs allocation's ranks when aa-svd at zs-svd's ranks will follow.
+        task: None/"auto" (default): "distill" with the "compressed" surrogate or for an encoder,
+            "causal_lm" for a causal LM with the other surrogates (:func:`prehab_task_name`);
+            "causal_lm" (next-token cross-entropy of the training text), "distill" (distillation to a
+            copy of the original taken now: next-token KL divergence for a causal LM,
+            :class:`~prehab_svd.tasks.LogitDistillation`; sentence embeddings for an encoder),
+            "contrastive", or a callable loss(model, batch). With distillation the dense term is zero
+            at the start and holds the dense model near the original, while the compressed term
+            teaches the truncated model the original's behaviour.
         lr (None: the surrogate's default, 1e-4 for "compressed", 2e-5 for the others), optimizer
             ("adamw", "adam", "sgd" or a callable params -> optimizer), weight_decay,
         grad_clip (max global grad norm; None: off).
@@ -308,6 +342,13 @@ def prehab(
     names = plan.targets
     if not names:
         raise PrehabError("no target layers found")
+    if ranks is not None:
+        if surr.name != "compressed":
+            raise PrehabError(f"ranks= sets the truncation of the 'compressed' surrogate; got "
+                              f"surrogate={surr.name!r}")
+        from ..compression import given_ranks
+
+        ranks = given_ranks(plan, ranks)
 
     grad_enabled = torch.is_grad_enabled()
     # eval mode and the KV cache off throughout (restored afterwards); autograd as the caller has it
@@ -324,20 +365,23 @@ def prehab(
         report = PrehabReport(surrogate=surr.name, layers=list(names), calibration_tokens=tokens,
                               lam=float(lam), lr=float(lr))
         report.timings["whitening"] = time.perf_counter() - t0
-        if sharded and not callable(task) and (task == "distill" or (
-                task in (None, "auto") and not is_causal_model(model))):
+        task_name = prehab_task_name(model, task, surr)
+        if sharded and task_name == "distill":
             raise PrehabError(
                 "the distillation task copies the model as its target, which FSDP2 cannot do for a "
                 "model already sharded; pass the model unsharded with parallel='fsdp' (prehab copies "
-                "it, then shards it), or pass task=prehab_svd.tasks.EmbeddingDistillation(reference) "
-                "with a reference you sharded separately")
-        loss_fn = default_task(model, task)  # before sharding: a distillation target copies the model
+                "it, then shards it), or pass task=prehab_svd.tasks.LogitDistillation(reference) (a causal "
+                "LM) or EmbeddingDistillation(reference) (an encoder) with a reference you sharded "
+                "separately, or task='causal_lm'")
+        # before sharding: a distillation target copies the model
+        loss_fn = task if callable(task) else default_task(model, task_name)
+        report.task = task_name
         if use_fsdp:
             if not sharded:
                 _fsdp.shard(model, device)
             _fsdp.check_sharding(model, names)
         targets_w = (WhitenedTargets(model, names, {n: factors[n] for n in own}, backend=backend, owned=own,
-                                     keep_ratio=keep_ratio) if own else None)
+                                     keep_ratio=keep_ratio, ranks=ranks) if own else None)
         runner = Runner(model, names, targets_w, owner_of, surr)
 
         t1 = time.perf_counter()
@@ -348,7 +392,7 @@ def prehab(
         model.train(train_mode)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = _make_optimizer(optimizer, params, lr, weight_decay)
-        runner.start(_under_autocast(loss_fn, dtype, device), device, factors, keep_ratio)
+        runner.start(_under_autocast(loss_fn, dtype, device), device, factors, keep_ratio, ranks)
         stream = itertools.cycle(train_batches)
         for step in step_range(steps, progress, "prehab"):
             batch = next(stream)

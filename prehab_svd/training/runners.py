@@ -11,7 +11,7 @@
 
     runner = Runner(model, names, targets, owner_of, surrogate)
     runner.spectra()                        # every layer's singular values of W·L, on every rank
-    runner.start(task, device, factors, keep_ratio)
+    runner.start(task, device, factors, keep_ratio, ranks)
     for each step:
         logged = runner.step(step, batch, lam)    # (task, surrogate, stable rank, loss); gradients ready
         optimizer step
@@ -61,6 +61,7 @@ class StepRunner:
         self.world = _dist.world_size()
         self.rounds = [names]
         self.task = None
+        self.ranks = None
 
     @staticmethod
     def layers_to_whiten(names: list, own: list, surrogate) -> list:
@@ -81,9 +82,12 @@ class StepRunner:
                     mine.update(self.targets.spectra())
         return _all_spectra(mine, self.names)
 
-    def start(self, task, device: torch.device, factors: dict, keep_ratio) -> None:
-        """Before the first step: ``task(model, batch)`` is the task loss (under autocast if any)."""
+    def start(self, task, device: torch.device, factors: dict, keep_ratio, ranks: dict | None = None) -> None:
+        """Before the first step: ``task(model, batch)`` is the task loss (under autocast if any);
+        "compressed" truncates each layer to ``ranks[name]`` (None: stays dense) where ranks are
+        given, else to the uniform rank of ``keep_ratio``."""
         self.task = task
+        self.ranks = ranks
 
     def step(self, step: int, batch: dict, lam: float) -> tuple:
         """One step's forward and backward passes (the gradients are then ready for the optimizer);
@@ -134,15 +138,16 @@ class _DataParallel(StepRunner):
         """Its own layers' factors; every layer's for "compressed" (each rank projects every layer)."""
         return names if not surrogate.per_layer and len(own) < len(names) else own
 
-    def start(self, task, device, factors, keep_ratio) -> None:
-        super().start(task, device, factors, keep_ratio)
+    def start(self, task, device, factors, keep_ratio, ranks=None) -> None:
+        super().start(task, device, factors, keep_ratio, ranks)
         # "compressed": the regularizer is the task loss of the whole model as svd-llm would compress
         # it, so every rank needs every layer's projection (computed alike on each rank)
         if not self.surrogate.per_layer:
             if self.targets is not None and len(self.targets.names) == len(self.names):
                 self.projected = self.targets  # one process: the same stacks
             else:
-                self.projected = WhitenedTargets(self.model, self.names, factors, keep_ratio=keep_ratio)
+                self.projected = WhitenedTargets(self.model, self.names, factors, keep_ratio=keep_ratio,
+                                                 ranks=ranks)
             self.projected.track = self.surrogate.track
         # DDP's construction broadcasts rank 0's parameters and buffers
         self.step_fn = _dist.data_parallel(_dist.LossModule(self.model, self._losses), device)
@@ -241,8 +246,8 @@ class FSDPRunner(StepRunner):
             if self.targets is not None:
                 self.targets.weights = None
 
-    def start(self, task, device, factors, keep_ratio) -> None:
-        super().start(task, device, factors, keep_ratio)
+    def start(self, task, device, factors, keep_ratio, ranks=None) -> None:
+        super().start(task, device, factors, keep_ratio, ranks)
         self.keep_ratio = keep_ratio
 
     def step(self, step, batch, lam):
@@ -295,8 +300,9 @@ class FSDPRunner(StepRunner):
         rank's compressed-model loss and the sum of its own layers' whitened stable ranks."""
         model, targets, owner_of = self.model, self.targets, self.owner_of
         sr_own = 0.0 if self.surrogate.logs_stable_rank(step) else math.nan
-        projected = [n for n in self.names  # the same list on every rank: from the shapes alone
-                     if rank_for(*model.get_submodule(n).weight.shape, self.keep_ratio) is not None]
+        projected = [n for n in self.names  # the same list on every rank: from the shapes (or ranks) alone
+                     if (self.ranks.get(n) if self.ranks is not None else
+                         rank_for(*model.get_submodule(n).weight.shape, self.keep_ratio)) is not None]
         weights = {n: model.get_submodule(n).weight for n in projected}
         saved_w = _fsdp.local_copies(weights)
         saved_g = _fsdp.local_copies({n: p.grad for n, p in weights.items()})

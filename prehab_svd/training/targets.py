@@ -49,11 +49,13 @@ class WhitenedTargets:
     """
 
     def __init__(self, model: nn.Module, names: list, factors: dict, *, backend: str = "auto",
-                 owned=None, keep_ratio: float | None = None):
+                 owned=None, keep_ratio: float | None = None, ranks: dict | None = None):
         keep = set(names if owned is None else owned)
         self.names = [n for n in names if n in keep]
         self.backend = backend
         self.keep_ratio = keep_ratio
+        # the truncation's rank per layer (None: stays dense); None: the uniform rank of keep_ratio
+        self.ranks = ranks
         self.weights: dict | None = None
         # per shape: (held names, their linear modules, L stack, number of all names of the shape,
         # each held name's row in the stack of all of them)
@@ -129,6 +131,12 @@ class WhitenedTargets:
         r = rank_for(M.shape[1], M.shape[2], self.keep_ratio)
         return torch.linalg.svd(M.detach().double(), full_matrices=False).U[..., :r].to(M.dtype)
 
+    def _ranks_of(self, names: list, W: torch.Tensor) -> list:
+        """The truncation's rank of each of ``names`` (a stack W of one shape); None: stays dense."""
+        if self.ranks is None:
+            return [rank_for(W.shape[1], W.shape[2], self.keep_ratio)] * len(names)
+        return [self.ranks.get(n) for n in names]
+
     def _tail(self, W: torch.Tensor, Ls: torch.Tensor) -> torch.Tensor:
         """Tail energy fraction ``Σ_{i>r} σᵢ²(M) / ‖M‖_F²`` of each ``M = W·L`` in the stack, r the
         rank ``keep_ratio`` gives the shape (0 where that shape stays dense): svd-llm's relative
@@ -191,15 +199,19 @@ class WhitenedTargets:
         ones is measured by :meth:`tracking_lag`."""
         out = {}
         for names, _lins, W, Ls, _n_all, _rows in self._present():
-            if rank_for(W.shape[1], W.shape[2], self.keep_ratio) is None:
+            truncated = [(n, r) for n, r in zip(names, self._ranks_of(names, W)) if r is not None]
+            if not truncated:
                 continue
-            if self.track and all(n in self._tracked for n in names):
-                out.update((n, self._tracked[n]) for n in names)
+            if self.track and all(n in self._tracked for n, _r in truncated):
+                out.update((n, self._tracked[n]) for n, _r in truncated)
                 continue
-            Urs = self._top_left(W.float() @ Ls)
-            out.update(zip(names, Urs.unbind(0)))
+            M = W.detach().float() @ Ls
+            U = torch.linalg.svd(M.double(), full_matrices=False).U
+            at = {n: i for i, n in enumerate(names)}
+            for n, r in truncated:
+                out[n] = U[at[n], :, :r].to(M.dtype).contiguous()
             if self.track:
-                self._tracked.update((n, u.contiguous()) for n, u in zip(names, Urs.unbind(0)))
+                self._tracked.update((n, out[n]) for n, _r in truncated)
         return out
 
     def _group_covariances(self, gi: int) -> torch.Tensor:
@@ -215,15 +227,17 @@ class WhitenedTargets:
         step): ``U_r ← orth(W·C·Bᵀ) = orth(M·Mᵀ·U_r)``, ``C = L·Lᵀ``, batched per shape
         (:func:`subspace_iteration`). Layers whose forward did not run keep their subspace."""
         for gi, (group, lins, _Ls, _n_all, _rows) in enumerate(self._groups):
-            idx = [i for i, n in enumerate(group) if n in self._last_b]
-            if not idx:
-                continue
-            W = torch.stack([lins[i].weight.detach() for i in idx]).float()
-            C = self._group_covariances(gi)
-            C = C if len(idx) == len(group) else C[idx]
-            B = torch.stack([self._last_b.pop(group[i]) for i in idx])
-            for n, u in zip((group[i] for i in idx), subspace_iteration(W, C, B).unbind(0)):
-                self._tracked[n] = u
+            by_rank: dict = {}  # one batch per rank (a shape's layers differ in rank under given ranks)
+            for i, n in enumerate(group):
+                if n in self._last_b:
+                    by_rank.setdefault(self._last_b[n].shape[0], []).append(i)
+            for idx in by_rank.values():
+                W = torch.stack([lins[i].weight.detach() for i in idx]).float()
+                C = self._group_covariances(gi)
+                C = C if len(idx) == len(group) else C[idx]
+                B = torch.stack([self._last_b.pop(group[i]) for i in idx])
+                for n, u in zip((group[i] for i in idx), subspace_iteration(W, C, B).unbind(0)):
+                    self._tracked[n] = u
         self._last_b.clear()
 
     def skip_advance(self) -> None:
