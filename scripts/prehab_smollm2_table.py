@@ -109,16 +109,17 @@ def main(argv=None) -> int:
     for keep in (0.6, 0.4):
         lines += ["", f"## keep {keep}", "",
                   "| method | without Prehab | Prehab (distillation) | its change | Prehab (cross-entropy) | "
-                  "its change | +rehab | Prehab (cross-entropy) + rehab |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "its change | +rehab | Prehab (distillation) + rehab | Prehab (cross-entropy) + rehab |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for label, method, opts in METHODS:
             base = _find(rows, method, keep, opts, None, False)
             kd = _find(rows, method, keep, opts, "distill", False)
             ce = _find(rows, method, keep, opts, "causal_lm", False)
             reh = _find(rows, method, keep, opts, None, True)
+            kd_reh = _find(rows, method, keep, opts, "distill", True)
             ce_reh = _find(rows, method, keep, opts, "causal_lm", True)
             lines.append(f"| {label} | {_ppl(base)} | {_ppl(kd)} | {_gain(kd, base)} | {_ppl(ce)} | "
-                         f"{_gain(ce, base)} | {_ppl(reh)} | {_ppl(ce_reh)} |")
+                         f"{_gain(ce, base)} | {_ppl(reh)} | {_ppl(kd_reh)} | {_ppl(ce_reh)} |")
     lines += ["", "## Time per stage (seconds, 2 CPU cores)", "",
               "| row | keep | Prehab: whitening / spectra / steps | compression | rehab |",
               "| --- | --- | --- | --- | --- |"]
