@@ -186,7 +186,8 @@ def prehab_task_name(model: nn.Module, task=None, surrogate=None, keep_ratio=Non
     on SmolLM2 the cross-entropy of the training text made the compressed models worse on another
     kind of text than without Prehab (+75 % perplexity on license text for the default compression at
     keep 0.4) and moved the dense model by 7 %; distillation improves both texts and keeps the dense
-    model within 0.5 % (results/prehab_smollm2.md)."""
+    model within 1.4 % (results/prehab_smollm2.md). It holds a frozen copy of the original: under
+    FSDP a whole copy on every rank; pass ``task="causal_lm"`` where that does not fit."""
     if callable(task):
         return getattr(task, "__name__", type(task).__name__)
     if task not in (None, "auto"):
