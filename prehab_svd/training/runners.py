@@ -32,8 +32,7 @@ import torch
 from .. import distributed as _dist
 from .. import fsdp as _fsdp
 from ..errors import PrehabError
-from ..models import rank_for
-from .targets import WhitenedTargets, project_onto
+from .targets import WhitenedTargets, project_onto, truncation_rank
 
 __all__ = ["StepRunner", "LocalRunner", "DDPRunner", "FSDPRunner", "runner_for"]
 
@@ -301,8 +300,8 @@ class FSDPRunner(StepRunner):
         model, targets, owner_of = self.model, self.targets, self.owner_of
         sr_own = 0.0 if self.surrogate.logs_stable_rank(step) else math.nan
         projected = [n for n in self.names  # the same list on every rank: from the shapes (or ranks) alone
-                     if (self.ranks.get(n) if self.ranks is not None else
-                         rank_for(*model.get_submodule(n).weight.shape, self.keep_ratio)) is not None]
+                     if truncation_rank(n, model.get_submodule(n).weight.shape, self.keep_ratio,
+                                        self.ranks) is not None]
         weights = {n: model.get_submodule(n).weight for n in projected}
         saved_w = _fsdp.local_copies(weights)
         saved_g = _fsdp.local_copies({n: p.grad for n, p in weights.items()})

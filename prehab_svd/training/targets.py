@@ -14,7 +14,7 @@ from torch import nn
 from .. import ops
 from ..models import rank_for
 
-__all__ = ["WhitenedTargets", "stable_rank_of", "project_onto", "subspace_iteration"]
+__all__ = ["WhitenedTargets", "stable_rank_of", "project_onto", "subspace_iteration", "truncation_rank"]
 
 
 def _op_factor(Ls: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
@@ -126,16 +126,15 @@ class WhitenedTargets:
             return torch.zeros(0)
         return torch.stack([out[n] for n in self.names if n in out])
 
-    def _top_left(self, M: torch.Tensor) -> torch.Tensor:
-        """The top-r left singular vectors [B, m, r] of the stack M (fp64 SVD), r from keep_ratio."""
-        r = rank_for(M.shape[1], M.shape[2], self.keep_ratio)
+    def _top_left(self, M: torch.Tensor, r: int | None = None) -> torch.Tensor:
+        """The top-r left singular vectors [B, m, r] of the stack M (fp64 SVD), r from keep_ratio
+        unless given."""
+        r = rank_for(M.shape[1], M.shape[2], self.keep_ratio) if r is None else r
         return torch.linalg.svd(M.detach().double(), full_matrices=False).U[..., :r].to(M.dtype)
 
     def _ranks_of(self, names: list, W: torch.Tensor) -> list:
         """The truncation's rank of each of ``names`` (a stack W of one shape); None: stays dense."""
-        if self.ranks is None:
-            return [rank_for(W.shape[1], W.shape[2], self.keep_ratio)] * len(names)
-        return [self.ranks.get(n) for n in names]
+        return [truncation_rank(n, W.shape[1:], self.keep_ratio, self.ranks) for n in names]
 
     def _tail(self, W: torch.Tensor, Ls: torch.Tensor) -> torch.Tensor:
         """Tail energy fraction ``Σ_{i>r} σᵢ²(M) / ‖M‖_F²`` of each ``M = W·L`` in the stack, r the
@@ -205,11 +204,10 @@ class WhitenedTargets:
             if self.track and all(n in self._tracked for n, _r in truncated):
                 out.update((n, self._tracked[n]) for n, _r in truncated)
                 continue
-            M = W.detach().float() @ Ls
-            U = torch.linalg.svd(M.double(), full_matrices=False).U
+            U = self._top_left(W.float() @ Ls, max(r for _n, r in truncated))
             at = {n: i for i, n in enumerate(names)}
             for n, r in truncated:
-                out[n] = U[at[n], :, :r].to(M.dtype).contiguous()
+                out[n] = U[at[n], :, :r].contiguous()
             if self.track:
                 self._tracked.update((n, out[n]) for n, _r in truncated)
         return out
@@ -274,6 +272,12 @@ class WhitenedTargets:
             for n, w, L in zip(names, W.detach().unbind(0), Ls):
                 res[n] = torch.linalg.svdvals(w.to(torch.float64) @ L.to(torch.float64)).cpu()
         return res
+
+
+def truncation_rank(name: str, shape, keep_ratio, ranks: dict | None):
+    """The rank the "compressed" surrogate truncates layer ``name`` (weight ``shape``) to: its given
+    rank (None: stays dense) where ``ranks`` are given, else the uniform rank of ``keep_ratio``."""
+    return ranks.get(name) if ranks is not None else rank_for(shape[0], shape[1], keep_ratio)
 
 
 def project_onto(Ur: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
