@@ -75,12 +75,16 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, dtensor) for p in model.parameters())
 
 
-def shard(model: nn.Module, device: torch.device) -> None:
+def shard(model: nn.Module, device: torch.device, *, frozen: bool = False) -> None:
     """``fully_shard`` each transformer block of ``model`` and then ``model`` itself (the embeddings,
     the final norm and the head), on a 1-D mesh of every rank of the default process group, in
     place. Each block is then one all-gather in the forward and one reduce-scatter in the backward.
     LowRankLinear factors are stored contiguously first (``fully_shard`` refuses the padded row
-    strides they use for aligned kernel loads; see :func:`prehab_svd.layers.unpad`)."""
+    strides they use for aligned kernel loads; see :func:`prehab_svd.layers.unpad`).
+
+    ``frozen``: the model only runs forward passes under no_grad (a distillation reference), so the
+    root's parameters are returned to their shards after each forward as well (FSDP2 keeps a root's
+    whole for the backward pass that follows by default; there is none here)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -93,7 +97,7 @@ def shard(model: nn.Module, device: torch.device) -> None:
     found = find_block_list(model)
     for block in (found[1] if found is not None else []):
         fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True if frozen else None)
 
 
 def reshard(model: nn.Module) -> None:

@@ -116,6 +116,13 @@ def recipe(rank: int = 0, world: int = 1, out_dir: str | None = None) -> dict:
         # sharded by the caller (each block, then the root), found by parallel="auto"
         out["fsdp-nuclear-presharded"] = prehab_run(rank, world, lam=1.0, surrogate="nuclear",
                                                     preshard=True)
+    # a causal LM distilling to the original (the default task of the compressed surrogate), with
+    # what FSDP runs: the exact projector on whole batches
+    out["prehab-distill"] = prehab_run(rank, world, lam=1.0, keep_ratio=KEEP,
+                                       surrogate=CompressedTask(track=False, split=False))
+    if world > 1:
+        out["fsdp-distill"] = prehab_run(rank, world, lam=1.0, keep_ratio=KEEP, parallel="fsdp",
+                                         surrogate=CompressedTask(track=False, split=False))
     # an odd width: FSDP splits gate/up's 75 rows as 38 + 37 (the same model in one process too)
     out["prehab-odd"] = prehab_run(rank, world, shape=ODD)
     # an encoder distilling to a copy of itself taken before sharding
@@ -140,11 +147,18 @@ def prehab_run(rank: int = 0, world: int = 1, lam: float = PREHAB["lam"], presha
         for block in model.model.layers:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    rep = prehab(model, calibration()[rank::world], training(world, rank), **{**PREHAB, "lam": lam, **kw})
+    losses = []  # the task loss prehab builds (a distillation holds its reference)
+    with _capture_task(losses):
+        rep = prehab(model, calibration()[rank::world], training(world, rank), **{**PREHAB, "lam": lam, **kw})
     out = {"report": rep.to_dict()}
     if fsdp.is_sharded(model):
         # what a rank holds: the rows of its shard of every weight
         out["local_rows"] = {n: p.to_local().shape[0] for n, p in model.named_parameters() if p.dim() == 2}
+        reference = getattr(losses[0], "reference", None) if losses else None
+        if reference is not None:  # the distillation's frozen original: sharded as well
+            out["reference_local_rows"] = {
+                n: (p.to_local().shape[0] if fsdp.is_sharded(reference) else -1)
+                for n, p in reference.named_parameters() if p.dim() == 2}
         out["state"] = fsdp.full_state_dict(model, rank0_only=False)
         if save_to is not None:  # rank 0 writes the whole model, as a caller would before compressing
             state = fsdp.full_state_dict(model)
@@ -157,6 +171,28 @@ def prehab_run(rank: int = 0, world: int = 1, lam: float = PREHAB["lam"], presha
     else:
         out["state"] = _state(model)
     return out
+
+
+class _capture_task:
+    """Within the block, record every task loss prehab resolves by name (in ``into``)."""
+
+    def __init__(self, into: list):
+        self.into = into
+
+    def __enter__(self):
+        import prehab_svd.training.prehab as prehab_module
+
+        self.module, self.original = prehab_module, prehab_module.default_task
+
+        def resolved(*args, **kwargs):
+            loss = self.original(*args, **kwargs)
+            self.into.append(loss)
+            return loss
+
+        prehab_module.default_task = resolved
+
+    def __exit__(self, *exc):
+        self.module.default_task = self.original
 
 
 def errors(rank: int) -> dict:

@@ -209,6 +209,7 @@ def test_ddp_compressed_prehab_matches_the_single_process_run(run, runs):
     ("fsdp-nuclear-presharded", "prehab-nuclear", 1e-5),  # sharded by the caller, parallel="auto"
     ("fsdp-odd", "prehab-odd", 1e-5),  # uneven shards: 75 rows as 38 + 37
     ("fsdp-bert", "prehab-bert", 1e-5),  # an encoder distilling to its copy taken before sharding
+    ("fsdp-distill", "prehab-distill", 1e-5),  # a causal LM distilling to its original (the default)
 ])
 def test_fsdp_prehab_matches_the_single_process_run(runs, name, ref, tol):
     """FSDP2: parameters sharded over the 2 ranks, each layer's regularizer (its gradient, its tail
@@ -216,13 +217,14 @@ def test_fsdp_prehab_matches_the_single_process_run(runs, name, ref, tol):
     model equals one process's on the global batch, bitwise the same on both ranks, and the logged
     numbers are the global ones."""
     single, ranks = runs
-    bert = name == "fsdp-bert"  # distillation starts at loss 0: fp32 noise around zero (measured
-    # 7.5e-9 absolute on weights of 0.07, the loss 2.49e-6 against 2.46e-6)
+    # distillation starts at loss 0: fp32 noise around zero (measured on the encoder 7.5e-9 absolute
+    # on weights of 0.07, the loss 2.49e-6 against 2.46e-6)
+    bert = name in ("fsdp-bert", "fsdp-distill")
     diff, where = _max_rel_diff(ranks[0][name]["state"], single[ref]["state"], floor=1e-2 if bert else 1e-30)
     assert diff <= tol, (where, diff)
     diff1, _ = _max_rel_diff(ranks[1][name]["state"], ranks[0][name]["state"])
     assert diff1 == 0
-    if name not in ("fsdp-odd", "fsdp-bert"):  # (different models)
+    if name not in ("fsdp-odd", "fsdp-bert", "fsdp-distill"):  # (different models or tasks)
         moved, _ = _max_rel_diff(single["prehab-lam0"]["state"], single[ref]["state"])
         assert moved > 1e-3  # the regularizer moved the weights far beyond the tolerance
     rep, want = ranks[0][name]["report"], single[ref]["report"]
@@ -237,6 +239,10 @@ def test_fsdp_prehab_matches_the_single_process_run(runs, name, ref, tol):
         for pname, rows in ranks[r][name]["local_rows"].items():
             full = single[ref]["state"][pname].shape[0]
             assert rows == (full + 1) // 2 if r == 0 else full - (full + 1) // 2, pname
+        # a distillation's frozen copy of the original is sharded the same way, not whole per rank
+        assert ("reference_local_rows" in ranks[r][name]) == bert
+        if bert:
+            assert ranks[r][name]["reference_local_rows"] == ranks[r][name]["local_rows"]
 
 
 def test_ddp_rehab_matches_the_single_process_rehab(runs):

@@ -187,7 +187,8 @@ def prehab_task_name(model: nn.Module, task=None, surrogate=None, keep_ratio=Non
     kind of text than without Prehab (+75 % perplexity on license text for the default compression at
     keep 0.4) and moved the dense model by 7 %; distillation improves both texts and keeps the dense
     model within 1.4 % (results/prehab_smollm2.md). It holds a frozen copy of the original: under
-    FSDP a whole copy on every rank; pass ``task="causal_lm"`` where that does not fit."""
+    FSDP that copy is sharded as the model is (one more shard per rank, gathered block by block in
+    its forward pass)."""
     if callable(task):
         return getattr(task, "__name__", type(task).__name__)
     if task not in (None, "auto"):
@@ -378,6 +379,9 @@ def prehab(
         loss_fn = task if callable(task) else default_task(model, task_name)
         report.task = task_name
         if use_fsdp:
+            reference = getattr(loss_fn, "reference", None) if not callable(task) else None
+            if reference is not None:  # the distillation target: sharded too, not whole on every rank
+                _fsdp.shard(reference, device, frozen=True)
             if not sharded:
                 _fsdp.shard(model, device)
             _fsdp.check_sharding(model, names)
