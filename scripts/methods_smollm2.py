@@ -100,8 +100,11 @@ def run_row(spec: dict, sizes: dict) -> dict:
                                                                                   sizes["rehab_windows"])),
                                            seq_len=sizes["calib_len"], batch_size=4, seed=1)
             t1 = time.perf_counter()
+            rehab_task = spec.get("rehab_task")  # None: the default (cross-entropy for a causal LM)
+            # "distill": toward the original (the pretrained model, not a Prehab model)
+            reference = load_pretrained("smollm2")[0] if rehab_task == "distill" else None
             rep = rehab(model, train, steps=int(spec.get("rehab_steps", sizes["rehab_steps"])),
-                        lr=float(spec.get("rehab_lr", REHAB_LR)))
+                        lr=float(spec.get("rehab_lr", REHAB_LR)), task=rehab_task, reference=reference)
             out["rehab_seconds"] = round(time.perf_counter() - t1, 1)
             out["rehab_loss"] = [rep.steps[0]["task_loss"], rep.steps[-1]["task_loss"]] if rep.steps else None
     out["seconds"] = round(time.perf_counter() - t0, 1)

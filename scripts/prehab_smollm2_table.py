@@ -39,14 +39,14 @@ def prehab_task(r):
     return s["prehab"].get("task") or r.get("prehab", {}).get("task") or "causal_lm"
 
 
-def _find(rows, method, keep, options, prehab, rehab):
+def _find(rows, method, keep, options, prehab, rehab, rehab_task=None):
     """The row of ``method`` at ``keep`` with ``options``; ``prehab``: None (without Prehab) or the
-    task of a Prehab at otherwise default settings."""
+    task of a Prehab at otherwise default settings; ``rehab_task``: None (rehab's default) or named."""
     for r in rows:
         s = r["spec"]
         if (s.get("method") == method and s.get("keep") == keep and s.get("options", {}) == options
                 and prehab_task(r) == prehab and bool(s.get("rehab")) == rehab and "calib" not in s
-                and "dense" not in s):
+                and "dense" not in s and s.get("rehab_task") == rehab_task):
             return r
     return None
 
