@@ -109,17 +109,28 @@ def main(argv=None) -> int:
     for keep in (0.6, 0.4):
         lines += ["", f"## keep {keep}", "",
                   "| method | without Prehab | Prehab (distillation) | its change | Prehab (cross-entropy) | "
-                  "its change | +rehab | Prehab (distillation) + rehab | Prehab (cross-entropy) + rehab |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "its change |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for label, method, opts in METHODS:
             base = _find(rows, method, keep, opts, None, False)
             kd = _find(rows, method, keep, opts, "distill", False)
             ce = _find(rows, method, keep, opts, "causal_lm", False)
+            lines.append(f"| {label} | {_ppl(base)} | {_ppl(kd)} | {_gain(kd, base)} | {_ppl(ce)} | "
+                         f"{_gain(ce, base)} |")
+        lines += ["", f"Then rehab (keep {keep}); every change is against the method alone (the second "
+                  "column above), but the last, Prehab's change when rehab follows (against +rehab):", "",
+                  "| method | +rehab | its change | Prehab (distillation) + rehab | its change | "
+                  "Prehab's change with rehab | Prehab (cross-entropy) + rehab | its change |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for label, method, opts in METHODS:
+            base = _find(rows, method, keep, opts, None, False)
             reh = _find(rows, method, keep, opts, None, True)
             kd_reh = _find(rows, method, keep, opts, "distill", True)
             ce_reh = _find(rows, method, keep, opts, "causal_lm", True)
-            lines.append(f"| {label} | {_ppl(base)} | {_ppl(kd)} | {_gain(kd, base)} | {_ppl(ce)} | "
-                         f"{_gain(ce, base)} | {_ppl(reh)} | {_ppl(kd_reh)} | {_ppl(ce_reh)} |")
+            if reh is kd_reh is ce_reh is None:
+                continue
+            lines.append(f"| {label} | {_ppl(reh)} | {_gain(reh, base)} | {_ppl(kd_reh)} | {_gain(kd_reh, base)} | "
+                         f"{_gain(kd_reh, reh)} | {_ppl(ce_reh)} | {_gain(ce_reh, base)} |")
     lines += ["", "## Time per stage (seconds, 2 CPU cores)", "",
               "| row | keep | Prehab: whitening / spectra / steps | compression | rehab |",
               "| --- | --- | --- | --- | --- |"]
