@@ -127,7 +127,7 @@ def main(argv=None) -> int:
             reh = _find(rows, method, keep, opts, None, True)
             kd_reh = _find(rows, method, keep, opts, "distill", True)
             ce_reh = _find(rows, method, keep, opts, "causal_lm", True)
-            if reh is kd_reh is ce_reh is None:
+            if all(r is None for r in (reh, kd_reh, ce_reh)):
                 continue
             lines.append(f"| {label} | {_ppl(reh)} | {_gain(reh, base)} | {_ppl(kd_reh)} | {_gain(kd_reh, base)} | "
                          f"{_gain(kd_reh, reh)} | {_ppl(ce_reh)} | {_gain(ce_reh, base)} |")

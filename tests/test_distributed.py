@@ -217,21 +217,26 @@ def test_fsdp_prehab_matches_the_single_process_run(runs, name, ref, tol):
     model equals one process's on the global batch, bitwise the same on both ranks, and the logged
     numbers are the global ones."""
     single, ranks = runs
-    # distillation starts at loss 0: fp32 noise around zero (measured on the encoder 7.5e-9 absolute
-    # on weights of 0.07, the loss 2.49e-6 against 2.46e-6)
-    bert = name in ("fsdp-bert", "fsdp-distill")
-    diff, where = _max_rel_diff(ranks[0][name]["state"], single[ref]["state"], floor=1e-2 if bert else 1e-30)
+    # distillation: the dense term starts at loss 0, so its logged loss is fp32 noise around zero
+    # (8.2e-8 against 8.9e-8 after a step), and so are the encoder's gradients of weights that barely
+    # move (7.5e-9 absolute on weights of 0.07): those two get absolute floors, nothing else does
+    distill = name in ("fsdp-bert", "fsdp-distill")
+    diff, where = _max_rel_diff(ranks[0][name]["state"], single[ref]["state"],
+                                floor=1e-2 if name == "fsdp-bert" else 1e-30)
     assert diff <= tol, (where, diff)
     diff1, _ = _max_rel_diff(ranks[1][name]["state"], ranks[0][name]["state"])
     assert diff1 == 0
-    if name not in ("fsdp-odd", "fsdp-bert", "fsdp-distill"):  # (different models or tasks)
+    if name == "fsdp-distill":  # the compressed term moved the weights far beyond the tolerance
+        moved, _ = _max_rel_diff(single[ref]["state"], worker.tiny_model("llama", **worker.SHAPE).state_dict())
+        assert moved > 1e-3
+    elif name not in ("fsdp-odd", "fsdp-bert"):  # (different models)
         moved, _ = _max_rel_diff(single["prehab-lam0"]["state"], single[ref]["state"])
         assert moved > 1e-3  # the regularizer moved the weights far beyond the tolerance
     rep, want = ranks[0][name]["report"], single[ref]["report"]
     assert len(rep["steps"]) == len(want["steps"]) == 2
     for a, b in zip(rep["steps"], want["steps"]):
         for key in ("task_loss", "surrogate", "stable_rank", "loss"):
-            _same_log(a[key], b[key], key, abs=1e-6 if bert else 0)
+            _same_log(a[key], b[key], key, abs=1e-6 if distill and key == "task_loss" else 0)
     assert rep["stable_rank_before"] == pytest.approx(want["stable_rank_before"], rel=1e-6)
     assert rep["stable_rank_after"] == pytest.approx(want["stable_rank_after"], rel=1e-5)
     # each rank held half of every weight's rows (ceil on rank 0), not the whole model
@@ -240,8 +245,8 @@ def test_fsdp_prehab_matches_the_single_process_run(runs, name, ref, tol):
             full = single[ref]["state"][pname].shape[0]
             assert rows == (full + 1) // 2 if r == 0 else full - (full + 1) // 2, pname
         # a distillation's frozen copy of the original is sharded the same way, not whole per rank
-        assert ("reference_local_rows" in ranks[r][name]) == bert
-        if bert:
+        assert ("reference_local_rows" in ranks[r][name]) == distill
+        if distill:
             assert ranks[r][name]["reference_local_rows"] == ranks[r][name]["local_rows"]
 
 
